@@ -1,0 +1,21 @@
+"""Pure-PyTorch reference implementations of the swiftvlm ops.
+
+These define the semantics of ``../shared/SPEC.md`` in plain, vectorised PyTorch (fp32 math for
+fp32/fp16/bf16 input, no Python loops over tokens). Every kernel backend is tested against them, and
+they serve as the ``torch`` backend of ``torch.ops.swiftvlm.*``.
+"""
+from .bypass_align import bypass_align, bypass_align_into
+from .group_merge import group_merge, group_targets
+from .score_select import score_select
+from .topk_select import topk_select
+from .tv_score import tv_score
+
+__all__ = [
+    "tv_score",
+    "topk_select",
+    "score_select",
+    "group_merge",
+    "group_targets",
+    "bypass_align",
+    "bypass_align_into",
+]

@@ -1,0 +1,159 @@
+"""Input validation shared by the real and the fake (meta) implementations of every op.
+
+Shape, rank, dtype and device checks run on every call (they read only metadata). Checks that read
+tensor VALUES (vis_start + vis_len <= L, group ids < Z, rows < M) run when the tensor lives on the
+CPU, and on a GPU only when SWIFTVLM_DEBUG=1, because reading a GPU value synchronises with the host
+and breaks CUDA-graph capture. Kernels never touch memory out of bounds either way.
+"""
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _fail(msg):
+    raise ValueError(msg)
+
+
+def _is_fake(t):
+    return t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)
+
+
+def _read_values(t):
+    """True when the values of t may be read here without a host sync (or debug mode asks for it)."""
+    if _is_fake(t):
+        return False
+    return t.device.type == "cpu" or os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _rank(name, t, rank, layout):
+    _tensor(name, t)
+    if t.dim() != rank:
+        _fail(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+
+
+def _float(name, t):
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _same(name, t, ref_name, ref, dtype=True):
+    if t.device != ref.device:
+        _fail(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+    if dtype and t.dtype != ref.dtype:
+        _fail(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+
+
+def _int(name, value, lo, hi, what):
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{name}: expected an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        _fail(f"{name}: expected {what} ({lo} <= {name} <= {hi}), got {value}")
+
+
+def check_tv_score(q, k, vis_start, vis_len, scale, key_mask):
+    _rank("q", q, 3, "[B, H, D]")
+    _float("q", q)
+    _rank("k", k, 4, "[B, Hkv, L, D]")
+    _same("k", k, "q", q)
+    B, H, D = q.shape
+    _, Hkv, L, Dk = k.shape
+    if k.shape[0] != B:
+        _fail(f"k: expected batch size {B} (q.shape[0]), got {k.shape[0]}")
+    if Dk != D:
+        _fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
+    if Hkv == 0 or H % Hkv != 0:
+        _fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
+    _rank("vis_start", vis_start, 1, "[B]")
+    if vis_start.dtype not in INT_DTYPES:
+        _fail(f"vis_start: expected dtype int32 or int64, got {vis_start.dtype}")
+    _same("vis_start", vis_start, "q", q, dtype=False)
+    if vis_start.shape[0] != B:
+        _fail(f"vis_start: expected shape [{B}] (one start per sample), got {tuple(vis_start.shape)}")
+    _int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+        _fail(f"scale: expected a finite float, got {scale!r}")
+    if key_mask is not None:
+        _rank("key_mask", key_mask, 2, "[B, L]")
+        if key_mask.dtype != torch.bool:
+            _fail(f"key_mask: expected dtype torch.bool (True = valid key), got {key_mask.dtype}")
+        _same("key_mask", key_mask, "q", q, dtype=False)
+        if tuple(key_mask.shape) != (B, L):
+            _fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
+    if _read_values(vis_start) and B > 0:
+        lo, hi = int(vis_start.min()), int(vis_start.max())
+        if lo < 0 or hi + vis_len > L:
+            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
+                  f"(vis_len = {vis_len}), got values in [{lo}, {hi}]")
+
+
+def check_topk_select(scores, k):
+    _rank("scores", scores, 2, "[B, N]")
+    _float("scores", scores)
+    _int("k", k, 0, scores.shape[1], "the number of indices to keep, in [0, N]")
+
+
+def check_score_select(q, k, vis_start, vis_len, keep, scale, key_mask):
+    check_tv_score(q, k, vis_start, vis_len, scale, key_mask)
+    _int("keep", keep, 0, vis_len, "the number of visual tokens to keep, in [0, vis_len]")
+
+
+def check_group_merge(h, num_groups):
+    _rank("h", h, 3, "[B, R, d]")
+    _float("h", h)
+    R = h.shape[1]
+    if R == 0:
+        _fail("h: expected at least one rest token (R >= 1), got R = 0")
+    _int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
+
+
+def check_bypass_align(h_rest, group, merged_now, merged_then):
+    _rank("h_rest", h_rest, 3, "[B, R, d]")
+    _float("h_rest", h_rest)
+    B, R, d = h_rest.shape
+    _rank("group", group, 2, "[B, R]")
+    if group.dtype not in INT_DTYPES:
+        _fail(f"group: expected dtype int64 or int32, got {group.dtype}")
+    _same("group", group, "h_rest", h_rest, dtype=False)
+    if tuple(group.shape) != (B, R):
+        _fail(f"group: expected shape [{B}, {R}] ([B, R], one group id per rest token), got {tuple(group.shape)}")
+    for name, m in (("merged_now", merged_now), ("merged_then", merged_then)):
+        _rank(name, m, 3, "[B, Z, d]")
+        _same(name, m, "h_rest", h_rest)
+        if m.shape[0] != B or m.shape[2] != d:
+            _fail(f"{name}: expected shape [{B}, Z, {d}], got {tuple(m.shape)}")
+    if merged_now.shape != merged_then.shape:
+        _fail(f"merged_then: expected the shape of merged_now {tuple(merged_now.shape)}, got {tuple(merged_then.shape)}")
+    Z = merged_now.shape[1]
+    if Z == 0 and R > 0:
+        _fail("merged_now: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
+    if _read_values(group) and group.numel() > 0:
+        lo, hi = int(group.min()), int(group.max())
+        if lo < 0 or hi >= Z:
+            _fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]), got values in [{lo}, {hi}]")
+
+
+def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
+    check_bypass_align(h_rest, group, merged_now, merged_then)
+    B, R, d = h_rest.shape
+    _rank("dst", dst, 3, "[B, M, d]")
+    _same("dst", dst, "h_rest", h_rest)
+    if dst.shape[0] != B or dst.shape[2] != d:
+        _fail(f"dst: expected shape [{B}, M, {d}], got {tuple(dst.shape)}")
+    _rank("rows", rows, 2, "[B, R]")
+    if rows.dtype not in INT_DTYPES:
+        _fail(f"rows: expected dtype int64 or int32, got {rows.dtype}")
+    _same("rows", rows, "h_rest", h_rest, dtype=False)
+    if tuple(rows.shape) != (B, R):
+        _fail(f"rows: expected shape [{B}, {R}] ([B, R], one destination row per rest token), got {tuple(rows.shape)}")
+    if _read_values(rows) and rows.numel() > 0:
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= dst.shape[1]:
+            _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]), got values in [{lo}, {hi}]")
