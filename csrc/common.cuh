@@ -1,0 +1,171 @@
+// Device and host helpers shared by the SwiftVLM kernels (compiled by nvcc only).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "swiftvlm.cuh"
+
+namespace swiftvlm {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------- element conversion (fp32 math)
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Elements per 16-byte vector access.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// Loads W consecutive elements as fp32: one 16-byte load when W fills 16 bytes (caller guarantees
+// alignment), else one scalar load.
+template <typename T, int W>
+__device__ __forceinline__ void load_chunk(const T* p, float (&out)[W]) {
+  static_assert(W == 1 || W == kVec<T>, "a chunk is one element or one 16-byte vector");
+  if constexpr (W == 1) {
+    out[0] = to_float(*p);
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    T elems[W];
+    memcpy(elems, &raw, sizeof(raw));
+#pragma unroll
+    for (int w = 0; w < W; ++w) out[w] = to_float(elems[w]);
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
+  static_assert(W == 1 || W == kVec<T>, "a chunk is one element or one 16-byte vector");
+  if constexpr (W == 1) {
+    *p = from_float<T>(in[0]);
+  } else {
+    T elems[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) elems[w] = from_float<T>(in[w]);
+    uint4 raw;
+    memcpy(&raw, elems, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// ---------------------------------------------------------------- reductions and scans
+// Butterfly reductions: every lane ends with the result, in a fixed order (deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Scratch of block_exclusive_scan: one slot per warp plus the total.
+constexpr int kScanScratch = kWarp + 1;
+
+// Exclusive prefix sum of one int per thread over the block; *total gets the block sum.
+// Every thread of the block must call it; blockDim.x must be a multiple of 32.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scratch) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int num_warps = blockDim.x / kWarp;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const int n = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += n;
+  }
+  if (lane == kWarp - 1) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < num_warps ? scratch[lane] : 0;
+    int wincl = w;
+#pragma unroll
+    for (int o = 1; o < kWarp; o <<= 1) {
+      const int n = __shfl_up_sync(kFullMask, wincl, o);
+      if (lane >= o) wincl += n;
+    }
+    if (lane < num_warps) scratch[lane] = wincl - w;
+    if (lane == kWarp - 1) scratch[kWarp] = wincl;
+  }
+  __syncthreads();
+  const int excl = scratch[warp] + incl - v;
+  *total = scratch[kWarp];
+  __syncthreads();  // scratch is reused by the next call
+  return excl;
+}
+
+// ---------------------------------------------------------------- host helpers
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// True when every stride (in elements of `elem_size` bytes) keeps 16-byte alignment.
+inline bool strides_aligned16(size_t elem_size, std::initializer_list<int64_t> strides) {
+  for (const int64_t s : strides) {
+    if ((s * static_cast<int64_t>(elem_size)) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Calls fn(T{}) with T the element type of `dtype`.
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32:
+      return fn(float{});
+    case DType::F16:
+      return fn(__half{});
+    case DType::BF16:
+      return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Largest dynamic shared memory a block of `kernel` may opt into on the current device.
+template <typename Kernel>
+cudaError_t max_dynamic_smem(Kernel* kernel, size_t* bytes) {
+  int device = 0;
+  int optin = 0;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  *bytes = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+  return cudaSuccess;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (above 48 KB needs an opt-in).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel* kernel, size_t bytes) {
+  constexpr size_t kDefaultLimit = 48 * 1024;
+  if (bytes <= kDefaultLimit) return cudaSuccess;
+  size_t limit = 0;
+  const cudaError_t err = max_dynamic_smem(kernel, &limit);
+  if (err != cudaSuccess) return err;
+  if (bytes > limit) return cudaErrorInvalidConfiguration;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace swiftvlm

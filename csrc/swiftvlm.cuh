@@ -1,0 +1,76 @@
+// Host API of the SwiftVLM CUDA kernels: raw pointers, sizes, strides (in elements) and a stream.
+// Plain C++ over the CUDA runtime types, so the torch bindings (built by the host compiler too)
+// include it without seeing any device code. Every function launches asynchronously on `stream`,
+// never synchronises, and returns cudaGetLastError() after its launches.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace swiftvlm {
+
+// Element type of the floating-point tensors; all math is fp32.
+enum class DType { F32, F16, BF16 };
+
+// Inputs of the last-token visual score (SPEC tv_score).
+struct ScoreArgs {
+  DType dtype;                         // of q and k
+  const void* q;                       // [B, H, D], D contiguous
+  int64_t q_sb, q_sh;
+  const void* k;                       // [B, Hkv, L, D], D contiguous
+  int64_t k_sb, k_sh, k_sl;
+  const void* vis_start;               // [B], int32 or int64
+  bool vis_start_int64;
+  int64_t vis_start_stride;
+  const bool* key_mask;                // [B, L], true = valid key; nullptr = all valid
+  int64_t mask_sb, mask_sl;
+  int64_t B, H, Hkv, L, D, vis_len;
+  float scale;
+};
+
+// fp32 scratch that tv_score and score_select need (B * H * (2 * ceil(L / 64) + vis_len) floats).
+size_t score_workspace_floats(int64_t B, int64_t H, int64_t L, int64_t vis_len);
+
+// scores: fp32 [B, vis_len] contiguous. Two launches: split-K partial softmax, then merge.
+cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaStream_t stream);
+
+// topk_select(tv_score(a), keep) with the merge fused into the select: two launches.
+// scores fp32 [B, vis_len], keep_idx int64 [B, keep], rest_idx int64 [B, vis_len - keep], contiguous.
+cudaError_t score_select(const ScoreArgs& a, int64_t keep, float* workspace, float* scores,
+                         int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream);
+
+// scores [B, N] of dtype with any strides; keep int64 [B, k], rest int64 [B, N - k], contiguous.
+cudaError_t topk_select(DType dtype, const void* scores, int64_t s_sb, int64_t s_sn, int64_t B,
+                        int64_t N, int64_t k, int64_t* keep, int64_t* rest, cudaStream_t stream);
+
+// h [B, R, d] (d contiguous) -> merged [B, Z, d] contiguous of h's dtype, group int64 [B, R],
+// counts int32 [B, Z]. Two launches: assign, then per-(b, z, d-tile) mean.
+cudaError_t group_merge(DType dtype, const void* h, int64_t h_sb, int64_t h_sr, int64_t B,
+                        int64_t R, int64_t d, int64_t Z, void* merged, int64_t* group,
+                        int32_t* counts, cudaStream_t stream);
+
+// A [batch, row, column] view with strides in elements.
+struct RowsView {
+  const void* ptr;
+  int64_t sb, sr, sd;
+};
+
+// out[b, row(b, i), :] = h_rest[b, i, :] + merged_now[b, g, :] - merged_then[b, g, :],
+// g = group[b, i]. rows == nullptr: row(b, i) = i; else row(b, i) = rows[b, i], and rows outside
+// [0, M) are skipped. g outside [0, Z) leaves out = h_rest (nothing to align with). One launch.
+struct BypassArgs {
+  DType dtype;
+  RowsView h_rest, merged_now, merged_then;
+  const int64_t* group;
+  int64_t group_sb, group_sr;
+  void* out;
+  int64_t out_sb, out_sr, out_sd;
+  const int64_t* rows;
+  int64_t rows_sb, rows_sr;
+  int64_t B, R, d, Z, M;
+};
+cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream);
+
+}  // namespace swiftvlm

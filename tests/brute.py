@@ -1,0 +1,80 @@
+"""Brute-force formulas for the ops, written as directly as possible (loops, float64), to test
+python_ref against. Slow on purpose; small shapes only."""
+import math
+
+import torch
+
+
+def tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
+    B, H, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    out = torch.zeros(B, vis_len, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kh = k[b, h // (H // Hkv)].double()  # [L, D]
+            logits = (kh @ q[b, h].double()) * scale  # explicit row of the attention matrix
+            valid = [j for j in range(L) if key_mask is None or bool(key_mask[b, j])]
+            if not valid:
+                continue
+            m = max(float(logits[j]) for j in valid)
+            denom = sum(math.exp(float(logits[j]) - m) for j in valid)
+            for i in range(vis_len):
+                j = int(vis_start[b]) + i
+                if j in valid:
+                    out[b, i] += math.exp(float(logits[j]) - m) / denom / H
+    return out
+
+
+def rank_key(value, index):
+    """Sort key, best first: larger value, NaN below -inf, lower index on ties."""
+    if math.isnan(value):
+        return (1, 0.0, index)
+    return (0, -value, index)
+
+
+def topk_select(scores, k):
+    keeps, rests = [], []
+    for row in scores.double().tolist():
+        ranked = sorted(range(len(row)), key=lambda i: rank_key(row[i], i))
+        keeps.append(sorted(ranked[:k]))
+        rests.append(sorted(ranked[k:]))
+    return torch.tensor(keeps, dtype=torch.int64).reshape(len(keeps), k), torch.tensor(
+        rests, dtype=torch.int64).reshape(len(rests), scores.shape[1] - k)
+
+
+def cosine(a, b):
+    na, nb = max(a.norm().item(), 1e-12), max(b.norm().item(), 1e-12)
+    return float((a @ b) / (na * nb))
+
+
+def group_merge(h, Z):
+    B, R, d = h.shape
+    targets = [z * R // Z for z in range(Z)]
+    groups = torch.zeros(B, R, dtype=torch.int64)
+    merged = torch.zeros(B, Z, d, dtype=torch.float64)
+    counts = torch.zeros(B, Z, dtype=torch.int32)
+    for b in range(B):
+        hb = h[b].double()
+        for i in range(R):
+            if i in targets:
+                g = targets.index(i)
+            else:
+                sims = [cosine(hb[i], hb[t]) for t in targets]
+                sims = [-math.inf if math.isnan(s) else s for s in sims]
+                g = max(range(Z), key=lambda z: (sims[z], -z))
+            groups[b, i] = g
+        for z in range(Z):
+            members = [i for i in range(R) if groups[b, i] == z]
+            counts[b, z] = len(members)
+            merged[b, z] = sum(hb[i] for i in members) / len(members)
+    return merged, groups, counts
+
+
+def bypass_align(h_rest, group, merged_now, merged_then):
+    B, R, d = h_rest.shape
+    out = torch.zeros(B, R, d, dtype=torch.float64)
+    for b in range(B):
+        for i in range(R):
+            g = int(group[b, i])
+            out[b, i] = h_rest[b, i].double() + merged_now[b, g].double() - merged_then[b, g].double()
+    return out

@@ -1,0 +1,220 @@
+"""The op layer: registration, opcheck, torch.compile, the backend switch and input errors."""
+import pytest
+import torch
+
+import python_ref
+import swiftvlm_kernels as sk
+
+
+def inputs(B=3, H=4, Hkv=2, L=20, D=8, vis_len=9, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    vis_start = torch.tensor([0, 4, 11])[:B]
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, :2] = False
+    return q, k, vis_start, vis_len, mask
+
+
+def merge_inputs(B=2, R=7, Z=3, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, R, d, generator=g)
+    group = torch.randint(0, Z, (B, R), generator=g)
+    now, then = torch.randn(B, Z, d, generator=g), torch.randn(B, Z, d, generator=g)
+    return h, group, now, then
+
+
+def test_ops_are_registered():
+    for name in ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into"):
+        assert hasattr(torch.ops.swiftvlm, name)
+
+
+def test_score_select_through_torch_ops_matches_reference():
+    q, k, vs, vl, mask = inputs()
+    got = torch.ops.swiftvlm.score_select(q, k, vs, vl, 4, 0.3, mask)
+    want = python_ref.score_select(q, k, vs, vl, 4, 0.3, mask)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    got = torch.ops.swiftvlm.score_select(q, k, vs, vl, 4, 0.3)  # key_mask defaults to all valid
+    assert torch.equal(got[2], python_ref.tv_score(q, k, vs, vl, 0.3))
+
+
+def test_wrappers_default_scale():
+    q, k, vs, vl, mask = inputs()
+    torch.testing.assert_close(sk.tv_score(q, k, vs, vl), python_ref.tv_score(q, k, vs, vl, 8 ** -0.5))
+
+
+OPCHECK_CASES = {
+    "tv_score": lambda: (inputs()[:4] + (0.3, inputs()[4])),
+    "tv_score_nomask": lambda: (inputs()[:4] + (0.3, None)),
+    "topk_select": lambda: (torch.randn(3, 11), 4),
+    "score_select": lambda: (inputs()[:4] + (3, 0.3, inputs()[4])),
+    "group_merge": lambda: (torch.randn(2, 7, 5), 3),
+    "bypass_align": lambda: merge_inputs(),
+    "bypass_align_into": lambda: (torch.zeros(2, 12, 5), torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)) + merge_inputs(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
+def test_opcheck(case):
+    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", ""))
+    torch.library.opcheck(op, OPCHECK_CASES[case]())
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, vs, vl, mask = inputs()
+
+    def prune(q, k, vs, mask):
+        keep, rest, scores = torch.ops.swiftvlm.score_select(q, k, vs, vl, 4, 0.3, mask)
+        return keep, rest, scores * 2
+
+    eager = prune(q, k, vs, mask)
+    compiled = torch.compile(prune, fullgraph=True)(q, k, vs, mask)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_merge_and_align():
+    h, group, now, then = merge_inputs()
+
+    def step(h, now):
+        merged, grp, counts = torch.ops.swiftvlm.group_merge(h, 3)
+        return torch.ops.swiftvlm.bypass_align(h, grp, now, merged), counts
+
+    eager = step(h, now)
+    compiled = torch.compile(step, fullgraph=True)(h, now)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+# ---- backend switch ----
+
+def test_backend_keyword_and_env(monkeypatch):
+    q, k, vs, vl, mask = inputs()
+    want = python_ref.tv_score(q, k, vs, vl, 0.3, mask)
+    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask, backend="torch"), want)
+    monkeypatch.setenv("SWIFTVLM_BACKEND", "torch")
+    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask), want)
+    monkeypatch.setenv("SWIFTVLM_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend: expected one of auto, torch, triton, cuda"):
+        sk.tv_score(q, k, vs, vl, 0.3, mask)
+    # the keyword wins over the environment
+    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask, backend="auto"), want)
+
+
+def test_auto_on_cpu_is_torch():
+    from swiftvlm_kernels._backend import resolve
+
+    assert resolve("score_select", torch.device("cpu"), "auto") is python_ref
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    q, k, vs, vl, mask = inputs()
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        sk.tv_score(q, k, vs, vl, backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, vs, vl, mask = inputs()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sk.tv_score(q, k, vs, vl, backend="triton")
+
+
+# ---- bad input: every case raises a ValueError naming the argument ----
+
+def _bad_score_calls():
+    q, k, vs, vl, mask = inputs()
+    ok = dict(q=q, k=k, vis_start=vs, vis_len=vl, keep=3, scale=0.3, key_mask=mask)
+    cases = {
+        "q rank": (dict(q=q[0]), "q: expected a 3-D tensor"),
+        "k rank": (dict(k=k[0]), "k: expected a 4-D tensor"),
+        "q int dtype": (dict(q=q.long()), "q: expected dtype float32, float16 or bfloat16"),
+        "k dtype mismatch": (dict(k=k.half()), "k: expected dtype torch.float32"),
+        "k device mismatch": (dict(k=k.to("meta")), "k: expected device cpu"),
+        "batch mismatch": (dict(k=k[:2]), "k: expected batch size 3"),
+        "head dim mismatch": (dict(k=k[..., :4]), "k: expected head dim 8"),
+        "H not multiple of Hkv": (dict(k=torch.randn(3, 3, 20, 8)), "divides the 4 query heads"),
+        "vis_start float": (dict(vis_start=vs.float()), "vis_start: expected dtype int32 or int64"),
+        "vis_start shape": (dict(vis_start=vs[:2]), "vis_start: expected shape \\[3\\]"),
+        "vis_start rank": (dict(vis_start=vs[None]), "vis_start: expected a 1-D tensor"),
+        "vis_len > L": (dict(vis_len=21, keep=3), "vis_len: expected the number of visual tokens"),
+        "vis_len negative": (dict(vis_len=-1, keep=0), "vis_len"),
+        "span past L": (dict(vis_start=torch.tensor([0, 4, 12])), "vis_start: expected 0 <= vis_start"),
+        "vis_start negative": (dict(vis_start=torch.tensor([0, -1, 2])), "vis_start: expected 0 <= vis_start"),
+        "keep > vis_len": (dict(keep=10), "keep: expected the number of visual tokens to keep"),
+        "keep negative": (dict(keep=-1), "keep"),
+        "mask dtype": (dict(key_mask=mask.int()), "key_mask: expected dtype torch.bool"),
+        "mask shape": (dict(key_mask=mask[:, :5]), "key_mask: expected shape \\[3, 20\\]"),
+        "scale nan": (dict(scale=float("nan")), "scale: expected a finite float"),
+    }
+    return ok, cases
+
+
+@pytest.mark.parametrize("case", sorted(_bad_score_calls()[1]))
+def test_bad_score_select_input(case):
+    ok, cases = _bad_score_calls()
+    change, message = cases[case]
+    a = {**ok, **change}
+    with pytest.raises(ValueError, match=message):
+        torch.ops.swiftvlm.score_select(a["q"], a["k"], a["vis_start"], a["vis_len"], a["keep"], a["scale"], a["key_mask"])
+
+
+def test_bad_tv_score_and_topk_input():
+    q, k, vs, vl, mask = inputs()
+    with pytest.raises(ValueError, match="k: expected a number of KV heads"):
+        torch.ops.swiftvlm.tv_score(q, torch.randn(3, 3, 20, 8), vs, vl, 0.3)
+    with pytest.raises(ValueError, match="scores: expected a 2-D tensor"):
+        torch.ops.swiftvlm.topk_select(torch.randn(5), 2)
+    with pytest.raises(ValueError, match=r"k: expected the number of indices to keep, in \[0, N\] \(0 <= k <= 5\), got 6"):
+        torch.ops.swiftvlm.topk_select(torch.randn(2, 5), 6)
+    with pytest.raises(ValueError, match="k: expected the number of indices"):
+        torch.ops.swiftvlm.topk_select(torch.randn(2, 5), -1)
+    with pytest.raises(ValueError, match="scores: expected dtype float32"):
+        torch.ops.swiftvlm.topk_select(torch.arange(10).reshape(2, 5), 1)
+
+
+def test_bad_group_merge_input():
+    h = torch.randn(2, 7, 5)
+    with pytest.raises(ValueError, match=r"num_groups: expected the number of groups Z, in \[1, R\]"):
+        torch.ops.swiftvlm.group_merge(h, 0)
+    with pytest.raises(ValueError, match="num_groups"):
+        torch.ops.swiftvlm.group_merge(h, 8)
+    with pytest.raises(ValueError, match="h: expected a 3-D tensor"):
+        torch.ops.swiftvlm.group_merge(h[0], 2)
+    with pytest.raises(ValueError, match="R >= 1"):
+        torch.ops.swiftvlm.group_merge(h[:, :0], 1)
+
+
+def test_bad_bypass_align_input():
+    h, group, now, then = merge_inputs()
+    bad = {
+        "group: expected shape \\[2, 7\\]": (h, group[:, :3], now, then),
+        "group: expected dtype int64 or int32": (h, group.float(), now, then),
+        "group: expected a 2-D tensor": (h, group[0], now, then),
+        "group: expected ids in \\[0, 3\\)": (h, group + 1, now, then),
+        "merged_now: expected dtype torch.float32": (h, group, now.half(), then),
+        "merged_then: expected shape \\[2, Z, 5\\]": (h, group, now, then[..., :4]),
+        "merged_then: expected the shape of merged_now": (h, group, now, then[:, :2]),
+        "h_rest: expected a 3-D tensor": (h[0], group, now, then),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            torch.ops.swiftvlm.bypass_align(*args)
+    dst = torch.zeros(2, 9, 5)
+    rows = torch.arange(7).expand(2, 7)
+    with pytest.raises(ValueError, match="rows: expected row indices in \\[0, 9\\)"):
+        torch.ops.swiftvlm.bypass_align_into(dst, rows + 3, h, group, now, then)
+    with pytest.raises(ValueError, match="rows: expected shape \\[2, 7\\]"):
+        torch.ops.swiftvlm.bypass_align_into(dst, rows[:, :2], h, group, now, then)
+    with pytest.raises(ValueError, match="dst: expected dtype torch.float32"):
+        torch.ops.swiftvlm.bypass_align_into(dst.half(), rows, h, group, now, then)
+
+
+def test_value_checks_skipped_where_values_cannot_be_read():
+    """On meta tensors values cannot be read; the checks that need them are skipped, shapes still checked."""
+    q, k, vs, vl, mask = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs())
+    out = torch.ops.swiftvlm.score_select(q, k, vs, vl, 3, 0.3, mask)
+    assert out[0].shape == (3, 3) and out[2].dtype == torch.float32
+    with pytest.raises(ValueError, match="keep"):
+        torch.ops.swiftvlm.score_select(q, k, vs, vl, 10, 0.3, mask)
