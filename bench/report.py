@@ -1,0 +1,125 @@
+"""Turn benchmark JSON rows into the markdown report, the goal check and PNG plots.
+
+python bench/report.py bench/results/<run>   (reads ops.json and, if present, prefill.json there)
+"""
+import json
+import os
+import sys
+
+GOALS = """\
+| goal | target | measured | met |
+|---|---|---|---|
+"""
+
+
+def _row(rows, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            yield r
+
+
+def best(rows, op, model, batch, providers=("triton", "cuda")):
+    cands = [r for r in _row(rows, op=op, model=model, batch=batch) if r["provider"] in providers]
+    return min(cands, key=lambda r: r["p50_us"]) if cands else None
+
+
+def goals(ops_rows, prefill_rows):
+    lines = []
+
+    def add(goal, target, measured, met):
+        lines.append(f"| {goal} | {target} | {measured} | {'yes' if met else 'NO'} |")
+
+    kernel = best(ops_rows, "score_select", "llava-1.5-7b", 1)
+    eager = [r for r in _row(ops_rows, op="score_select", model="llava-1.5-7b", batch=1, provider="eager")]
+    if kernel:
+        add("score_select, LLaVA-1.5, B=1", "<= 8 µs", f"{kernel['p50_us']:.1f} µs ({kernel['provider']})",
+            kernel["p50_us"] <= 8)
+        if eager:
+            e = min(eager, key=lambda r: r["p50_us"])
+            ratio = e["p50_us"] / kernel["p50_us"]
+            add("score_select vs eager python_ref", ">= 8x", f"{ratio:.1f}x", ratio >= 8)
+    topk = [r for r in ops_rows if r["op"] == "topk_select" and r["n_vis"] <= 20000 and r["provider"] in ("triton", "cuda")]
+    if topk:
+        worst = max((min((x for x in topk if x["model"] == r["model"] and x["batch"] == r["batch"] and x["keep"] == r["keep"]),
+                         key=lambda x: x["p50_us"]) for r in topk), key=lambda r: r["p50_us"])
+        add("topk_select, N <= 20000 (slowest case, best backend)", "<= 10 µs",
+            f"{worst['p50_us']:.1f} µs ({worst['model']}, B={worst['batch']})", worst["p50_us"] <= 10)
+    bw = [r for r in ops_rows if r["op"] in ("bypass_align", "group_merge", "tv_score") and r["provider"] in ("triton", "cuda")
+          and r["batch"] == 8]
+    if bw:
+        worst = min((max((x for x in bw if (x["op"], x["model"], x["keep"]) == (r["op"], r["model"], r["keep"])),
+                         key=lambda x: x["frac_copy_bw"]) for r in bw), key=lambda r: r["frac_copy_bw"])
+        add("bandwidth-bound ops at B=8 (worst case, best backend)", ">= 80% of copy BW",
+            f"{100 * worst['frac_copy_bw']:.0f}% ({worst['op']}, {worst['model']})", worst["frac_copy_bw"] >= 0.8)
+    for r in prefill_rows:
+        if r["method"] == "swiftvlm" and r["batch"] == 8 and r["budget"] in (192, 128):
+            target = 2.2 if r["budget"] == 192 else 2.9
+            add(f"SwiftVLM prefill speedup, budget {r['budget']}, B=8", f">= {target}x", f"{r['speedup']:.2f}x",
+                r["speedup"] >= target)
+        if r["method"] != "vanilla" and "prune_share" in r:
+            add(f"pruning ops share, {r['method']} budget {r['budget']} B={r['batch']}", "<= 2%",
+                f"{100 * r['prune_share']:.1f}%", r["prune_share"] <= 0.02)
+    return GOALS + "\n".join(lines) + "\n"
+
+
+def plots(ops_rows, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for op in sorted({r["op"] for r in ops_rows}):
+        rows = [r for r in ops_rows if r["op"] == op]
+        labels = sorted({(r["model"], r["batch"], r["keep"]) for r in rows})
+        providers = sorted({r["provider"] for r in rows})
+        fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+        width = 0.8 / max(1, len(providers))
+        for i, p in enumerate(providers):
+            ys = [next((r["p50_us"] for r in rows if (r["model"], r["batch"], r["keep"]) == lab and r["provider"] == p), 0)
+                  for lab in labels]
+            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=p)
+        ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(labels))])
+        ax.set_xticklabels([f"{m}\nB={b} k={k}" for m, b, k in labels], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 µs (log)")
+        ax.set_title(f"{op} ({rows[0]['device_name']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(run_dir):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from swiftvlm_kernels.bench import markdown
+
+    with open(os.path.join(run_dir, "ops.json")) as f:
+        ops_rows = json.load(f)
+    prefill_rows = []
+    if os.path.exists(os.path.join(run_dir, "prefill.json")):
+        with open(os.path.join(run_dir, "prefill.json")) as f:
+            prefill_rows = json.load(f)
+    env = ops_rows[0] if ops_rows else {}
+    text = [f"# Benchmark report\n\n{env.get('device_name')} — torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"commit {env.get('commit')}, dtype {env.get('dtype')}; measured copy bandwidth "
+            f"{env.get('copy_gbps', 0):.0f} GB/s.\n", "## Goals\n", goals(ops_rows, prefill_rows), "## Kernels\n",
+            markdown(ops_rows)]
+    if prefill_rows:
+        from bench.bench_prefill import markdown as prefill_md
+
+        text += ["## End-to-end prefill\n", prefill_md(prefill_rows)]
+    for p in plots(ops_rows, run_dir):
+        text.append(f"![{os.path.basename(p)}]({os.path.basename(p)})\n")
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

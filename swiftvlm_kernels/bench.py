@@ -1,0 +1,244 @@
+"""Kernel microbenchmarks: every op at the shapes of real models, for every provider.
+
+`python -m swiftvlm_kernels bench` runs them for the current device and prints a table; the scripts
+under bench/ write the JSON / markdown / PNG report. Timing: CUDA-graph replay
+(`triton.testing.do_bench_cudagraph`, falling back to `do_bench`) on a GPU, wall clock on a CPU;
+quantiles p50 / p20 / p80. Every row carries the device name, torch and triton versions and the
+commit, plus GB/s and the fraction of the device-to-device copy bandwidth measured in the same run.
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import python_ref
+
+# Shapes of real models. n_text: the non-visual tokens of a typical prompt.
+MODELS = {
+    "llava-1.5-7b": dict(n_vis=576, n_text=74, H=32, Hkv=32, D=128, d=4096),
+    "llava-next-7b": dict(n_vis=2880, n_text=74, H=32, Hkv=32, D=128, d=4096),
+    "qwen2-vl-7b": dict(n_vis=1296, n_text=74, H=28, Hkv=4, D=128, d=3584),
+    "video-16k": dict(n_vis=16384, n_text=74, H=32, Hkv=32, D=128, d=4096),
+    # tiny shapes for CPU smoke runs (tests, CI)
+    "smoke": dict(n_vis=40, n_text=9, H=4, Hkv=2, D=16, d=32),
+}
+KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
+MERGE_RATIO = 0.05  # Z = 5% of the rest
+OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align")
+PROVIDERS = ("eager", "compile", "triton", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str
+    batch: int
+    n_vis: int
+    n_text: int
+    H: int
+    Hkv: int
+    D: int
+    d: int
+    keep: int
+    merge: int
+
+    @property
+    def L(self):
+        return self.n_vis + self.n_text
+
+    @property
+    def rest(self):
+        return self.n_vis - self.keep
+
+
+def cases(models, batches):
+    out = []
+    for name in models:
+        m = MODELS[name]
+        for batch in batches:
+            for div in KEEP_DIVISORS:
+                keep = round(m["n_vis"] / div)
+                merge = max(1, round(MERGE_RATIO * (m["n_vis"] - keep)))
+                out.append(Case(name, batch, keep=keep, merge=merge, **m))
+    return out
+
+
+def make_inputs(op, case, device, dtype):
+    """Arguments of `op` (backend-protocol order) for one case; deterministic."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    B, L = case.batch, case.L
+    if op in ("tv_score", "score_select"):
+        q, k = randn(B, case.H, case.D), randn(B, case.Hkv, L, case.D)
+        vis_start = torch.full((B,), case.n_text // 2, dtype=torch.int64, device=device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        scale = case.D ** -0.5
+        if op == "tv_score":
+            return (q, k, vis_start, case.n_vis, scale, mask)
+        return (q, k, vis_start, case.n_vis, case.keep, scale, mask)
+    if op == "topk_select":
+        return (torch.randn(B, case.n_vis, generator=g).to(device), case.keep)
+    if op == "group_merge":
+        return (randn(B, case.rest, case.d), case.merge)
+    if op == "bypass_align":
+        group = torch.randint(0, case.merge, (B, case.rest), generator=g).to(device)
+        return (randn(B, case.rest, case.d), group, randn(B, case.merge, case.d), randn(B, case.merge, case.d))
+    raise ValueError(op)
+
+
+def bytes_moved(op, case, elem):
+    """Minimum bytes an op must move through memory (inputs read once, outputs written once)."""
+    B = case.batch
+    if op in ("tv_score", "score_select"):
+        n = B * (case.Hkv * case.L * case.D + case.H * case.D) * elem + B * case.n_vis * 4 + B * case.L
+        return n + (B * case.n_vis * 8 if op == "score_select" else 0)
+    if op == "topk_select":
+        return B * case.n_vis * (4 + 8)
+    if op == "group_merge":
+        return B * (case.rest * case.d + case.merge * case.d) * elem + B * case.rest * 8 + B * case.merge * 4
+    if op == "bypass_align":
+        return B * (2 * case.rest * case.d + 2 * case.merge * case.d) * elem + B * case.rest * 8
+    raise ValueError(op)
+
+
+def _backend_fn(provider, op, device_type):
+    from ._backend import _MODULES, unavailable_reason
+
+    why = unavailable_reason(provider, device_type)
+    if why is not None:
+        return None, why
+    return getattr(importlib.import_module(_MODULES[provider]), op), None
+
+
+def get_fn(provider, op, device_type):
+    if provider == "eager":
+        return getattr(python_ref, op), None
+    if provider == "compile":
+        return torch.compile(getattr(python_ref, op), dynamic=False), None
+    return _backend_fn(provider, op, device_type)
+
+
+def time_fn(fn, device_type, reps=None):
+    """(p50, p20, p80) in microseconds, and the timer used."""
+    if device_type == "cuda":
+        import triton.testing as tt
+
+        q = [0.5, 0.2, 0.8]
+        try:
+            ms = tt.do_bench_cudagraph(fn, rep=100, quantiles=q)
+            timer = "cudagraph"
+        except Exception:  # not capturable: events around each call instead
+            torch.cuda.synchronize()
+            ms = tt.do_bench(fn, warmup=25, rep=100, quantiles=q)
+            timer = "do_bench"
+        return tuple(x * 1e3 for x in ms), timer
+    fn()
+    samples = []
+    deadline = time.perf_counter() + 1.0
+    while len(samples) < (reps or 5) or (time.perf_counter() < deadline and len(samples) < 200):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    t = torch.tensor(samples, dtype=torch.float64)
+    return tuple(float(torch.quantile(t, p)) for p in (0.5, 0.2, 0.8)), "wall"
+
+
+def copy_bandwidth(device, nbytes=None):
+    """Device-to-device copy bandwidth in GB/s (read + write), measured now."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    (p50, _, _), _ = time_fn(lambda: dst.copy_(src), device.type)
+    return 2 * nbytes / (p50 * 1e-6) / 1e9
+
+
+def environment(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return dict(device=device.type, device_name=name, torch=torch.__version__, triton=triton_version,
+                commit=commit or "unknown", python=platform.python_version())
+
+
+def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, device=None,
+        dtype=torch.bfloat16, progress=True):
+    """Benchmark rows (dicts) for every (case, op, provider) that can run here."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(device)
+    copy_gbps = copy_bandwidth(device)
+    # tv_score does not depend on the keep count: time it once per model and batch
+    work = [(c, op, p) for c in cases(models, batches) for op in ops for p in providers
+            if not (op == "tv_score" and c.keep != round(c.n_vis / KEEP_DIVISORS[0]))]
+    try:
+        from tqdm import tqdm
+
+        it = tqdm(work, desc="bench", disable=not progress, file=sys.stderr)
+    except ImportError:
+        it = work
+    rows, fns = [], {}
+    elem = torch.finfo(dtype).bits // 8
+    for case, op, provider in it:
+        if (provider, op) not in fns:
+            fns[(provider, op)] = get_fn(provider, op, device.type)
+        fn, why = fns[(provider, op)]
+        if fn is None:
+            continue
+        args = make_inputs(op, case, device, dtype)
+        (p50, p20, p80), timer = time_fn(lambda: fn(*args), device.type)
+        gbps = bytes_moved(op, case, elem) / (p50 * 1e-6) / 1e9
+        rows.append(dict(op=op, provider=provider, timer=timer, dtype=str(dtype).replace("torch.", ""),
+                         p50_us=p50, p20_us=p20, p80_us=p80, gbps=gbps, copy_gbps=copy_gbps,
+                         frac_copy_bw=gbps / copy_gbps, **dataclasses.asdict(case), **env))
+    return rows
+
+
+def markdown(rows):
+    head = "| model | B | op | keep | Z | provider | p50 µs | p20 µs | p80 µs | GB/s | % copy BW |\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['model']} | {r['batch']} | {r['op']} | {r['keep']} | {r['merge']} | {r['provider']} | "
+        f"{r['p50_us']:.1f} | {r['p20_us']:.1f} | {r['p80_us']:.1f} | {r['gbps']:.1f} | {100 * r['frac_copy_bw']:.1f} |\n"
+        for r in rows)
+    return head + body
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m swiftvlm_kernels bench", description=__doc__.split("\n")[0])
+    on_gpu = torch.cuda.is_available()
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS),
+                    default=[m for m in MODELS if m != "smoke"] if on_gpu else ["llava-1.5-7b"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8] if on_gpu else [1])
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                    default=list(PROVIDERS) if on_gpu else ["eager", "compile"])
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype))
+    if rows:
+        r = rows[0]
+        print(f"{r['device_name']} ({r['device']}), torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, "
+              f"copy bandwidth {r['copy_gbps']:.1f} GB/s")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0

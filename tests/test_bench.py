@@ -1,0 +1,48 @@
+"""Smoke tests of the benchmark harness on CPU (small shapes): it runs, and its rows are sane.
+
+Speed goals live in the benchmark report, never here."""
+import json
+
+import pytest
+import torch
+
+import python_ref
+from swiftvlm_kernels import bench
+
+
+def test_harness_rows():
+    rows = bench.run(models=("smoke",), batches=(1, 2), providers=("eager",), progress=False, dtype=torch.float32)
+    ops = {r["op"] for r in rows}
+    assert ops == set(bench.OPS)
+    for r in rows:
+        assert 0 < r["p20_us"] <= r["p50_us"] <= r["p80_us"]
+        assert r["gbps"] > 0 and r["copy_gbps"] > 0
+        for key in ("device_name", "torch", "triton", "commit", "model", "batch", "keep", "merge"):
+            assert key in r
+    json.dumps(rows)  # serialisable as committed
+    table = bench.markdown(rows)
+    assert table.count("\n") == len(rows) + 2
+
+
+def test_cases_follow_the_keep_and_merge_rule():
+    cs = bench.cases(["llava-1.5-7b"], [1])
+    assert [(c.keep, c.merge) for c in cs] == [(192, 19), (128, 22)]
+
+
+def test_report_goals_flag_misses():
+    from bench.report import goals
+
+    row = dict(op="score_select", model="llava-1.5-7b", batch=1, provider="triton", p50_us=9.0, keep=192, n_vis=576)
+    eager = dict(row, provider="eager", p50_us=90.0)
+    text = goals([row, eager], [dict(method="swiftvlm", batch=8, budget=192, speedup=2.5, prune_share=0.01)])
+    assert "| score_select, LLaVA-1.5, B=1 | <= 8 µs | 9.0 µs (triton) | NO |" in text
+    assert "| 10.0x | yes |" in text
+    assert "2.50x | yes" in text
+
+
+@pytest.mark.parametrize("op", ["score_select", "group_merge"])
+def test_pytest_benchmark_smoke(benchmark, op):
+    case = bench.cases(["smoke"], [1])[0]
+    args = bench.make_inputs(op, case, torch.device("cpu"), torch.float32)
+    out = benchmark(getattr(python_ref, op), *args)
+    assert out[0].shape[0] == 1
