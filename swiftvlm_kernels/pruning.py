@@ -1,0 +1,394 @@
+"""Pruning plans: how many visual tokens each stage keeps and merges, and which layers prune.
+
+A pruning object (`SwiftVLM`, `FastV`, `PDrop`) turns (n_vis, num_layers) into a `PruningPlan`,
+the list of `Stage`s that `swiftvlm_kernels.llava` executes. Layers are numbered from 1, as in the
+paper (SwiftVLM, arXiv 2602.03134). This module is pure Python: it imports no torch.
+
+Timing of a stage (docs/CONTRACT.md)
+------------------------------------
+- A drop-only stage (FastV, PDrop) and the FIRST SwiftVLM stage at layer x score with layer x's own
+  query/keys; layer x still runs on every current token and the stage takes effect from layer x + 1.
+  Such a stage at the last layer would change nothing, so it must sit in [1, num_layers - 1].
+- A SwiftVLM stage s >= 2 at layer y restores the bypassed tokens and re-scores all n_vis visual
+  tokens BEFORE layer y; layer y already runs on the kept set, so y may be num_layers.
+- A SwiftVLM stage that is not the last merges its R = n_vis - k rest tokens into Z groups, 1 <= Z
+  <= R (Z = 0 only when R = 0); the Z merged tokens run with the k kept ones until the next stage.
+  The last stage drops its rest (Z = 0). Every stage re-scores all n_vis tokens, so SwiftVLM keep
+  counts are free in [0, n_vis]. A drop-only method re-ranks the survivors, so its keep counts are
+  non-increasing. A SwiftVLM stage may not drop a non-empty rest before its last stage: that would
+  break "all N_v tokens are present again" at the next stage (use PDrop for drop-only schedules).
+
+Visual tokens per layer (`PruningPlan.visual_tokens_per_layer`), for stages (x_s, k_s, Z_s):
+n_vis up to the first stage's layer x_1; from the layer where stage s takes effect (x_s + 1 for the
+first / drop-only stages, x_s for SwiftVLM stages s >= 2) on, k_s + Z_s.
+
+The budget rule (SPEC "The SwiftVLM prefill" point 3)
+----------------------------------------------------
+"Retain T tokens" means: the visual tokens processed per layer (merged tokens counted), averaged
+over ALL num_layers layers, equal T. Each method has ONE free integer k; the library takes the k
+in [0, n_vis] whose plan's average is closest to T (ties: the smaller k). The average is strictly
+increasing in k and moves by less than one token per step, so the chosen plan is within half a
+token of T. T outside [average at k = 0, average at k = n_vis] (up to 1e-9 for float rounding)
+raises ValueError naming that range (the upper end is n_vis, except for PDrop with ratio < 1).
+If neither
+`budget` nor `keep` is given, T = n_vis / 3 (the paper's "retain 192 of 576 tokens" setting).
+
+- SwiftVLM: every stage keeps the same k (each stage re-scores all n_vis tokens, so there is no
+  reason to shrink), and every non-final stage merges Z = round(merge_ratio * (n_vis - k)) tokens
+  (merge_ratio = 0.05 by default: merged tokens stay below 5 % of the rest, cf. the paper's Fig. 7),
+  clamped to [1, n_vis - k]; Z = 0 when k = n_vis.
+- FastV: its single stage keeps k.
+- PDrop: stage s keeps round(k * ratio ** (s - 1)) (ratio = 0.5 by default: each stage halves the
+  survivors, PDrop's geometric schedule).
+round() rounds halves up. Worked example, LLaVA-1.5-7B (32 layers, 576 visual tokens):
+
+  SwiftVLM(layers=(3, 11, 15)), T = 192: k = 144, Z = round(0.05 * 432) = 22.
+      layers 1-3: 576, layers 4-14: 144 + 22 = 166, layers 15-32: 144.
+      average = (3 * 576 + 11 * 166 + 18 * 144) / 32 = 6146 / 32 = 192.06.
+  SwiftVLM(layers=(3, 11, 15)), T = 128: k = 72, Z = round(0.05 * 504) = 25.
+      layers 1-3: 576, layers 4-14: 97, layers 15-32: 72; average = 4091 / 32 = 127.84.
+      The minimum feasible budget is 63.97 (k = 0, Z = 29).
+  FastV(layer=2): T = 192 -> k = 166 (average 191.63); T = 128 -> k = 98 (average 127.88).
+  PDrop(layers=(8, 16, 24)): T = 192 -> keep (109, 55, 27) (average 191.75; (110, 55, 28) gives
+      192.25, an exact tie, so the smaller k wins); T = 128 is infeasible: the 8 layers before the
+      first stage alone average 8 * 576 / 32 = 144 tokens. Feasible: [144, 396] (keep (576, 288,
+      144) at the top).
+
+Pruning-layer selection (Sec. 3.2): `select_pruning_layers`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from numbers import Integral, Real
+from typing import Callable, Optional, Sequence
+
+METHODS = ("swiftvlm", "fastv", "pdrop")
+
+
+def _as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
+    """`value` as an int in [low, high]; a ValueError naming `name` otherwise (bool is no int)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        expected = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int in {expected}, got {value}")
+    return value
+
+
+def _as_real(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """`value` as a finite real in [low, high] ((low, high] when low_open)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        expected = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name}: expected a number in {expected}, got {value}")
+    return value
+
+
+def _as_ints(values, name: str, length: int, low: int = 0) -> tuple[int, ...]:
+    """`values` as a tuple of `length` ints >= low."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name}: expected a sequence of {length} ints, got {values!r}")
+    if len(values) != length:
+        raise ValueError(f"{name}: expected {length} values, got {len(values)}")
+    return tuple(_as_int(v, f"{name}[{i}]", low) for i, v in enumerate(values))
+
+
+def _as_layers(layers) -> tuple[int, ...]:
+    """`layers` as a non-empty, strictly increasing tuple of 1-indexed layer numbers."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+        raise ValueError(f"layers: expected a non-empty sequence of ints, got {layers!r}")
+    out = _as_ints(layers, "layers", len(layers), low=1)
+    for a, b in zip(out, out[1:]):
+        if b <= a:
+            raise ValueError(f"layers: expected strictly increasing layers, got {out}")
+    return out
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning stage: at 1-indexed `layer`, keep `keep` visual tokens (k_s) and merge the rest
+    into `merge` tokens (Z_s); merge = 0 drops the rest."""
+
+    layer: int
+    keep: int
+    merge: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer", _as_int(self.layer, "Stage.layer", 1))
+        object.__setattr__(self, "keep", _as_int(self.keep, "Stage.keep", 0))
+        object.__setattr__(self, "merge", _as_int(self.merge, "Stage.merge", 0))
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """The stages one prefill executes; validated on construction (see the module docstring)."""
+
+    method: str
+    n_vis: int
+    num_layers: int
+    stages: tuple[Stage, ...]
+    bypass: bool
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.bypass is not (self.method == "swiftvlm"):
+            raise ValueError(f"bypass: expected {self.method == 'swiftvlm'} for method "
+                             f"{self.method!r}, got {self.bypass!r}")
+        n_vis = _as_int(self.n_vis, "n_vis", 1)
+        num_layers = _as_int(self.num_layers, "num_layers", 1)
+        stages = tuple(self.stages) if isinstance(self.stages, Sequence) else None
+        if not stages or not all(isinstance(st, Stage) for st in stages):
+            raise ValueError(f"stages: expected a non-empty sequence of Stage, got {self.stages!r}")
+        object.__setattr__(self, "n_vis", n_vis)
+        object.__setattr__(self, "num_layers", num_layers)
+        object.__setattr__(self, "stages", stages)
+        _as_layers(self.layers)
+        for s, st in enumerate(stages):
+            where = f"stage {s + 1} (layer {st.layer})"
+            top = num_layers if self._takes_effect_at(s) == st.layer else num_layers - 1
+            if st.layer > top:
+                raise ValueError(f"layers: {where}: expected a layer in [1, {top}] (a stage that "
+                                 f"prunes after its layer must come before the last layer)")
+            if st.keep > n_vis:
+                raise ValueError(f"keep: {where}: expected at most n_vis = {n_vis}, got {st.keep}")
+            if not self.bypass and s > 0 and st.keep > stages[s - 1].keep:
+                raise ValueError(f"keep: {where}: expected non-increasing keep counts for a "
+                                 f"drop-only method, got {st.keep} after {stages[s - 1].keep}")
+            rest = n_vis - st.keep
+            low, high = (min(1, rest), rest) if self.bypass and s < len(stages) - 1 else (0, 0)
+            if not low <= st.merge <= high:
+                raise ValueError(f"merge: {where}: expected a merge count in [{low}, {high}] "
+                                 f"(rest = {rest}), got {st.merge}")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The stages' 1-indexed pruning layers."""
+        return tuple(st.layer for st in self.stages)
+
+    def _takes_effect_at(self, s: int) -> int:
+        """First 1-indexed layer that runs on stage s's tokens (docs/CONTRACT.md, timing)."""
+        layer = self.stages[s].layer
+        return layer if self.bypass and s > 0 else layer + 1
+
+    def visual_tokens_per_layer(self) -> list[int]:
+        """Visual tokens (kept + merged) each layer 1..num_layers processes."""
+        counts = [self.n_vis] * self.num_layers
+        for s, st in enumerate(self.stages):
+            start = self._takes_effect_at(s) - 1
+            counts[start:] = [st.keep + st.merge] * (self.num_layers - start)
+        return counts
+
+    def average_visual_tokens(self) -> float:
+        """The budget measure: visual tokens per layer, averaged over all layers."""
+        return sum(self.visual_tokens_per_layer()) / self.num_layers
+
+
+def _check_budget_or_keep(budget, keep) -> Optional[float]:
+    if budget is not None and keep is not None:
+        raise ValueError("budget, keep: expected at most one of them, got both")
+    if budget is not None:
+        return _as_real(budget, "budget", 0.0, math.inf)
+    return None
+
+
+def _fit_budget(budget: Optional[float], n_vis: int, num_layers: int,
+                plan_for: Callable[[int], PruningPlan]) -> PruningPlan:
+    """The plan_for(k), k in [0, n_vis], whose average visual tokens per layer is closest to
+    budget (SPEC point 3; ties: smaller k). The average is strictly increasing in k."""
+    if budget is None:
+        budget = n_vis / 3
+    target = Fraction(budget) * num_layers
+
+    def total(k):
+        return sum(plan_for(k).visual_tokens_per_layer())
+
+    lowest, highest = total(0), total(n_vis)
+    slack = Fraction(num_layers, 10**9)  # a budget computed in floats may miss an end by rounding
+    if not lowest - slack <= target <= highest + slack:
+        raise ValueError(f"budget: expected a number in [{lowest / num_layers:.2f}, "
+                         f"{highest / num_layers:.2f}] for layers {plan_for(0).layers}, "
+                         f"n_vis = {n_vis}, num_layers = {num_layers}, got {budget}")
+    lo, hi = 0, n_vis
+    while lo < hi:  # smallest k whose total reaches the target
+        mid = (lo + hi) // 2
+        if total(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > 0 and target - total(lo - 1) <= total(lo) - target:
+        lo -= 1
+    return plan_for(lo)
+
+
+@dataclass(frozen=True)
+class SwiftVLM:
+    """SwiftVLM (Sec. 3.3): score, keep k_s, merge the rest into Z_s bypassing tokens (Eq. 10-11),
+    restore them before the next stage (Eq. 12-13) and re-score all n_vis tokens there.
+
+    Give `budget` (T, SPEC point 3), or `keep` (k_s, one per layer) with optional `merge` (Z_s, one
+    per non-final stage; default from merge_ratio), or neither (T = n_vis / 3)."""
+
+    layers: tuple[int, ...] = (3, 11, 15)
+    budget: Optional[float] = None
+    keep: Optional[tuple[int, ...]] = None
+    merge: Optional[tuple[int, ...]] = None
+    merge_ratio: float = 0.05
+
+    def __post_init__(self):
+        layers = _as_layers(self.layers)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
+        if self.keep is not None:
+            object.__setattr__(self, "keep", _as_ints(self.keep, "keep", len(layers)))
+        if self.merge is not None:
+            if self.keep is None:
+                raise ValueError("merge: expected together with keep (with a budget, merge "
+                                 "counts follow merge_ratio)")
+            object.__setattr__(self, "merge", _as_ints(self.merge, "merge", len(layers) - 1))
+        _as_real(self.merge_ratio, "merge_ratio", 0.0, 1.0, low_open=True)
+
+    def _merge_count(self, rest: int) -> int:
+        """Z = round(merge_ratio * R) clamped to [1, R]; 0 when R = 0."""
+        return min(rest, max(1, _round_half_up(self.merge_ratio * rest)))
+
+    def _plan(self, n_vis, num_layers, keep, merge) -> PruningPlan:
+        stages = tuple(Stage(x, k, z) for x, k, z in zip(self.layers, keep, merge + (0,)))
+        return PruningPlan("swiftvlm", n_vis, num_layers, stages, bypass=True)
+
+    def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
+        n_vis = _as_int(n_vis, "n_vis", 1)
+        num_layers = _as_int(num_layers, "num_layers", 1)
+        if self.keep is not None:
+            for s, k in enumerate(self.keep):  # before the default merge counts read n_vis - k
+                _as_int(k, f"keep[{s}]", 0, n_vis)
+            merge = self.merge
+            if merge is None:
+                merge = tuple(self._merge_count(n_vis - k) for k in self.keep[:-1])
+            return self._plan(n_vis, num_layers, self.keep, merge)
+        stages = len(self.layers)
+        return _fit_budget(self.budget, n_vis, num_layers, lambda k: self._plan(
+            n_vis, num_layers, (k,) * stages, (self._merge_count(n_vis - k),) * (stages - 1)))
+
+
+@dataclass(frozen=True)
+class FastV:
+    """FastV: one stage; scores at `layer` (default 2), drops all but `keep` visual tokens from
+    layer + 1 on. Give `budget`, `keep`, or neither (T = n_vis / 3)."""
+
+    layer: int = 2
+    budget: Optional[float] = None
+    keep: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer", _as_int(self.layer, "layer", 1))
+        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
+        if self.keep is not None:
+            object.__setattr__(self, "keep", _as_int(self.keep, "keep", 0))
+
+    def _plan(self, n_vis, num_layers, k) -> PruningPlan:
+        return PruningPlan("fastv", n_vis, num_layers, (Stage(self.layer, k, 0),), bypass=False)
+
+    def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
+        n_vis = _as_int(n_vis, "n_vis", 1)
+        num_layers = _as_int(num_layers, "num_layers", 1)
+        if self.keep is not None:
+            return self._plan(n_vis, num_layers, self.keep)
+        return _fit_budget(self.budget, n_vis, num_layers,
+                           lambda k: self._plan(n_vis, num_layers, k))
+
+
+@dataclass(frozen=True)
+class PDrop:
+    """PDrop: drop-only stages at `layers` (default 8, 16, 24), survivors re-ranked at each stage.
+    Give `budget` (stage s keeps round(k * ratio ** (s - 1))), `keep` (non-increasing, one per
+    layer), or neither (T = n_vis / 3)."""
+
+    layers: tuple[int, ...] = (8, 16, 24)
+    budget: Optional[float] = None
+    keep: Optional[tuple[int, ...]] = None
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        layers = _as_layers(self.layers)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
+        if self.keep is not None:
+            object.__setattr__(self, "keep", _as_ints(self.keep, "keep", len(layers)))
+        _as_real(self.ratio, "ratio", 0.0, 1.0, low_open=True)
+
+    def _plan(self, n_vis, num_layers, keep) -> PruningPlan:
+        stages = tuple(Stage(x, k, 0) for x, k in zip(self.layers, keep))
+        return PruningPlan("pdrop", n_vis, num_layers, stages, bypass=False)
+
+    def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
+        n_vis = _as_int(n_vis, "n_vis", 1)
+        num_layers = _as_int(num_layers, "num_layers", 1)
+        if self.keep is not None:
+            return self._plan(n_vis, num_layers, self.keep)
+        return _fit_budget(self.budget, n_vis, num_layers, lambda k: self._plan(
+            n_vis, num_layers,
+            tuple(_round_half_up(k * self.ratio ** s) for s in range(len(self.layers)))))
+
+
+def select_pruning_layers(profile: Sequence[float], m: int) -> list[int]:
+    """Pruning-layer selection of Sec. 3.2 (Eq. 3-9) by dynamic programming, O(L^2 m).
+
+    profile: x_1..x_L (Eq. 3; index 0 is layer 1), the layer-wise performance when each layer's
+    top visual tokens are kept from layer 3 on. Returns at most m 1-indexed layers
+    i_1 < ... < i_K, each >= 3 (layers 1-2 are excluded as in the paper), whose x values strictly
+    increase and start above x_2, maximising Eq. 7:
+        P = sum_{k=0..K} x_{i_k} (i_{k+1} - i_k) / (L - 2),  i_0 = 2, i_{K+1} = L.
+    Equivalently (Eq. 8, each update lifts the level from x_{i_{k-1}} to x_{i_k} for the rest of
+    the model): (L - 2) P = x_2 (L - 2) + sum_{k=1..K} (x_{i_k} - x_{i_{k-1}}) (L - i_k).
+
+    Choices:
+    - Eq. 4-5 read as "x_i exceeds the level M_i of the previously selected layers", the baseline
+      i_0 = 2 included, so x_{i_1} > x_2 (Eq. 6-8 take x_2 as the level before the first pruning
+      layer). Neither restriction changes the optimal P: removing a layer whose x does not exceed
+      its predecessor's extends the higher level over its span and never lowers P; the tie-break
+      below therefore returns the same set as an unconstrained search over all subsets.
+    - K = 0 is allowed: [] means no layer >= 3 beats x_2 (P = x_2).
+    - Ties in P (compared exactly): fewer layers first, then the lexicographically smallest list.
+    Layer L spans L - L = 0 layers in Eq. 7 and is therefore never chosen.
+    """
+    if isinstance(profile, (str, bytes)):
+        raise ValueError(f"profile: expected a sequence of finite real numbers, got {profile!r}")
+    try:
+        x = [Fraction(float(v)) for v in profile]  # exact, so ties are exact
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"profile: expected a sequence of finite real numbers ({err})") from None
+    num_layers = len(x)
+    if num_layers < 3:
+        raise ValueError(f"profile: expected at least 3 layers, got {num_layers}")
+    m = _as_int(m, "m", 0)
+
+    def level(i):
+        return x[i - 1]
+
+    # chains[i] = (gain, layers): best chain with c layers ending at layer i, where gain is the
+    # Eq. 8 sum above; c = 0 is the baseline "chain" ending at i_0 = 2.
+    chains = {2: (Fraction(0), ())}
+    best = (Fraction(0), ())
+    for _ in range(m):
+        longer = {}
+        for i in range(3, num_layers + 1):
+            options = [(gain + (level(i) - level(p)) * (num_layers - i), layers)
+                       for p, (gain, layers) in chains.items() if p < i and level(p) < level(i)]
+            if options:
+                # Eq. 9 is this comparison between two candidate last updates.
+                gain, layers = min(options, key=lambda o: (-o[0], o[1]))
+                longer[i] = (gain, layers + (i,))
+        if not longer:
+            break
+        best = min([best, *longer.values()], key=lambda o: (-o[0], len(o[1]), o[1]))
+        chains = longer
+    return list(best[1])

@@ -1,0 +1,90 @@
+from types import SimpleNamespace
+
+import pytest
+
+from swiftvlm_kernels.flops import PrefillFlops, layer_flops, prefill_flops
+from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
+
+TINY = dict(hidden_size=8, intermediate_size=20, num_hidden_layers=6)
+LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+
+
+def test_layer_flops_hand_computed():
+    # Eq. 17, n = 5, d = 8, m = 20: 4*5*64 + 2*25*8 + 3*5*8*20 = 4080 multiply-adds
+    assert layer_flops(5, 8, 20) == 2 * 4080
+
+
+def test_vanilla_hand_computed():
+    f = prefill_flops(TINY, n_text=2, n_vis=3)
+    assert f == PrefillFlops(total=6 * 8160, per_layer=(8160,) * 6, overhead=0)
+    assert isinstance(f.total, int) and f.paper_units == 6 * 4080
+    assert prefill_flops(SimpleNamespace(**TINY), 2, 3) == f  # an HF-config-like object works
+
+
+@pytest.mark.parametrize("pruning", [SwiftVLM(layers=(2, 4), keep=(10, 10)), FastV(keep=10),
+                                     PDrop(layers=(1, 3, 5), keep=(10, 10, 10))])
+def test_keep_all_layers_equal_vanilla(pruning):
+    vanilla = prefill_flops(TINY, 2, 10)
+    f = prefill_flops(TINY, 2, 10, pruning)
+    assert f.per_layer == vanilla.per_layer
+    assert f.total == vanilla.total + f.overhead and f.overhead > 0  # the scores are still computed
+
+
+def test_swiftvlm_overhead_hand_worked():
+    # d = 8, n_text = 2, n_vis = 10, 6 layers; stage 1 at layer 2: keep 4, merge the R = 6 rest into
+    # Z = 2; stage 2 at layer 4: keep 3, drop the rest (R = 7).
+    pruning = SwiftVLM(layers=(2, 4), keep=(4, 3), merge=(2,))
+    f = prefill_flops(TINY, 2, 10, pruning)
+    assert pruning.plan(10, 6).visual_tokens_per_layer() == [10, 10, 6, 3, 3, 3]
+    assert f.per_layer == tuple(layer_flops(2 + v, 8, 20) for v in (10, 10, 6, 3, 3, 3))
+    stage1 = 2 * 6 * 2 * 8 + 2 * 12 * 8  # merge 2RZd + scores 2 (n_text + n_vis) d
+    stage2 = 2 * 12 * 8 + 6 * 8 + 2 * 64 + 2 * 7 * 64  # scores, align R_1 d, query, 7 more keys
+    assert f.overhead == stage1 + stage2 == 1648
+    assert f.total == sum(f.per_layer) + 1648
+
+
+def test_drop_only_overhead_hand_worked():
+    # PDrop at layers 2 and 4 (keep 5, then 2): only the scores, over the keys present at the layer
+    f = prefill_flops(TINY, 2, 10, PDrop(layers=(2, 4), keep=(5, 2)))
+    assert f.per_layer == tuple(layer_flops(2 + v, 8, 20) for v in (10, 10, 5, 5, 2, 2))
+    assert f.overhead == 2 * (2 + 10) * 8 + 2 * (2 + 5) * 8
+    f = prefill_flops(TINY, 2, 10, FastV(layer=3, keep=4))
+    assert f.overhead == 2 * 12 * 8
+
+
+def test_plan_object_or_pruning_object():
+    pruning = SwiftVLM(layers=(2, 4), budget=5)
+    assert prefill_flops(TINY, 2, 10, pruning.plan(10, 6)) == prefill_flops(TINY, 2, 10, pruning)
+
+
+@pytest.mark.parametrize("make", [lambda b: SwiftVLM(budget=b), lambda b: FastV(budget=b),
+                                  lambda b: PDrop(budget=b)])
+def test_monotonic_in_budget(make):
+    totals = [prefill_flops(LLAVA_7B, 64, 576, make(b)).total for b in range(150, 397, 6)]
+    assert all(a < b for a, b in zip(totals, totals[1:]))
+    assert totals[-1] < prefill_flops(LLAVA_7B, 64, 576).total
+
+
+def test_llava_7b_against_table_1():
+    """Paper units (Table 1): vanilla 4.29T fixes n_text = 70; pruned rows land within 0.025T."""
+    tera = 1e12
+    assert round(prefill_flops(LLAVA_7B, 70, 576).paper_units / tera, 2) == 4.29
+    table_1 = [(SwiftVLM(budget=192), 1.75), (SwiftVLM(budget=128), 1.31),
+               (FastV(budget=192), 1.71), (FastV(budget=128), 1.29), (PDrop(budget=192), 1.72)]
+    for pruning, paper in table_1:
+        assert abs(prefill_flops(LLAVA_7B, 70, 576, pruning).paper_units / tera - paper) < 0.025
+
+
+@pytest.mark.parametrize("args, name", [
+    ((dict(hidden_size=8, intermediate_size=20), 2, 3), "text_config"),
+    ((dict(TINY, hidden_size=0), 2, 3), "text_config.hidden_size"),
+    ((dict(TINY, num_hidden_layers=2.0), 2, 3), "text_config.num_hidden_layers"),
+    ((TINY, -1, 3), "n_text"),
+    ((TINY, 2, -3), "n_vis"),
+    ((TINY, 2, 10, SwiftVLM(layers=(2, 4), keep=(4, 3)).plan(11, 6)), "pruning"),
+    ((TINY, 2, 10, FastV(layer=6)), "layers"),
+])
+def test_bad_input_raises(args, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        prefill_flops(*args)
+
