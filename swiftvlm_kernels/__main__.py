@@ -42,10 +42,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
     if command == "demo":
-        try:
-            from .demo import main as run
-        except ImportError:  # the model demo is not part of this build
-            run = ops_demo
+        from .demo import main as run
     elif command == "ops":
         run = ops_demo
     elif command == "bench":

@@ -16,6 +16,10 @@ import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+if not torch.cuda.is_available():
+    # The test tensors are tiny: OpenMP threads only fight each other over them (and CI has 2 cores).
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
