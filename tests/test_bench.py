@@ -46,3 +46,16 @@ def test_pytest_benchmark_smoke(benchmark, op):
     args = bench.make_inputs(op, case, torch.device("cpu"), torch.float32)
     out = benchmark(getattr(python_ref, op), *args)
     assert out[0].shape[0] == 1
+
+
+def test_prefill_harness_smoke():
+    from bench import bench_prefill
+
+    rows = bench_prefill.run(smoke=True, batches=[1], budgets=[12])
+    assert [r["method"] for r in rows] == ["vanilla", "fastv", "pdrop", "swiftvlm"]
+    vanilla = rows[0]
+    assert vanilla["speedup"] == 1.0 and vanilla["prune_share"] == 0.0
+    for r in rows[1:]:
+        assert r["flops"] < vanilla["flops"]  # pruning removes work (Eq. 17-19)
+        assert 0.0 < r["prune_share"] < 1.0
+    assert bench_prefill.markdown(rows).count("\n") == len(rows) + 2
