@@ -1,0 +1,13 @@
+"""The triton backend: Triton kernels for the swiftvlm ops (the backend protocol of docs/CONTRACT.md).
+
+Runs CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 was set before triton was imported.
+Inputs arrive validated for shape, dtype and device; out-of-range values (vis_start, group ids,
+rows) are masked or clamped inside the kernels. No function synchronises with the host.
+"""
+from .bypass_align import bypass_align, bypass_align_into
+from .group_merge import group_merge
+from .score_select import score_select
+from .topk_select import topk_select
+from .tv_score import tv_score
+
+__all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into"]

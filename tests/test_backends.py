@@ -1,0 +1,430 @@
+"""The kernel backends (triton, cuda) against python_ref, through the backend protocol.
+
+Backends: "triton" on CPU tensors (under TRITON_INTERPRET=1, which conftest.py sets when there is no
+GPU) and on CUDA tensors; "cuda" (the compiled extension) on CUDA tensors when it is built. Shapes
+are small so the Triton interpreter runs the file in minutes.
+
+Tolerances. Every backend computes in fp32, and fp16 / bf16 inputs are exact in fp32, so the scores
+of all input dtypes carry fp32 rounding only: they must stay within 2x python_ref's own error
+against a float64 evaluation, plus 4 fp32 ulps of the largest score (a GPU's exp2 is an
+approximation good to about 2 ulps, and rewriting exp as exp2 rounds the exponent once more).
+Selections are exact: the indices must equal python_ref.topk_select of the scores the backend itself
+returned. Outputs rounded to fp16 / bf16 (group means) may differ from a float64 evaluation by one
+ulp of the output dtype; bypass_align does python_ref's fp32 operations in its order: bit-equal.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+import brute
+import python_ref
+from conftest import DTYPES
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NO_INTERPRETER = ("TRITON_INTERPRET=1 is not set (tests/conftest.py sets it when no GPU is present), "
+                  "so Triton cannot run CPU tensors")
+FP32_ULP = 2.0 ** -23
+MANTISSA_ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _import_or_reason(name):
+    try:
+        return importlib.import_module(name), None
+    except ImportError as e:
+        return None, f"{name} is not importable: {e}"
+
+
+def _cuda_backend():
+    """The compiled backend module, or None and why not (imported defensively: it may not be built)."""
+    if not CUDA:
+        return None, "needs a CUDA device"
+    module, why = _import_or_reason("swiftvlm_kernels.cuda_backend")
+    if module is not None and not module.available():
+        return None, module.reason
+    return module, why
+
+
+def _backend_params():
+    triton_mod, triton_why = _import_or_reason("swiftvlm_kernels.triton_kernels")
+    cuda_mod, cuda_why = _cuda_backend()
+    return [
+        pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.skipif(
+            triton_mod is None or not INTERPRET, reason=triton_why or NO_INTERPRETER)),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+            triton_mod is None or not CUDA, reason=triton_why or "needs a CUDA device")]),
+        pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+            cuda_mod is None, reason=cuda_why or "")]),
+    ]
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """(backend module, device) for one backend of the protocol."""
+    name, device = request.param
+    module = importlib.import_module({"triton": "swiftvlm_kernels.triton_kernels",
+                                      "cuda": "swiftvlm_kernels.cuda_backend"}[name])
+    return module, device
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _on(device, *tensors):
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+# ---------------------------------------------------------------- tv_score / score_select
+
+def _attention_inputs(B, H, Hkv, L, D, dtype, seed, strided_k=False, pad=False, device="cpu"):
+    g = _gen(seed)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    if strided_k:
+        # the layout [B, L, Hkv, D] of a projection output viewed as [B, Hkv, L, D], then every other
+        # feature of a 2D-wide buffer: neither L nor D is contiguous (the view is taken on the device)
+        k = torch.randn(B, L, Hkv, 2 * D, generator=g).to(dtype).to(device).transpose(1, 2)[..., ::2]
+    else:
+        k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    mask = None
+    if pad:
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[1, :5] = False  # left padding
+        mask[2, L - 3:] = False  # right padding
+        mask[2, 1] = False
+    return q, k, mask
+
+
+def _assert_scores_accurate(got, q, k, vis_start, vis_len, scale, mask):
+    """Error against float64 within 2x python_ref's fp32 error, plus 4 fp32 ulps of the largest score."""
+    cpu = [t if t is None else t.cpu() for t in (q, k, vis_start, mask)]
+    exact = brute.tv_score(*cpu[:3], vis_len, scale, cpu[3])
+    ref = python_ref.tv_score(*cpu[:3], vis_len, scale, cpu[3])
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    err = (got.cpu().double() - exact).abs().max().item()
+    ref_err = (ref.double() - exact).abs().max().item()
+    floor = 4 * FP32_ULP * exact.abs().max().item()
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs python_ref's {ref_err:.3g}"
+
+
+# (B, H, Hkv, L, D, vis_len): GQA ratios 1, 4, 7; odd L and D; L over several key splits
+TV_SHAPES = [(3, 7, 7, 83, 33, 40), (3, 8, 2, 33, 16, 7), (3, 14, 2, 83, 7, 33), (1, 4, 1, 7, 8, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TV_SHAPES, ids=lambda s: "B{}-H{}-Hkv{}-L{}-D{}-V{}".format(*s))
+def test_tv_score(backend, shape, dtype):
+    impl, device = backend
+    B, H, Hkv, L, D, vis_len = shape
+    q, k, mask = _attention_inputs(B, H, Hkv, L, D, dtype, seed=sum(shape), pad=B == 3)
+    vis_start = torch.tensor([0, L - vis_len, (L - vis_len) // 2][:B])
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    got = impl.tv_score(q, k, vis_start, vis_len, D ** -0.5, mask)
+    _assert_scores_accurate(got, q, k, vis_start, vis_len, D ** -0.5, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tv_score_strided_k(backend, dtype):
+    impl, device = backend
+    q, k, mask = _attention_inputs(3, 8, 2, 83, 16, dtype, seed=5, strided_k=True, pad=True, device=device)
+    assert k.stride(-1) == 2 and k.stride(2) == 2 * 2 * 16
+    vis_start = torch.tensor([3, 40, 0], dtype=torch.int32)
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    got = impl.tv_score(q, k, vis_start, 40, 0.7, mask)
+    _assert_scores_accurate(got, q, k, vis_start, 40, 0.7, mask)
+
+
+def test_tv_score_edge_values(backend):
+    """All keys masked -> zero scores; visual positions outside [0, L) score 0 (no out-of-bounds read)."""
+    impl, device = backend
+    q, k, mask = _attention_inputs(3, 4, 2, 20, 8, torch.float32, seed=9, pad=True)
+    mask[0] = False
+    vis_start = torch.tensor([2, -4, 15])  # sample 1 starts before 0, sample 2 runs past L
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    got = impl.tv_score(q, k, vis_start, 9, 0.5, mask)
+    assert torch.all(got[0] == 0) and torch.all(got[1, :4] == 0) and torch.all(got[2, 5:] == 0)
+    _assert_scores_accurate(got, q, k, vis_start, 9, 0.5, mask)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 13, 40])
+@pytest.mark.parametrize("shape", [(3, 7, 7, 83, 33, 40), (3, 8, 2, 60, 16, 40)], ids=["gqa1", "gqa4"])
+def test_score_select(backend, shape, keep):
+    impl, device = backend
+    B, H, Hkv, L, D, vis_len = shape
+    q, k, mask = _attention_inputs(B, H, Hkv, L, D, torch.float16, seed=keep, pad=True)
+    vis_start = torch.tensor([1, L - vis_len, 7])
+    k[:, :, vis_start[0] + 5] = k[:, :, vis_start[0] + 9]  # equal keys: tied scores in sample 0
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    keep_idx, rest_idx, scores = impl.score_select(q, k, vis_start, vis_len, keep, D ** -0.5, mask)
+    want_keep, want_rest = python_ref.topk_select(scores.cpu(), keep)
+    assert keep_idx.dtype == rest_idx.dtype == torch.int64
+    assert torch.equal(keep_idx.cpu(), want_keep) and torch.equal(rest_idx.cpu(), want_rest)
+    _assert_scores_accurate(scores, q, k, vis_start, vis_len, D ** -0.5, mask)
+
+
+def test_score_select_all_keys_masked(backend):
+    impl, device = backend
+    q, k, mask = _attention_inputs(2, 4, 4, 30, 8, torch.float32, seed=3, pad=False)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1] = False
+    q, k, vis_start, mask = _on(device, q, k, torch.tensor([4, 4]), mask)
+    keep_idx, rest_idx, scores = impl.score_select(q, k, vis_start, 20, 6, 0.3, mask)
+    assert torch.all(scores[1] == 0)
+    assert keep_idx[1].tolist() == list(range(6)) and rest_idx[1].tolist() == list(range(6, 20))
+
+
+# ---------------------------------------------------------------- topk_select
+
+def _scores_with_specials(B, N, seed):
+    """Scores on a coarse grid (many ties) with NaN, +-inf and both zeros sprinkled in."""
+    g = _gen(seed)
+    s = torch.round(torch.randn(B, N, generator=g) * 2) / 2
+    pick = torch.rand(B, N, generator=g)
+    s[pick < 0.05] = float("nan")
+    s[(pick >= 0.05) & (pick < 0.08)] = float("-inf")
+    s[(pick >= 0.08) & (pick < 0.10)] = float("inf")
+    s[(pick >= 0.10) & (pick < 0.15)] = -0.0
+    return s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 7, 33, 83, 1025])
+def test_topk_select(backend, N, dtype):
+    impl, device = backend
+    scores = _scores_with_specials(3, N, seed=N).to(dtype)
+    for k in sorted({0, 1, N // 3, N - 1, N}):
+        keep, rest = impl.topk_select(scores.to(device), k)
+        want_keep, want_rest = python_ref.topk_select(scores, k)
+        assert keep.dtype == rest.dtype == torch.int64
+        assert torch.equal(keep.cpu(), want_keep) and torch.equal(rest.cpu(), want_rest), f"k={k}"
+
+
+def test_topk_select_large_strided(backend):
+    """N = 5000 (several blocks, not a power of two), k not a power of two, a transposed view."""
+    impl, device = backend
+    scores = _scores_with_specials(5000, 3, seed=1).t()
+    assert not scores.is_contiguous()
+    for k in (1234, 4999):
+        keep, rest = impl.topk_select(scores.to(device), k)
+        want_keep, want_rest = python_ref.topk_select(scores, k)
+        assert torch.equal(keep.cpu(), want_keep) and torch.equal(rest.cpu(), want_rest), f"k={k}"
+
+
+def test_topk_select_zero_signs_tie(backend):
+    impl, device = backend
+    scores = torch.tensor([[0.0, -0.0, 0.0, -0.0, -1.0, float("nan")]])
+    keep, rest = impl.topk_select(scores.to(device), 3)
+    assert keep.tolist() == [[0, 1, 2]] and rest.tolist() == [[3, 4, 5]]
+
+
+# ---------------------------------------------------------------- group_merge
+
+def _cosine_fp64(h, Z):
+    """float64 cos(h_i, h_{t_z}) [B, R, Z] as python_ref defines it (NaN -> -inf)."""
+    hd = h.double()
+    unit = hd / hd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    t = python_ref.group_targets(h.shape[1], Z)
+    sim = unit @ unit[:, t].transpose(1, 2)
+    return torch.where(torch.isnan(sim), torch.full_like(sim, float("-inf")), sim)
+
+
+def _assert_merge_consistent(h, merged, group, counts):
+    """counts and means follow the backend's own groups: fp64 mean, one output-dtype ulp of slack."""
+    B, R, d = h.shape
+    Z = merged.shape[1]
+    assert merged.dtype == h.dtype and group.dtype == torch.int64 and counts.dtype == torch.int32
+    assert torch.equal(counts, torch.stack([torch.bincount(g, minlength=Z) for g in group]).int())
+    members = group[:, :, None].expand(B, R, d)
+    sums = torch.zeros(B, Z, d, dtype=torch.float64).scatter_add_(1, members, h.double())
+    want = sums / counts[:, :, None].double()
+    # fp32 sums of up to R terms in any order, then one rounding to the output dtype
+    atol = R * 2.0 ** -24 * h.double().nan_to_num().abs().max().item()
+    torch.testing.assert_close(merged.double(), want, rtol=MANTISSA_ULP[h.dtype], atol=atol, equal_nan=True)
+
+
+def _run_merge_twice(impl, h, Z):
+    first = impl.group_merge(h, Z)
+    second = impl.group_merge(h, Z)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                     and torch.equal(a.nan_to_num(), b.nan_to_num()))
+    return tuple(t.cpu() for t in first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,Z,d", [(7, 1, 33), (7, 7, 7), (33, 5, 64), (83, 9, 33), (83, 83, 16)])
+def test_group_merge_random(backend, R, Z, d, dtype):
+    """Random tokens: the chosen target is the most similar one up to fp32 rounding of the cosine."""
+    impl, device = backend
+    h = torch.randn(3, R, d, generator=_gen(R * Z + d)).to(dtype)
+    merged, group, counts = _run_merge_twice(impl, h.to(device), Z)
+    _, want_group, want_counts = python_ref.group_merge(h, Z)
+
+    t = python_ref.group_targets(R, Z)
+    assert torch.equal(group[:, t], torch.arange(Z).expand(3, Z))  # targets lead their own group
+    sim = _cosine_fp64(h, Z)
+    eps = 4 * d * 2.0 ** -24  # fp32 dot products and norms over d terms
+    chosen = sim.gather(2, group[:, :, None])[..., 0]
+    best, _ = sim.max(2)
+    free = torch.ones(R, dtype=torch.bool)
+    free[t] = False
+    assert torch.all(chosen[:, free] >= best[:, free] - eps)
+    top2 = sim.topk(min(2, Z), dim=2).values
+    gap = top2[..., 0] - top2[..., 1] if Z > 1 else torch.full((3, R), float("inf"))
+    clear = free[None, :] & (gap > eps)  # ids may differ only where two targets are within rounding
+    assert torch.equal(group[clear], want_group[clear])
+    _assert_merge_consistent(h, merged, group, counts)
+    if torch.equal(group, want_group):
+        assert torch.equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_merge_clear_margins(backend, dtype):
+    """Tokens built near one target each: every group id must equal the reference."""
+    impl, device = backend
+    g = _gen(11)
+    B, R, Z, d = 3, 83, 6, 40
+    t = python_ref.group_targets(R, Z)
+    centres = torch.linalg.qr(torch.randn(B, d, Z, generator=g)).Q.transpose(1, 2)  # orthonormal directions
+    pick = torch.randint(0, Z, (B, R), generator=g)
+    pick[:, t] = torch.arange(Z)
+    scale = 0.5 + 3 * torch.rand(B, R, 1, generator=g)
+    noise = 0.05 * torch.randn(B, R, d, generator=g)
+    h = (centres.gather(1, pick[:, :, None].expand(B, R, d)) + noise) * scale
+    h = h.to(dtype)
+    merged, group, counts = _run_merge_twice(impl, h.to(device), Z)
+    want_merged, want_group, want_counts = python_ref.group_merge(h, Z)
+    assert torch.equal(group, want_group) and torch.equal(counts, want_counts)
+    _assert_merge_consistent(h, merged, group, counts)
+    atol = R * 2.0 ** -24 * h.double().abs().max().item()
+    torch.testing.assert_close(merged.double(), want_merged.double(), rtol=MANTISSA_ULP[dtype], atol=atol)
+
+
+def test_group_merge_ties_zero_nan_strided(backend):
+    """Equal similarities go to the lowest z, also across target blocks; zero and NaN tokens; strided h."""
+    impl, device = backend
+    B, R, Z, d = 2, 100, 80, 9  # targets floor(1.25 z): tokens 4, 9, 14, ... are not targets
+    base = torch.randn(B, d, R, generator=_gen(2))
+    base[:, :, 87] = base[:, :, 6]  # the targets of groups 5 and 70 are equal
+    base[:, :, 4] = 3 * base[:, :, 6]  # cosine 1 to both: group 5
+    base[0, :, 9] = 0.0  # cosine 0 to every target: group 0
+    base[1, :, 14] = float("nan")  # NaN ranks lowest, so all targets tie: group 0
+    h = base.transpose(1, 2)
+    assert not h.is_contiguous()
+    merged, group, counts = _run_merge_twice(impl, h.to(device), Z)
+    _, want_group, want_counts = python_ref.group_merge(h, Z)
+    assert torch.equal(group, want_group) and torch.equal(counts, want_counts)
+    assert group[:, 4].tolist() == [5, 5] and group[0, 9] == 0 and group[1, 14] == 0
+    assert torch.all(counts[:, 70] == 1)
+    _assert_merge_consistent(h, merged, group, counts)
+
+
+# ---------------------------------------------------------------- bypass_align
+
+def _align_inputs(B, R, Z, d, dtype, seed):
+    g = _gen(seed)
+    h = torch.randn(B, R, d, generator=g).to(dtype)
+    group = torch.randint(0, Z, (B, R), generator=g)
+    now = torch.randn(B, Z, d, generator=g).to(dtype)
+    then = torch.randn(B, Z, d, generator=g).to(dtype)
+    return h, group, now, then
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,Z,d", [(1, 1, 8), (7, 3, 33), (83, 83, 16)])
+def test_bypass_align(backend, R, Z, d, dtype):
+    """The same fp32 operations as python_ref, one rounding at the end: bit-equal output."""
+    impl, device = backend
+    h, group, now, then = _align_inputs(3, R, Z, d, dtype, seed=R + d)
+    got = impl.bypass_align(*_on(device, h, group, now, then))
+    assert got.dtype == dtype and got.shape == h.shape
+    assert torch.equal(got.cpu(), python_ref.bypass_align(h, group, now, then))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bypass_align_into(backend, dtype):
+    impl, device = backend
+    B, R, Z, d, M = 3, 33, 5, 83, 50
+    h, group, now, then = _align_inputs(B, R, Z, d, dtype, seed=4)
+    rows = torch.stack([torch.randperm(M, generator=_gen(b))[:R] for b in range(B)])
+    group = group.int()  # int32 ids are accepted too
+    dst = torch.randn(B, M, d, generator=_gen(5)).to(dtype)
+    want = dst.clone()
+    python_ref.bypass_align_into(want, rows, h, group, now, then)
+    got = dst.to(device)
+    assert impl.bypass_align_into(got, *_on(device, rows, h, group, now, then)) is None
+    assert torch.equal(got.cpu(), want)
+
+
+def test_bypass_align_strided_into_strided_dst(backend):
+    impl, device = backend
+    B, R, Z, d, M = 2, 7, 3, 33, 12
+    h, group, now, then = _align_inputs(B, R, Z, d, torch.float32, seed=6)
+    h = h.transpose(1, 2).contiguous().transpose(1, 2)
+    dst_base = torch.randn(B, d, M, generator=_gen(7))
+    rows = torch.stack([torch.randperm(M, generator=_gen(10 + b))[:R] for b in range(B)])
+    want = dst_base.transpose(1, 2).clone()
+    python_ref.bypass_align_into(want, rows, h, group, now, then)
+    now_view = torch.cat([now, now], dim=2).to(device)[..., :d]  # a strided view, taken on the device
+    got_base = dst_base.to(device)
+    impl.bypass_align_into(got_base.transpose(1, 2), *_on(device, rows, h, group), now_view, then.to(device))
+    assert torch.equal(got_base.transpose(1, 2).cpu(), want)
+
+
+def test_bypass_align_out_of_range_values_stay_in_bounds(backend):
+    """Bad group ids and rows (value checks off) must not touch memory outside the tensors."""
+    impl, device = backend
+    B, R, Z, d, M = 2, 6, 3, 16, 8
+    h, group, now, then = _align_inputs(B, R, Z, d, torch.float32, seed=8)
+    group[0, 1], group[1, 2] = -1, Z + 5
+    rows = torch.tensor([[0, 2, 4, 6, -1, 7], [1, 3, 5, 7, M, M + 100]])
+    dst = torch.zeros(B, M, d)
+    got = dst.to(device)
+    impl.bypass_align_into(got, *_on(device, rows, h, group, now, then))
+    ok = (group >= 0) & (group < Z)
+    want = python_ref.bypass_align(h, group, now, then)
+    got = got.cpu()
+    for b in range(B):
+        for i in range(R):
+            r = int(rows[b, i])
+            if 0 <= r < M and ok[b, i]:
+                assert torch.equal(got[b, r], want[b, i])
+    assert torch.all(got[1, [0, 2, 4, 6]] == 0)  # rows nobody targets stay untouched
+
+
+# ---------------------------------------------------------------- the op on CUDA: compile and graphs
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_triton_score_select_compile_and_cuda_graph():
+    import swiftvlm_kernels  # noqa: F401  (registers torch.ops.swiftvlm)
+
+    B, H, Hkv, L, D, vis_len, keep = 2, 32, 8, 700, 128, 576, 192
+    q, k, mask = _attention_inputs(B, H, Hkv, L, D, torch.float16, seed=0)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, :9] = False
+    q, k, vis_start, mask = _on("cuda", q, k, torch.tensor([35, 60]), mask)
+
+    def prune(q, k, vis_start, mask):
+        return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, D ** -0.5, mask, "triton")
+
+    eager = prune(q, k, vis_start, mask)
+    compiled = torch.compile(prune, fullgraph=True)(q, k, vis_start, mask)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        prune(q, k, vis_start, mask)  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = prune(q, k, vis_start, mask)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, prune(q, k, vis_start, mask)):
+        assert torch.equal(a, b)
