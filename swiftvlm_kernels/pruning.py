@@ -200,6 +200,16 @@ def _check_budget_or_keep(budget, keep) -> Optional[float]:
     return None
 
 
+def _normalise_stages(method) -> tuple[int, ...]:
+    """Validate and normalise a multi-stage method's layers, budget and keep in place; its layers."""
+    layers = _as_layers(method.layers)
+    object.__setattr__(method, "layers", layers)
+    object.__setattr__(method, "budget", _check_budget_or_keep(method.budget, method.keep))
+    if method.keep is not None:
+        object.__setattr__(method, "keep", _as_ints(method.keep, "keep", len(layers)))
+    return layers
+
+
 def _fit_budget(budget: Optional[float], n_vis: int, num_layers: int,
                 plan_for: Callable[[int], PruningPlan]) -> PruningPlan:
     """The plan_for(k), k in [0, n_vis], whose average visual tokens per layer is closest to
@@ -244,11 +254,7 @@ class SwiftVLM:
     merge_ratio: float = 0.05
 
     def __post_init__(self):
-        layers = _as_layers(self.layers)
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
-        if self.keep is not None:
-            object.__setattr__(self, "keep", _as_ints(self.keep, "keep", len(layers)))
+        layers = _normalise_stages(self)
         if self.merge is not None:
             if self.keep is None:
                 raise ValueError("merge: expected together with keep (with a budget, merge "
@@ -318,11 +324,7 @@ class PDrop:
     ratio: float = 0.5
 
     def __post_init__(self):
-        layers = _as_layers(self.layers)
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
-        if self.keep is not None:
-            object.__setattr__(self, "keep", _as_ints(self.keep, "keep", len(layers)))
+        layers = _normalise_stages(self)
         _as_real(self.ratio, "ratio", 0.0, 1.0, low_open=True)
 
     def _plan(self, n_vis, num_layers, keep) -> PruningPlan:
