@@ -324,7 +324,7 @@ class PDrop:
     ratio: float = 0.5
 
     def __post_init__(self):
-        layers = _normalise_stages(self)
+        _normalise_stages(self)
         _as_real(self.ratio, "ratio", 0.0, 1.0, low_open=True)
 
     def _plan(self, n_vis, num_layers, keep) -> PruningPlan:
