@@ -62,6 +62,23 @@ def goals(ops_rows, prefill_rows):
     return GOALS + "\n".join(lines) + "\n"
 
 
+def auto_table(ops_rows):
+    """The measured AUTO_CUDA table: per op, kernel backends ordered by their summed p50 over the
+    cases both ran, then torch (paste into swiftvlm_kernels/_backend.py)."""
+    lines = ["AUTO_CUDA = {"]
+    for op in sorted({r["op"] for r in ops_rows}):
+        rows = [r for r in ops_rows if r["op"] == op and r["provider"] in ("triton", "cuda")]
+        keys = {p: {(r["model"], r["batch"], r["keep"]) for r in rows if r["provider"] == p} for p in ("triton", "cuda")}
+        common = keys["triton"] & keys["cuda"]
+        total = {p: sum(r["p50_us"] for r in rows if r["provider"] == p and (r["model"], r["batch"], r["keep"]) in common)
+                 for p in ("triton", "cuda")}
+        order = sorted(("triton", "cuda"), key=lambda p: total[p]) if common else ["triton", "cuda"]
+        names = [op] + (["bypass_align_into"] if op == "bypass_align" else [])
+        for name in names:
+            lines.append(f'    "{name}": ("{order[0]}", "{order[1]}", "torch"),')
+    return "\n".join(lines + ["}"]) + "\n"
+
+
 def plots(ops_rows, out_dir):
     try:
         import matplotlib
@@ -109,7 +126,7 @@ def main(run_dir):
     text = [f"# Benchmark report\n\n{env.get('device_name')} — torch {env.get('torch')}, triton {env.get('triton')}, "
             f"commit {env.get('commit')}, dtype {env.get('dtype')}; measured copy bandwidth "
             f"{env.get('copy_gbps', 0):.0f} GB/s.\n", "## Goals\n", goals(ops_rows, prefill_rows), "## Kernels\n",
-            markdown(ops_rows)]
+            markdown(ops_rows), "## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
     if prefill_rows:
         from bench.bench_prefill import markdown as prefill_md
 

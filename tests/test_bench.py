@@ -59,3 +59,14 @@ def test_prefill_harness_smoke():
         assert r["flops"] < vanilla["flops"]  # pruning removes work (Eq. 17-19)
         assert 0.0 < r["prune_share"] < 1.0
     assert bench_prefill.markdown(rows).count("\n") == len(rows) + 2
+
+
+def test_report_auto_table_orders_by_measured_time():
+    from bench.report import auto_table
+
+    rows = [dict(op="score_select", provider=p, model="m", batch=1, keep=3, p50_us=t)
+            for p, t in (("triton", 5.0), ("cuda", 4.0), ("eager", 90.0))]
+    rows.append(dict(op="bypass_align", provider="triton", model="m", batch=1, keep=3, p50_us=1.0))
+    table = auto_table(rows)
+    assert '"score_select": ("cuda", "triton", "torch")' in table
+    assert '"bypass_align_into": ("triton", "cuda", "torch")' in table  # unmeasured pair keeps the default
