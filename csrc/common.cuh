@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,6 +15,8 @@ namespace swiftvlm {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- element conversion (fp32 math)
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -66,6 +69,12 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
   }
 }
 
+// Id [b, r] of an int32 or int64 tensor.
+__device__ __forceinline__ int64_t load_index(const IndexView& v, int64_t b, int64_t r) {
+  const int64_t off = b * v.sb + r * v.sr;
+  return v.is_int64 ? static_cast<const int64_t*>(v.ptr)[off] : static_cast<const int32_t*>(v.ptr)[off];
+}
+
 // ---------------------------------------------------------------- reductions and scans
 // Butterfly reductions: every lane ends with the result, in a fixed order (deterministic).
 __device__ __forceinline__ float warp_sum(float v) {
@@ -116,7 +125,6 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scra
 }
 
 // ---------------------------------------------------------------- host helpers
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

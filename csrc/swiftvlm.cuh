@@ -14,6 +14,13 @@ namespace swiftvlm {
 // Element type of the floating-point tensors; all math is fp32.
 enum class DType { F32, F16, BF16 };
 
+// Integer ids of dtype int32 or int64, element [b, r] at ptr + b * sb + r * sr.
+struct IndexView {
+  const void* ptr;
+  bool is_int64;
+  int64_t sb, sr;
+};
+
 // Inputs of the last-token visual score (SPEC tv_score).
 struct ScoreArgs {
   DType dtype;                         // of q and k
@@ -21,9 +28,7 @@ struct ScoreArgs {
   int64_t q_sb, q_sh;
   const void* k;                       // [B, Hkv, L, D], D contiguous
   int64_t k_sb, k_sh, k_sl;
-  const void* vis_start;               // [B], int32 or int64
-  bool vis_start_int64;
-  int64_t vis_start_stride;
+  IndexView vis_start;                 // [B] (sr unused)
   const bool* key_mask;                // [B, L], true = valid key; nullptr = all valid
   int64_t mask_sb, mask_sl;
   int64_t B, H, Hkv, L, D, vis_len;
@@ -58,17 +63,15 @@ struct RowsView {
 };
 
 // out[b, row(b, i), :] = h_rest[b, i, :] + merged_now[b, g, :] - merged_then[b, g, :],
-// g = group[b, i]. rows == nullptr: row(b, i) = i; else row(b, i) = rows[b, i], and rows outside
-// [0, M) are skipped. g outside [0, Z) leaves out = h_rest (nothing to align with). One launch.
+// g = group[b, i] clamped to [0, Z) as the reference does. rows.ptr == nullptr: row(b, i) = i;
+// else row(b, i) = rows[b, i], and rows outside [0, M) are skipped. One launch.
 struct BypassArgs {
   DType dtype;
   RowsView h_rest, merged_now, merged_then;
-  const int64_t* group;
-  int64_t group_sb, group_sr;
+  IndexView group;
   void* out;
   int64_t out_sb, out_sr, out_sd;
-  const int64_t* rows;
-  int64_t rows_sb, rows_sr;
+  IndexView rows;                      // ptr == nullptr: out row i
   int64_t B, R, d, Z, M;
 };
 cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream);

@@ -1,0 +1,76 @@
+// bypass_align: restore the bypassed tokens with their group's drift, h + (now - then)
+// (Eq. 12-13), in one gather-add pass; the into-form scatters the rows into dst.
+// A thread handles one W-column chunk of one row: 16-byte loads and stores when every tensor allows
+// them, else one element (any strides).
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace swiftvlm {
+namespace {
+
+constexpr int kBypassThreads = 256;
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kBypassThreads) bypass_align_kernel(BypassArgs a) {
+  const T* h_rest = static_cast<const T*>(a.h_rest.ptr);
+  const T* now = static_cast<const T*>(a.merged_now.ptr);
+  const T* then = static_cast<const T*>(a.merged_then.ptr);
+  T* out = static_cast<T*>(a.out);
+  const int64_t nchunks = a.d / W;
+  const int64_t total = a.B * a.R * nchunks;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kBypassThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kBypassThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t col = (idx % nchunks) * W;
+    const int64_t i = (idx / nchunks) % a.R;
+    const int64_t b = idx / (nchunks * a.R);
+    int64_t row = i;
+    if (a.rows.ptr != nullptr) {
+      row = load_index(a.rows, b, i);
+      if (row < 0 || row >= a.M) continue;  // no such destination row: nothing is written
+    }
+    // Out-of-range group ids are clamped, as the reference does.
+    const int64_t g_raw = load_index(a.group, b, i);
+    const int64_t g = g_raw < 0 ? 0 : (g_raw >= a.Z ? a.Z - 1 : g_raw);
+    float x[W];
+    float x_now[W];
+    float x_then[W];
+    load_chunk<T, W>(h_rest + b * a.h_rest.sb + i * a.h_rest.sr + col * a.h_rest.sd, x);
+    load_chunk<T, W>(now + b * a.merged_now.sb + g * a.merged_now.sr + col * a.merged_now.sd, x_now);
+    load_chunk<T, W>(then + b * a.merged_then.sb + g * a.merged_then.sr + col * a.merged_then.sd, x_then);
+#pragma unroll
+    for (int w = 0; w < W; ++w) x[w] = x[w] + (x_now[w] - x_then[w]);  // Eq. 12-13
+    store_chunk<T, W>(out + b * a.out_sb + row * a.out_sr + col * a.out_sd, x);
+  }
+}
+
+template <typename T, int W>
+cudaError_t launch_bypass_align(const BypassArgs& a, cudaStream_t stream) {
+  const int64_t total = a.B * a.R * (a.d / W);
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kBypassThreads), INT32_MAX);
+  bypass_align_kernel<T, W><<<static_cast<unsigned>(blocks), kBypassThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// A chunk of W > 1 columns needs unit column strides and 16-byte aligned row starts everywhere.
+bool vector_ok(const BypassArgs& a, size_t elem_size, int vec) {
+  const RowsView views[] = {a.h_rest, a.merged_now, a.merged_then};
+  for (const RowsView& v : views) {
+    if (v.sd != 1 || !aligned16(v.ptr) || !strides_aligned16(elem_size, {v.sb, v.sr})) return false;
+  }
+  return a.out_sd == 1 && aligned16(a.out) && strides_aligned16(elem_size, {a.out_sb, a.out_sr}) && a.d % vec == 0;
+}
+
+}  // namespace
+
+cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream) {
+  if (a.Z < 1 && a.B * a.R > 0) return cudaErrorInvalidValue;  // no merged token to align with
+  return dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return vector_ok(a, sizeof(T), kVec<T>) ? launch_bypass_align<T, kVec<T>>(a, stream)
+                                            : launch_bypass_align<T, 1>(a, stream);
+  });
+}
+
+}  // namespace swiftvlm

@@ -1,0 +1,289 @@
+// The swiftvlm CUDA ops for torch (docs/CONTRACT.md "C++ ops"): schemas, argument checks, output
+// allocation and launches on the current CUDA stream. Only torch's stable ABI is used, so one build
+// serves torch 2.10 and later; nothing here waits for the GPU or reads device values.
+
+// The C shim declares its CUDA entry points (the current stream) only under USE_CUDA; this file is
+// built only when torch has CUDA.
+#ifndef USE_CUDA
+#define USE_CUDA
+#endif
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <cuda_runtime.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/shim_utils.h>
+
+#include "swiftvlm.cuh"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  const char* hint = err == cudaErrorInvalidConfiguration
+                         ? " (the shapes need more blocks or shared memory than one launch has)"
+                         : "";
+  STD_TORCH_CHECK(err == cudaSuccess, "swiftvlm::", op, ": CUDA error: ", cudaGetErrorString(err), hint);
+}
+
+void check_cuda(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor");
+}
+
+// t is a CUDA tensor of `rank` dimensions on ref's device.
+void check_tensor(const Tensor& t, const char* name, int64_t rank, const Tensor& ref) {
+  check_cuda(t, name);
+  STD_TORCH_CHECK(t.get_device_index() == ref.get_device_index(), name, ": expected the device of the other inputs");
+  STD_TORCH_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor, got ", t.dim(), " dimensions");
+}
+
+swiftvlm::DType float_dtype(const Tensor& t, const char* name) {
+  const ScalarType s = t.scalar_type();
+  STD_TORCH_CHECK(s == ScalarType::Float || s == ScalarType::Half || s == ScalarType::BFloat16, name,
+                  ": expected dtype float32, float16 or bfloat16");
+  if (s == ScalarType::Float) return swiftvlm::DType::F32;
+  return s == ScalarType::Half ? swiftvlm::DType::F16 : swiftvlm::DType::BF16;
+}
+
+void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  STD_TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected the dtype of ", ref_name);
+}
+
+swiftvlm::IndexView index_view(const Tensor& t, const char* name) {
+  const ScalarType s = t.scalar_type();
+  STD_TORCH_CHECK(s == ScalarType::Long || s == ScalarType::Int, name, ": expected dtype int64 or int32");
+  return {t.const_data_ptr(), s == ScalarType::Long, t.stride(0), t.dim() > 1 ? t.stride(1) : 0};
+}
+
+// The kernels read the last dimension with unit stride; other layouts get one contiguous copy.
+Tensor unit_last_stride(const Tensor& t) { return t.stride(t.dim() - 1) == 1 ? t : torch::stable::contiguous(t); }
+
+swiftvlm::RowsView rows_view(const Tensor& t) { return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// ------------------------------------------------------------------------------------ scoring
+struct ScoreInputs {
+  Tensor q, k;  // head dim with unit stride (copies when the caller's was not)
+  swiftvlm::ScoreArgs args;
+};
+
+ScoreInputs score_inputs(const Tensor& q_in, const Tensor& k_in, const Tensor& vis_start, int64_t vis_len,
+                         double scale, const std::optional<Tensor>& key_mask) {
+  check_tensor(q_in, "q", 3, q_in);
+  check_tensor(k_in, "k", 4, q_in);
+  check_tensor(vis_start, "vis_start", 1, q_in);
+  const swiftvlm::DType dtype = float_dtype(q_in, "q");
+  check_same_dtype(k_in, "k", q_in, "q");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const int64_t Hkv = k_in.size(1), L = k_in.size(2);
+  STD_TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k: expected shape [B, Hkv, L, D] for q of shape [B, H, D]");
+  STD_TORCH_CHECK(H >= 1 && Hkv >= 1 && H % Hkv == 0, "k: expected Hkv >= 1 KV heads dividing the H >= 1 query heads");
+  STD_TORCH_CHECK(vis_start.size(0) == B, "vis_start: expected shape [B]");
+  STD_TORCH_CHECK(vis_len >= 0 && vis_len <= L, "vis_len: expected 0 <= vis_len <= L");
+
+  ScoreInputs in{unit_last_stride(q_in), unit_last_stride(k_in), {}};
+  swiftvlm::ScoreArgs& a = in.args;
+  a.dtype = dtype;
+  a.q = in.q.const_data_ptr();
+  a.q_sb = in.q.stride(0);
+  a.q_sh = in.q.stride(1);
+  a.k = in.k.const_data_ptr();
+  a.k_sb = in.k.stride(0);
+  a.k_sh = in.k.stride(1);
+  a.k_sl = in.k.stride(2);
+  a.vis_start = index_view(vis_start, "vis_start");
+  a.key_mask = nullptr;
+  a.mask_sb = a.mask_sl = 0;
+  if (key_mask.has_value()) {
+    const Tensor& m = *key_mask;
+    check_tensor(m, "key_mask", 2, q_in);
+    STD_TORCH_CHECK(m.scalar_type() == ScalarType::Bool, "key_mask: expected dtype bool (True = valid key)");
+    STD_TORCH_CHECK(m.size(0) == B && m.size(1) == L, "key_mask: expected shape [B, L]");
+    a.key_mask = static_cast<const bool*>(m.const_data_ptr());
+    a.mask_sb = m.stride(0);
+    a.mask_sl = m.stride(1);
+  }
+  a.B = B;
+  a.H = H;
+  a.Hkv = Hkv;
+  a.L = L;
+  a.D = D;
+  a.vis_len = vis_len;
+  a.scale = static_cast<float>(scale);
+  return in;
+}
+
+Tensor score_workspace(const Tensor& q, const swiftvlm::ScoreArgs& a) {
+  const auto floats = static_cast<int64_t>(swiftvlm::score_workspace_floats(a.B, a.H, a.L, a.vis_len));
+  return torch::stable::new_empty(q, {floats}, ScalarType::Float);
+}
+
+Tensor tv_score_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start, int64_t vis_len, double scale,
+                     const std::optional<Tensor>& key_mask) {
+  check_cuda(q, "q");
+  const DeviceGuard guard(q.get_device_index());
+  const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask);
+  const Tensor workspace = score_workspace(q, in.args);
+  Tensor scores = torch::stable::new_empty(q, {in.args.B, vis_len}, ScalarType::Float);
+  check_launch(swiftvlm::tv_score(in.args, workspace.mutable_data_ptr<float>(), scores.mutable_data_ptr<float>(),
+                                  current_stream(q)),
+               "tv_score_cuda");
+  return scores;
+}
+
+std::tuple<Tensor, Tensor, Tensor> score_select_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start,
+                                                     int64_t vis_len, int64_t keep, double scale,
+                                                     const std::optional<Tensor>& key_mask) {
+  check_cuda(q, "q");
+  const DeviceGuard guard(q.get_device_index());
+  const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask);
+  STD_TORCH_CHECK(keep >= 0 && keep <= vis_len, "keep: expected 0 <= keep <= vis_len");
+  const int64_t B = in.args.B;
+  const Tensor workspace = score_workspace(q, in.args);
+  Tensor scores = torch::stable::new_empty(q, {B, vis_len}, ScalarType::Float);
+  Tensor keep_idx = torch::stable::new_empty(q, {B, keep}, ScalarType::Long);
+  Tensor rest_idx = torch::stable::new_empty(q, {B, vis_len - keep}, ScalarType::Long);
+  check_launch(swiftvlm::score_select(in.args, keep, workspace.mutable_data_ptr<float>(),
+                                      scores.mutable_data_ptr<float>(), keep_idx.mutable_data_ptr<int64_t>(),
+                                      rest_idx.mutable_data_ptr<int64_t>(), current_stream(q)),
+               "score_select_cuda");
+  return {keep_idx, rest_idx, scores};
+}
+
+// ------------------------------------------------------------------------------------ selection
+std::tuple<Tensor, Tensor> topk_select_cuda(const Tensor& scores, int64_t k) {
+  check_cuda(scores, "scores");
+  const DeviceGuard guard(scores.get_device_index());
+  check_tensor(scores, "scores", 2, scores);
+  const swiftvlm::DType dtype = float_dtype(scores, "scores");
+  const int64_t B = scores.size(0), N = scores.size(1);
+  STD_TORCH_CHECK(k >= 0 && k <= N, "k: expected 0 <= k <= N");
+  Tensor keep = torch::stable::new_empty(scores, {B, k}, ScalarType::Long);
+  Tensor rest = torch::stable::new_empty(scores, {B, N - k}, ScalarType::Long);
+  check_launch(swiftvlm::topk_select(dtype, scores.const_data_ptr(), scores.stride(0), scores.stride(1), B, N, k,
+                                     keep.mutable_data_ptr<int64_t>(), rest.mutable_data_ptr<int64_t>(),
+                                     current_stream(scores)),
+               "topk_select_cuda");
+  return {keep, rest};
+}
+
+// ------------------------------------------------------------------------------------ merging
+std::tuple<Tensor, Tensor, Tensor> group_merge_cuda(const Tensor& h_in, int64_t num_groups) {
+  check_cuda(h_in, "h");
+  const DeviceGuard guard(h_in.get_device_index());
+  check_tensor(h_in, "h", 3, h_in);
+  const swiftvlm::DType dtype = float_dtype(h_in, "h");
+  const int64_t B = h_in.size(0), R = h_in.size(1), d = h_in.size(2);
+  STD_TORCH_CHECK(num_groups >= 1 && num_groups <= R, "num_groups: expected 1 <= num_groups <= R (R = h.shape[1])");
+  const Tensor h = unit_last_stride(h_in);
+  Tensor merged = torch::stable::new_empty(h, {B, num_groups, d});
+  Tensor group = torch::stable::new_empty(h, {B, R}, ScalarType::Long);
+  Tensor counts = torch::stable::new_empty(h, {B, num_groups}, ScalarType::Int);
+  check_launch(swiftvlm::group_merge(dtype, h.const_data_ptr(), h.stride(0), h.stride(1), B, R, d, num_groups,
+                                     merged.mutable_data_ptr(), group.mutable_data_ptr<int64_t>(),
+                                     counts.mutable_data_ptr<int32_t>(), current_stream(h)),
+               "group_merge_cuda");
+  return {merged, group, counts};
+}
+
+// Checks the inputs shared by both bypass forms; the destination is filled in by the caller.
+swiftvlm::BypassArgs bypass_args(const Tensor& h_rest, const Tensor& group, const Tensor& merged_now,
+                                 const Tensor& merged_then) {
+  check_tensor(h_rest, "h_rest", 3, h_rest);
+  check_tensor(group, "group", 2, h_rest);
+  check_tensor(merged_now, "merged_now", 3, h_rest);
+  check_tensor(merged_then, "merged_then", 3, h_rest);
+  swiftvlm::BypassArgs a{};
+  a.dtype = float_dtype(h_rest, "h_rest");
+  check_same_dtype(merged_now, "merged_now", h_rest, "h_rest");
+  check_same_dtype(merged_then, "merged_then", h_rest, "h_rest");
+  a.B = h_rest.size(0);
+  a.R = h_rest.size(1);
+  a.d = h_rest.size(2);
+  a.Z = merged_now.size(1);
+  STD_TORCH_CHECK(group.size(0) == a.B && group.size(1) == a.R, "group: expected shape [B, R] (h_rest is [B, R, d])");
+  STD_TORCH_CHECK(merged_now.size(0) == a.B && merged_now.size(2) == a.d, "merged_now: expected shape [B, Z, d]");
+  STD_TORCH_CHECK(merged_then.size(0) == a.B && merged_then.size(1) == a.Z && merged_then.size(2) == a.d,
+                  "merged_then: expected the shape of merged_now");
+  STD_TORCH_CHECK(a.Z >= 1 || a.R == 0, "merged_now: expected Z >= 1 merged tokens for R > 0 rest tokens");
+  a.h_rest = rows_view(h_rest);
+  a.merged_now = rows_view(merged_now);
+  a.merged_then = rows_view(merged_then);
+  a.group = index_view(group, "group");
+  return a;
+}
+
+Tensor bypass_align_cuda(const Tensor& h_rest, const Tensor& group, const Tensor& merged_now,
+                         const Tensor& merged_then) {
+  check_cuda(h_rest, "h_rest");
+  const DeviceGuard guard(h_rest.get_device_index());
+  swiftvlm::BypassArgs a = bypass_args(h_rest, group, merged_now, merged_then);
+  Tensor out = torch::stable::new_empty(h_rest, {a.B, a.R, a.d});
+  a.out = out.mutable_data_ptr();
+  a.out_sb = out.stride(0);
+  a.out_sr = out.stride(1);
+  a.out_sd = out.stride(2);
+  a.M = a.R;
+  check_launch(swiftvlm::bypass_align(a, current_stream(h_rest)), "bypass_align_cuda");
+  return out;
+}
+
+void bypass_align_into_cuda(const Tensor& dst, const Tensor& rows, const Tensor& h_rest, const Tensor& group,
+                            const Tensor& merged_now, const Tensor& merged_then) {
+  check_cuda(h_rest, "h_rest");
+  const DeviceGuard guard(h_rest.get_device_index());
+  swiftvlm::BypassArgs a = bypass_args(h_rest, group, merged_now, merged_then);
+  check_tensor(dst, "dst", 3, h_rest);
+  check_tensor(rows, "rows", 2, h_rest);
+  check_same_dtype(dst, "dst", h_rest, "h_rest");
+  STD_TORCH_CHECK(dst.size(0) == a.B && dst.size(2) == a.d, "dst: expected shape [B, M, d] (h_rest is [B, R, d])");
+  STD_TORCH_CHECK(rows.size(0) == a.B && rows.size(1) == a.R, "rows: expected shape [B, R]");
+  a.out = dst.mutable_data_ptr();
+  a.out_sb = dst.stride(0);
+  a.out_sr = dst.stride(1);
+  a.out_sd = dst.stride(2);
+  a.rows = index_view(rows, "rows");
+  a.M = dst.size(1);
+  check_launch(swiftvlm::bypass_align(a, current_stream(h_rest)), "bypass_align_into_cuda");
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
+  m.def("tv_score_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, float scale, Tensor? key_mask) -> Tensor");
+  m.def("topk_select_cuda(Tensor scores, int k) -> (Tensor, Tensor)");
+  m.def(
+      "score_select_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, int keep, float scale, Tensor? key_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("group_merge_cuda(Tensor h, int num_groups) -> (Tensor, Tensor, Tensor)");
+  m.def("bypass_align_cuda(Tensor h_rest, Tensor group, Tensor merged_now, Tensor merged_then) -> Tensor");
+  m.def(
+      "bypass_align_into_cuda(Tensor(a!) dst, Tensor rows, Tensor h_rest, Tensor group, Tensor merged_now,"
+      " Tensor merged_then) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(swiftvlm, CUDA, m) {
+  m.impl("tv_score_cuda", TORCH_BOX(&tv_score_cuda));
+  m.impl("topk_select_cuda", TORCH_BOX(&topk_select_cuda));
+  m.impl("score_select_cuda", TORCH_BOX(&score_select_cuda));
+  m.impl("group_merge_cuda", TORCH_BOX(&group_merge_cuda));
+  m.impl("bypass_align_cuda", TORCH_BOX(&bypass_align_cuda));
+  m.impl("bypass_align_into_cuda", TORCH_BOX(&bypass_align_into_cuda));
+}
