@@ -117,7 +117,8 @@ def main(run_dir):
     from swiftvlm_kernels.bench import markdown
 
     with open(os.path.join(run_dir, "ops.json")) as f:
-        ops_rows = json.load(f)
+        all_rows = json.load(f)
+    ops_rows = [r for r in all_rows if "error" not in r]
     prefill_rows = []
     if os.path.exists(os.path.join(run_dir, "prefill.json")):
         with open(os.path.join(run_dir, "prefill.json")) as f:
@@ -126,7 +127,7 @@ def main(run_dir):
     text = [f"# Benchmark report\n\n{env.get('device_name')} — torch {env.get('torch')}, triton {env.get('triton')}, "
             f"commit {env.get('commit')}, dtype {env.get('dtype')}; measured copy bandwidth "
             f"{env.get('copy_gbps', 0):.0f} GB/s.\n", "## Goals\n", goals(ops_rows, prefill_rows), "## Kernels\n",
-            markdown(ops_rows), "## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
+            markdown(all_rows), "## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
     if prefill_rows:
         from bench.bench_prefill import markdown as prefill_md
 

@@ -31,7 +31,7 @@ MODELS = {
 }
 KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
 MERGE_RATIO = 0.05  # Z = 5% of the rest
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align")
+OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into")
 PROVIDERS = ("eager", "compile", "triton", "cuda")
 
 
@@ -89,9 +89,14 @@ def make_inputs(op, case, device, dtype):
         return (torch.randn(B, case.n_vis, generator=g).to(device), case.keep)
     if op == "group_merge":
         return (randn(B, case.rest, case.d), case.merge)
-    if op == "bypass_align":
+    if op in ("bypass_align", "bypass_align_into"):
         group = torch.randint(0, case.merge, (B, case.rest), generator=g).to(device)
-        return (randn(B, case.rest, case.d), group, randn(B, case.merge, case.d), randn(B, case.merge, case.d))
+        args = (randn(B, case.rest, case.d), group, randn(B, case.merge, case.d), randn(B, case.merge, case.d))
+        if op == "bypass_align":
+            return args
+        # restore into the full visual block: the rest tokens' rows among all n_vis
+        rows = torch.sort(torch.randperm(case.n_vis, generator=g)[: case.rest]).values.expand(B, -1).to(device)
+        return (randn(B, case.n_vis, case.d), rows) + args
     raise ValueError(op)
 
 
@@ -105,8 +110,8 @@ def bytes_moved(op, case, elem):
         return B * case.n_vis * (4 + 8)
     if op == "group_merge":
         return B * (case.rest * case.d + case.merge * case.d) * elem + B * case.rest * 8 + B * case.merge * 4
-    if op == "bypass_align":
-        return B * (2 * case.rest * case.d + 2 * case.merge * case.d) * elem + B * case.rest * 8
+    if op in ("bypass_align", "bypass_align_into"):
+        return B * (2 * case.rest * case.d + 2 * case.merge * case.d) * elem + B * case.rest * 8 * (1 + (op != "bypass_align"))
     raise ValueError(op)
 
 
@@ -123,8 +128,25 @@ def get_fn(provider, op, device_type):
     if provider == "eager":
         return getattr(python_ref, op), None
     if provider == "compile":
-        return torch.compile(getattr(python_ref, op), dynamic=False), None
+        return torch.compile(getattr(python_ref, op), dynamic=True), None  # one compile serves every shape
     return _backend_fn(provider, op, device_type)
+
+
+def difference(op, args, fn):
+    """How far `fn`'s result is from python_ref's on the same input: the largest absolute difference
+    of the float outputs, plus the number of differing entries of the index outputs."""
+    def outputs(f):
+        a = [x.clone() if isinstance(x, torch.Tensor) else x for x in args]
+        out = f(*a)
+        return (a[0],) if op == "bypass_align_into" else (out if isinstance(out, tuple) else (out,))
+
+    worst, mismatched = 0.0, 0
+    for got, want in zip(outputs(fn), outputs(getattr(python_ref, op))):
+        if want.dtype.is_floating_point:
+            worst = max(worst, float((got.float() - want.float()).abs().max()) if want.numel() else 0.0)
+        else:
+            mismatched += int((got != want).sum())
+    return worst, mismatched
 
 
 def time_fn(fn, device_type, reps=None):
@@ -134,7 +156,7 @@ def time_fn(fn, device_type, reps=None):
 
         q = [0.5, 0.2, 0.8]
         try:
-            ms = tt.do_bench_cudagraph(fn, rep=100, quantiles=q)
+            ms = tt.do_bench_cudagraph(fn, rep=50, quantiles=q)
             timer = "cudagraph"
         except Exception:  # not capturable: events around each call instead
             torch.cuda.synchronize()
@@ -179,8 +201,9 @@ def environment(device):
 
 
 def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, device=None,
-        dtype=torch.bfloat16, progress=True):
-    """Benchmark rows (dicts) for every (case, op, provider) that can run here."""
+        dtype=torch.bfloat16, progress=True, once=False):
+    """Benchmark rows (dicts) for every (case, op, provider) that can run here. once=True runs each
+    only once, untimed (for compute-sanitizer), and returns no rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     copy_gbps = copy_bandwidth(device)
@@ -202,22 +225,38 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
         if fn is None:
             continue
         args = make_inputs(op, case, device, dtype)
-        (p50, p20, p80), timer = time_fn(lambda: fn(*args), device.type)
+        if once:
+            fn(*args)
+            continue
+        try:
+            max_diff, index_mismatches = difference(op, args, fn) if provider != "eager" else (0.0, 0)
+            (p50, p20, p80), timer = time_fn(lambda: fn(*args), device.type)
+        except Exception as e:  # one failing case must not lose the rest of the report
+            rows.append(dict(op=op, provider=provider, error=f"{type(e).__name__}: {e}"[:300],
+                             **dataclasses.asdict(case), **env))
+            continue
         gbps = bytes_moved(op, case, elem) / (p50 * 1e-6) / 1e9
         rows.append(dict(op=op, provider=provider, timer=timer, dtype=str(dtype).replace("torch.", ""),
                          p50_us=p50, p20_us=p20, p80_us=p80, gbps=gbps, copy_gbps=copy_gbps,
-                         frac_copy_bw=gbps / copy_gbps, **dataclasses.asdict(case), **env))
+                         frac_copy_bw=gbps / copy_gbps, max_diff=max_diff, index_mismatches=index_mismatches,
+                         **dataclasses.asdict(case), **env))
+    if once and device.type == "cuda":
+        torch.cuda.synchronize()
     return rows
 
 
 def markdown(rows):
-    head = "| model | B | op | keep | Z | provider | p50 µs | p20 µs | p80 µs | GB/s | % copy BW |\n"
-    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| model | B | op | keep | Z | provider | p50 µs | p20 µs | p80 µs | GB/s | % copy BW "
+            "| max diff vs ref | index mismatches |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     body = "".join(
         f"| {r['model']} | {r['batch']} | {r['op']} | {r['keep']} | {r['merge']} | {r['provider']} | "
-        f"{r['p50_us']:.1f} | {r['p20_us']:.1f} | {r['p80_us']:.1f} | {r['gbps']:.1f} | {100 * r['frac_copy_bw']:.1f} |\n"
-        for r in rows)
-    return head + body
+        f"{r['p50_us']:.1f} | {r['p20_us']:.1f} | {r['p80_us']:.1f} | {r['gbps']:.1f} | {100 * r['frac_copy_bw']:.1f} "
+        f"| {r['max_diff']:.2e} | {r['index_mismatches']} |\n"
+        for r in rows if "error" not in r)
+    failed = "".join(f"- FAILED {r['op']} / {r['provider']} ({r['model']}, B={r['batch']}, keep={r['keep']}): {r['error']}\n"
+                     for r in rows if "error" in r)
+    return head + body + ("\n" + failed if failed else "")
 
 
 def main(argv=None):
@@ -231,8 +270,12 @@ def main(argv=None):
                     default=list(PROVIDERS) if on_gpu else ["eager", "compile"])
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--once", action="store_true", help="run every case once, untimed (for compute-sanitizer)")
     args = ap.parse_args(argv)
-    rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype))
+    rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype), once=args.once)
+    if args.once:
+        print("ran every case once")
+        return 0
     if rows:
         r = rows[0]
         print(f"{r['device_name']} ({r['device']}), torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, "

@@ -70,3 +70,15 @@ def test_report_auto_table_orders_by_measured_time():
     table = auto_table(rows)
     assert '"score_select": ("cuda", "triton", "torch")' in table
     assert '"bypass_align_into": ("triton", "cuda", "torch")' in table  # unmeasured pair keeps the default
+
+
+def test_a_failing_case_is_reported_not_fatal(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(bench.__dict__, "get_fn", lambda provider, op, dev: (broken, None) if provider == "compile"
+                        else (getattr(python_ref, op), None))
+    rows = bench.run(models=("smoke",), batches=(1,), ops=("topk_select",), providers=("eager", "compile"),
+                     progress=False, dtype=torch.float32)
+    assert [("error" in r) for r in rows] == [False, True, False, True]
+    assert "FAILED topk_select / compile" in bench.markdown(rows) and "RuntimeError: boom" in bench.markdown(rows)
