@@ -223,24 +223,27 @@ def test_value_checks_skipped_where_values_cannot_be_read():
 @pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
                     reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
 def test_env_backend_triton_gives_the_reference_results(monkeypatch):
-    """SWIFTVLM_BACKEND=triton routes every torch.ops.swiftvlm op to the Triton kernels (on CPU
-    tensors through the interpreter) and they give python_ref's results."""
+    """SWIFTVLM_BACKEND=triton routes every torch.ops.swiftvlm op to the Triton kernels (CUDA tensors
+    on a GPU, else CPU tensors through the interpreter) and they give python_ref's results."""
     monkeypatch.setenv("SWIFTVLM_BACKEND", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, vs, vl, mask = inputs()
-    scores = torch.ops.swiftvlm.tv_score(q, k, vs, vl, 0.3, mask)
+    scores = torch.ops.swiftvlm.tv_score(q.to(dev), k.to(dev), vs.to(dev), vl, 0.3, mask.to(dev)).cpu()
     torch.testing.assert_close(scores, python_ref.tv_score(q, k, vs, vl, 0.3, mask), rtol=1e-5, atol=1e-7)
-    keep, rest, own = torch.ops.swiftvlm.score_select(q, k, vs, vl, 4, 0.3, mask)
+    keep, rest, own = (t.cpu() for t in torch.ops.swiftvlm.score_select(q.to(dev), k.to(dev), vs.to(dev), vl, 4, 0.3,
+                                                                         mask.to(dev)))
     want_keep, want_rest = python_ref.topk_select(own, 4)  # selection exact on the kernel's own scores
     assert torch.equal(keep, want_keep) and torch.equal(rest, want_rest)
     s = torch.randn(3, 37)
-    for a, b in zip(torch.ops.swiftvlm.topk_select(s, 11), python_ref.topk_select(s, 11)):
-        assert torch.equal(a, b)
+    for a, b in zip(torch.ops.swiftvlm.topk_select(s.to(dev), 11), python_ref.topk_select(s, 11)):
+        assert torch.equal(a.cpu(), b)
     h, group, now, then = merge_inputs()
-    for a, b in zip(torch.ops.swiftvlm.group_merge(h, 3), python_ref.group_merge(h, 3)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert torch.equal(torch.ops.swiftvlm.bypass_align(h, group, now, then), python_ref.bypass_align(h, group, now, then))
-    dst, want = torch.zeros(2, 12, 5), torch.zeros(2, 12, 5)
+    for a, b in zip(torch.ops.swiftvlm.group_merge(h.to(dev), 3), python_ref.group_merge(h, 3)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+    got = torch.ops.swiftvlm.bypass_align(h.to(dev), group.to(dev), now.to(dev), then.to(dev)).cpu()
+    assert torch.equal(got, python_ref.bypass_align(h, group, now, then))
+    dst, want = torch.zeros(2, 12, 5, device=dev), torch.zeros(2, 12, 5)
     rows = torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)
-    torch.ops.swiftvlm.bypass_align_into(dst, rows, h, group, now, then)
+    torch.ops.swiftvlm.bypass_align_into(dst, rows.to(dev), h.to(dev), group.to(dev), now.to(dev), then.to(dev))
     python_ref.bypass_align_into(want, rows, h, group, now, then)
-    assert torch.equal(dst, want)
+    assert torch.equal(dst.cpu(), want)
