@@ -137,10 +137,12 @@ def test_drop_only_equals_masking(model, inputs, name):
     assert last.gather(1, index).all()
 
 
-def test_drop_only_equals_masking_bfloat16(inputs):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_drop_only_equals_masking_bfloat16(inputs, device):
     """Property 3 in bf16 (FastV: both formulations select with the same layers 1-2). Removing a
     key and masking it round differently; allow twice what bf16 itself loses against fp32."""
-    model, exact = tiny_llava(torch.bfloat16), tiny_llava()
+    model, exact = tiny_llava(torch.bfloat16, device), tiny_llava(device=device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     plan = model.plan_for(FastV(keep=9))
     out = model(**inputs, pruning=plan)
     with torch.no_grad():
@@ -271,3 +273,15 @@ def test_cuda_bfloat16_pruned_runs(inputs):
     assert torch.isfinite(out.logits.float()).all()
     assert out.logits.shape[1] == inputs["input_ids"].shape[1] - N_V + 5
     assert all((k.diff(dim=1) > 0).all() for k in out.kept)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pruning", [SwiftVLM(keep=(N_V,) * 3), FastV(keep=N_V)], ids=["swiftvlm", "fastv"])
+def test_cuda_bfloat16_keep_all_equals_vanilla(inputs, pruning):
+    """Property 1 in bf16 on CUDA through the kernels: keeping every visual token changes nothing."""
+    model = tiny_llava(torch.bfloat16, "cuda")
+    on_gpu = {k: v.cuda() for k, v in inputs.items()}
+    vanilla, pruned = model(**on_gpu), model(**on_gpu, pruning=pruning)
+    torch.testing.assert_close(pruned.logits, vanilla.logits, atol=0, rtol=0)
+    assert torch.equal(model.generate(**on_gpu, pruning=pruning, max_new_tokens=4),
+                       model.generate(**on_gpu, max_new_tokens=4))
