@@ -42,7 +42,7 @@ def llava15_lm_config():
     return cfg
 
 
-def methods(n_vis, budgets, smoke):
+def methods(budgets, smoke):
     """(method, budget, pruning object) rows; PDrop's default layers (8, 16, 24) cannot go below
     144 tokens on 32 layers, so budgets under that use layers (4, 12, 20)."""
     out = [("vanilla", None, None)]
@@ -136,7 +136,7 @@ def run(smoke, batches, budgets):
         x = inputs(model, cfg, batch, device)
         n_text = x["input_ids"].shape[1] - n_vis
         base = None
-        for name, budget, pruning in methods(n_vis, budgets, smoke):
+        for name, budget, pruning in methods(budgets, smoke):
             fn = lambda: model(x["input_ids"], x["pixel_values"], x["attention_mask"], pruning)  # noqa: E731
             p50, p20, p80 = time_ms(fn, device)
             base = p50 if name == "vanilla" else base

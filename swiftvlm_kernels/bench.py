@@ -149,7 +149,7 @@ def difference(op, args, fn):
     return worst, mismatched
 
 
-def time_fn(fn, device_type, reps=None):
+def time_fn(fn, device_type):
     """(p50, p20, p80) in microseconds, and the timer used."""
     if device_type == "cuda":
         import triton.testing as tt
@@ -166,7 +166,7 @@ def time_fn(fn, device_type, reps=None):
     fn()
     samples = []
     deadline = time.perf_counter() + 1.0
-    while len(samples) < (reps or 5) or (time.perf_counter() < deadline and len(samples) < 200):
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
