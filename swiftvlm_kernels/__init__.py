@@ -4,7 +4,7 @@
 group_merge, bypass_align, bypass_align_into}`. The functions below are the same ops with defaults
 (scale = D ** -0.5) and a keyword-only `backend` switch.
 """
-from ._backend import BACKENDS, available_backends
+from ._backend import BACKENDS, available_backends, set_backend, use_backend
 from .ops import bypass_align, bypass_align_into, group_merge, score_select, topk_select, tv_score
 
 __version__ = "0.1.0"
@@ -17,6 +17,8 @@ __all__ = [
     "bypass_align",
     "bypass_align_into",
     "available_backends",
+    "set_backend",
+    "use_backend",
     "BACKENDS",
     "__version__",
 ]

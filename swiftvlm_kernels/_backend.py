@@ -1,49 +1,63 @@
-"""Which implementation runs an op: the `backend` argument, else SWIFTVLM_BACKEND, else "auto".
+"""Which implementation runs an op.
 
-  torch   python_ref (pure PyTorch; any device)
+Backends (modules that implement the backend protocol of docs/CONTRACT.md):
+  torch   python_ref, the reference (pure PyTorch; any device)
+  cpu     swiftvlm_kernels.cpu: pure PyTorch tuned for CPU tensors (same results as python_ref)
   triton  swiftvlm_kernels.triton_kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
   cuda    swiftvlm_kernels.cuda_backend (the compiled extension; CUDA tensors)
-  auto    CPU tensors: torch. CUDA tensors: the first available backend in AUTO_CUDA[op].
+  auto    CPU tensors: cpu. CUDA tensors: the first available backend in AUTO_CUDA[op]. Other
+          devices: torch.
+
+The ops `torch.ops.swiftvlm.*` dispatch by device key (ops.py): each device's kernel calls the
+function this module resolved for it once, on the first call (a dict lookup afterwards). The choice
+comes from SWIFTVLM_BACKEND when the package is imported, or from `set_backend` / `use_backend`.
+An explicit backend for one call goes through the Python wrappers (`swiftvlm_kernels.<op>(...,
+backend="triton")`), for tests and benchmarks.
 """
+from __future__ import annotations
+
+import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Optional
 
 log = logging.getLogger("swiftvlm_kernels")
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 # Preference per op on CUDA tensors; an unavailable backend is skipped with one log line.
 # Not yet measured: no GPU run has timed both kernel backends (bench/gpu_report.sh prints the
-# measured table to put here). Until then Triton comes first, because its kernels are tested
-# against python_ref under the Triton interpreter on every CI run, while the CUDA kernels are
-# compile-checked only.
-AUTO_CUDA = {
-    "tv_score": ("triton", "cuda", "torch"),
-    "topk_select": ("triton", "cuda", "torch"),
-    "score_select": ("triton", "cuda", "torch"),
-    "group_merge": ("triton", "cuda", "torch"),
-    "bypass_align": ("triton", "cuda", "torch"),
-    "bypass_align_into": ("triton", "cuda", "torch"),
-}
+# measured table to put here). Until then Triton comes first: its kernels are tested against
+# python_ref under the Triton interpreter on every CI run.
+AUTO_CUDA = {op: ("triton", "cuda", "torch") for op in OPS}
 
-_MODULES = {"torch": "python_ref", "triton": "swiftvlm_kernels.triton_kernels", "cuda": "swiftvlm_kernels.cuda_backend"}
-_logged = set()
+_MODULES = {"torch": "python_ref", "cpu": "swiftvlm_kernels.cpu", "triton": "swiftvlm_kernels.triton_kernels",
+            "cuda": "swiftvlm_kernels.cuda_backend"}
+
+_requested = "auto"
+_resolved: dict[tuple[str, str], Callable] = {}  # (device type, op) -> function, filled on first use
+_logged: set = set()
 
 
-def requested(backend=None):
-    """The backend name asked for by the argument or the environment, validated."""
-    name = backend if backend is not None else os.environ.get("SWIFTVLM_BACKEND", "auto")
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} (argument or SWIFTVLM_BACKEND), got {name!r}")
-    return name
+def requested(backend: Optional[str] = None) -> str:
+    """The backend name asked for by the argument, else the current default, validated."""
+    name = _requested if backend is None else backend
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} (argument, set_backend or "
+                         f"SWIFTVLM_BACKEND), got {name!r}")
+    return name.strip().lower()
 
 
-def unavailable_reason(name, device_type):
+def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend `name` can run on tensors of `device_type`, else why not."""
     if name == "torch":
         return None
+    if name == "cpu":
+        return None if device_type == "cpu" else f"the cpu backend runs CPU tensors only, got {device_type} tensors"
     if name == "triton":
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
@@ -62,28 +76,61 @@ def unavailable_reason(name, device_type):
         except ImportError as e:
             return f"the CUDA extension module is not importable ({e})"
         return None if cuda_backend.available() else cuda_backend.reason
-    raise ValueError(name)
+    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-def resolve(op, device, backend=None):
-    """The backend module that runs `op` on tensors of `device`."""
+def module(op: str, device_type: str, backend: Optional[str] = None) -> ModuleType:
+    """The backend module that runs `op` on tensors of `device_type`; RuntimeError saying why
+    when an explicitly named backend cannot run there."""
     name = requested(backend)
     if name == "auto":
-        choices = AUTO_CUDA[op] if device.type == "cuda" else ("torch",)
+        choices = AUTO_CUDA[op] if device_type == "cuda" else ("cpu",) if device_type == "cpu" else ("torch",)
         for choice in choices:
-            why = unavailable_reason(choice, device.type)
+            why = unavailable_reason(choice, device_type)
             if why is None:
                 return importlib.import_module(_MODULES[choice])
             if (choice, op) not in _logged:
                 _logged.add((choice, op))
                 log.warning("swiftvlm: %s falls back from the %s backend: %s", op, choice, why)
-        raise AssertionError("the torch backend is always available")
-    why = unavailable_reason(name, device.type)
+        return importlib.import_module(_MODULES["torch"])
+    why = unavailable_reason(name, device_type)
     if why is not None:
         raise RuntimeError(f"swiftvlm.{op}: backend {name!r} is not available: {why}")
     return importlib.import_module(_MODULES[name])
 
 
-def available_backends(device_type):
+def default(op: str, device_type: str) -> Callable:
+    """The function the op's kernel for `device_type` runs: resolved once, then a dict lookup."""
+    fn = _resolved.get((device_type, op))
+    if fn is None:
+        fn = _resolved[(device_type, op)] = getattr(module(op, device_type), op)
+    return fn
+
+
+def set_backend(name: Optional[str] = None) -> str:
+    """Make `name` ("auto", "torch", "cpu", "triton" or "cuda") the backend of every
+    `torch.ops.swiftvlm` call from now on; None re-reads SWIFTVLM_BACKEND (default "auto").
+    Returns the previous name."""
+    global _requested
+    previous = _requested
+    _requested = requested(os.environ.get("SWIFTVLM_BACKEND", "auto") if name is None else name)
+    _resolved.clear()
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`with use_backend("triton"): ...` runs the block's torch.ops.swiftvlm calls on that backend."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def available_backends(device_type: str) -> list[str]:
     """Names of the concrete backends that can run on `device_type` tensors here."""
-    return [n for n in ("torch", "triton", "cuda") if unavailable_reason(n, device_type) is None]
+    return [n for n in ("torch", "cpu", "triton", "cuda") if unavailable_reason(n, device_type) is None]
+
+
+set_backend()

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from python_ref import group_targets
 
+from . import ops
 from .pruning import PruningPlan
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +545,7 @@ class LlavaForward(nn.Module):
             new_h, new_ids = kept_h, kept_ids
         else:
             rest_h, rest_ids = _gather_rows(block, rest_idx), vis_ids.gather(1, rest_idx)
-            merged, group, _ = torch.ops.swiftvlm.group_merge(rest_h, merge, self.backend)  # Eq. 10-11
+            merged, group, _ = ops.group_merge(rest_h, merge, backend=self.backend)  # Eq. 10-11
             # a merged token takes its group target's place (and position id)
             ids = torch.cat([kept_ids, rest_ids[:, group_targets(rest_ids.shape[1], merge, h.device)]], 1)
             order = ids.argsort(1)
@@ -562,8 +563,8 @@ class LlavaForward(nn.Module):
         kept_rows = bypass.kept_ids[..., None].expand(-1, -1, full.shape[2])
         full.scatter_(1, kept_rows, _gather_rows(block, bypass.kept_slots))
         merged_now = _gather_rows(block, bypass.merged_slots)  # h~^{y-1}_gm
-        torch.ops.swiftvlm.bypass_align_into(full, bypass.rest_ids, bypass.rest_h, bypass.group, merged_now,
-                                             bypass.merged_then, self.backend)  # Eq. 12-13
+        ops.bypass_align_into(full, bypass.rest_ids, bypass.rest_h, bypass.group, merged_now,
+                              bypass.merged_then, backend=self.backend)  # Eq. 12-13
         all_ids = torch.arange(n_vis, device=h.device).expand(h.shape[0], n_vis)
         return (*_replace_block(h, orig, vis_start, M, full, all_ids), all_ids)
 
@@ -588,10 +589,10 @@ class LlavaForward(nn.Module):
             them; returns the new sequence's geometry."""
             nonlocal h, orig, vis_ids, bypass
             if stage_scores is not None and stage_scores[s] is not None:
-                keep_idx, rest_idx = torch.ops.swiftvlm.topk_select(stage_scores[s].float(), st.keep, backend)
+                keep_idx, rest_idx = ops.topk_select(stage_scores[s].float(), st.keep, backend=backend)
             else:
-                keep_idx, rest_idx, _ = torch.ops.swiftvlm.score_select(  # Eq. 1-2, then top-k
-                    q_last, k, vis_start, vis_ids.shape[1], st.keep, scale, key_mask, backend)
+                keep_idx, rest_idx, _ = ops.score_select(  # Eq. 1-2, then top-k
+                    q_last, k, vis_start, vis_ids.shape[1], st.keep, scale, key_mask, backend=backend)
             run.kept.append(vis_ids.gather(1, keep_idx))
             h, orig, vis_ids, bypass = self._select(h, orig, vis_start, vis_ids, keep_idx, rest_idx, st.merge)
             return self._geometry(orig, position_ids, attention_mask, h.dtype)
@@ -613,8 +614,8 @@ class LlavaForward(nn.Module):
             if cache_tokens is not None:
                 run.caches.append(KVCache(k, v, key_mask, cache_tokens))
             if scores:
-                run.layer_scores.append(torch.ops.swiftvlm.tv_score(
-                    q[:, :, -1], k, vis_start, vis_ids.shape[1], scale, key_mask, backend))
+                run.layer_scores.append(ops.tv_score(
+                    q[:, :, -1], k, vis_start, vis_ids.shape[1], scale, key_mask, backend=backend))
             if st is not None and not before:  # first / drop-only stage: effective from the next layer
                 cos, sin, mask, key_mask = select(s, st, q[:, :, -1], k, key_mask)
         run.h, run.orig = self.language_model.norm(h), orig

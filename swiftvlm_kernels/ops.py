@@ -1,137 +1,190 @@
-"""The swiftvlm ops: `torch.library` custom ops in namespace `swiftvlm`, their fake (meta)
-implementations, and thin Python wrappers.
+"""The swiftvlm ops: each schema defined once, kernels registered by dispatch key, fake (meta)
+implementations, and the Python wrappers.
 
-Each op validates its input (`_checks`), picks the backend (`_backend`) and runs it. The last schema
-argument, `backend` (None | "auto" | "torch" | "triton" | "cuda"), overrides SWIFTVLM_BACKEND for
-one call; it is a trace-time constant under torch.compile.
+`torch.ops.swiftvlm.<op>` dispatches by the inputs' device key, as torch's own ops do: the CPU
+key runs the `cpu` backend (pure PyTorch tuned for CPU), the CUDA key the Triton or the compiled
+CUDA kernels, any other device the `torch` reference. Each kernel validates its input (`_checks`,
+ValueError naming the argument) and calls the function `_backend` resolved for its device once; no
+per-call backend lookup. The compiled CUDA kernels are reached through their own ops
+(`swiftvlm::<op>_cuda`, csrc/torch_bindings.cpp) from the CUDA key's kernel, because torch's
+stable C ABI cannot raise a ValueError.
+
+The wrappers `swiftvlm_kernels.<op>` are the same ops with `scale` defaulting to D ** -0.5 and a
+keyword-only `backend` that runs one call on a named backend (tests and benchmarks).
 """
-from typing import Optional, Tuple
+from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import _checks
-from ._backend import resolve
+from . import _backend, _checks
 
-_LIB = "swiftvlm"
+_LIB = torch.library.Library("swiftvlm", "DEF")
+
+# name -> (schema, input check). The checks take exactly the schema's arguments.
+SCHEMAS = {
+    "tv_score": ("tv_score(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, float scale, "
+                 "Tensor? key_mask=None) -> Tensor", _checks.check_tv_score),
+    "topk_select": ("topk_select(Tensor scores, SymInt k) -> (Tensor, Tensor)", _checks.check_topk_select),
+    "score_select": ("score_select(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, SymInt keep, "
+                     "float scale, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select),
+    "group_merge": ("group_merge(Tensor h, SymInt num_groups) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge),
+    "bypass_align": ("bypass_align(Tensor h_rest, Tensor group, Tensor merged_now, Tensor merged_then) -> Tensor",
+                     _checks.check_bypass_align),
+    "bypass_align_into": ("bypass_align_into(Tensor(a!) dst, Tensor rows, Tensor h_rest, Tensor group, "
+                          "Tensor merged_now, Tensor merged_then) -> ()", _checks.check_bypass_align_into),
+}
 
 
-@torch.library.custom_op(f"{_LIB}::tv_score", mutates_args=())
-def _tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: float,
-              key_mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    _checks.check_tv_score(q, k, vis_start, vis_len, scale, key_mask)
-    return resolve("tv_score", q.device, backend).tv_score(q, k, vis_start, vis_len, scale, key_mask)
+def _kernel(op: str, check: Callable, device_type: Optional[str]) -> Callable:
+    """The kernel of `op` for one device key: validate, then the resolved backend function.
+    device_type None: the catch-all key of the remaining devices, resolved per device."""
+    key, resolved, default = (device_type, op), _backend._resolved, _backend.default
+
+    def kernel(*args):
+        check(*args)
+        return (resolved.get(key) or default(op, device_type))(*args)
+
+    def any_device(*args):
+        check(*args)
+        return default(op, next(a for a in args if isinstance(a, Tensor)).device.type)(*args)
+
+    return kernel if device_type else any_device
 
 
-@_tv_score.register_fake
-def _(q, k, vis_start, vis_len, scale, key_mask=None, backend=None):
+for _name, (_schema, _check) in SCHEMAS.items():
+    _LIB.define(_schema)
+    _LIB.impl(_name, _kernel(_name, _check, "cpu"), "CPU")
+    _LIB.impl(_name, _kernel(_name, _check, "cuda"), "CUDA")
+    _LIB.impl(_name, _kernel(_name, _check, None), "CompositeExplicitAutograd")
+
+
+# ---- fake (meta) implementations: output shapes from the arguments alone ----
+
+@torch.library.register_fake("swiftvlm::tv_score")
+def _(q, k, vis_start, vis_len, scale, key_mask=None):
     _checks.check_tv_score(q, k, vis_start, vis_len, scale, key_mask)
     return q.new_empty((q.shape[0], vis_len), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_LIB}::topk_select", mutates_args=())
-def _topk_select(scores: Tensor, k: int, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    _checks.check_topk_select(scores, k)
-    return resolve("topk_select", scores.device, backend).topk_select(scores, k)
-
-
-@_topk_select.register_fake
-def _(scores, k, backend=None):
+@torch.library.register_fake("swiftvlm::topk_select")
+def _(scores, k):
     _checks.check_topk_select(scores, k)
     B, N = scores.shape
     return scores.new_empty((B, k), dtype=torch.int64), scores.new_empty((B, N - k), dtype=torch.int64)
 
 
-@torch.library.custom_op(f"{_LIB}::score_select", mutates_args=())
-def _score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, keep: int, scale: float,
-                  key_mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    _checks.check_score_select(q, k, vis_start, vis_len, keep, scale, key_mask)
-    impl = resolve("score_select", q.device, backend)
-    return impl.score_select(q, k, vis_start, vis_len, keep, scale, key_mask)
-
-
-@_score_select.register_fake
-def _(q, k, vis_start, vis_len, keep, scale, key_mask=None, backend=None):
+@torch.library.register_fake("swiftvlm::score_select")
+def _(q, k, vis_start, vis_len, keep, scale, key_mask=None):
     _checks.check_score_select(q, k, vis_start, vis_len, keep, scale, key_mask)
     B = q.shape[0]
     return (q.new_empty((B, keep), dtype=torch.int64), q.new_empty((B, vis_len - keep), dtype=torch.int64),
             q.new_empty((B, vis_len), dtype=torch.float32))
 
 
-@torch.library.custom_op(f"{_LIB}::group_merge", mutates_args=())
-def _group_merge(h: Tensor, num_groups: int, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    _checks.check_group_merge(h, num_groups)
-    return resolve("group_merge", h.device, backend).group_merge(h, num_groups)
-
-
-@_group_merge.register_fake
-def _(h, num_groups, backend=None):
+@torch.library.register_fake("swiftvlm::group_merge")
+def _(h, num_groups):
     _checks.check_group_merge(h, num_groups)
     B, R, d = h.shape
     return (h.new_empty((B, num_groups, d)), h.new_empty((B, R), dtype=torch.int64),
             h.new_empty((B, num_groups), dtype=torch.int32))
 
 
-@torch.library.custom_op(f"{_LIB}::bypass_align", mutates_args=())
-def _bypass_align(h_rest: Tensor, group: Tensor, merged_now: Tensor, merged_then: Tensor,
-                  backend: Optional[str] = None) -> Tensor:
+@torch.library.register_fake("swiftvlm::bypass_align")
+def _(h_rest, group, merged_now, merged_then):
     _checks.check_bypass_align(h_rest, group, merged_now, merged_then)
-    return resolve("bypass_align", h_rest.device, backend).bypass_align(h_rest, group, merged_now, merged_then)
+    return h_rest.new_empty(h_rest.shape)
 
 
-@_bypass_align.register_fake
-def _(h_rest, group, merged_now, merged_then, backend=None):
-    _checks.check_bypass_align(h_rest, group, merged_now, merged_then)
-    return torch.empty_like(h_rest, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op(f"{_LIB}::bypass_align_into", mutates_args=("dst",))
-def _bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, merged_now: Tensor,
-                       merged_then: Tensor, backend: Optional[str] = None) -> None:
-    _checks.check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
-    impl = resolve("bypass_align_into", h_rest.device, backend)
-    impl.bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
-
-
-@_bypass_align_into.register_fake
-def _(dst, rows, h_rest, group, merged_now, merged_then, backend=None):
+@torch.library.register_fake("swiftvlm::bypass_align_into")
+def _(dst, rows, h_rest, group, merged_now, merged_then):
     _checks.check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
 
 
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
 
-def tv_score(q, k, vis_start, vis_len, scale=None, key_mask=None, *, backend=None):
-    """fp32 [B, vis_len]: last-token attention to each visual token, averaged over heads (Eq. 1-2).
+def _on(backend: str, op: str, *args):
+    """One call of `op` on the named backend, validated as the registered kernels validate."""
+    SCHEMAS[op][1](*args)
+    device = next(a for a in args if isinstance(a, Tensor)).device
+    return getattr(_backend.module(op, device.type, backend), op)(*args)
 
-    q [B, H, D], k [B, Hkv, L, D] (H % Hkv == 0), vis_start int [B], key_mask bool [B, L] or None.
-    scale defaults to D ** -0.5.
+
+def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: Optional[float] = None,
+             key_mask: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """Last-token attention to each visual token, averaged over heads (Eq. 1-2).
+
+    Parameters
+    ----------
+    q : [B, H, D] query of the last token, after RoPE (fp32, fp16 or bf16).
+    k : [B, Hkv, L, D] keys of all tokens, after RoPE; H % Hkv == 0 (GQA).
+    vis_start : int32/int64 [B], where each sample's visual span starts.
+    vis_len : the number of visual tokens (at most L).
+    scale : softmax scale, default D ** -0.5.
+    key_mask : bool [B, L], True = valid key; None = all valid.
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    fp32 [B, vis_len].
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.swiftvlm.tv_score(q, k, vis_start, vis_len, scale, key_mask, backend)
+    if backend is None:
+        return torch.ops.swiftvlm.tv_score(q, k, vis_start, vis_len, scale, key_mask)
+    return _on(backend, "tv_score", q, k, vis_start, vis_len, scale, key_mask)
 
 
-def topk_select(scores, k, *, backend=None):
-    """(keep int64 [B, k], rest int64 [B, N - k]), both in ascending index order."""
-    return torch.ops.swiftvlm.topk_select(scores, k, backend)
+def topk_select(scores: Tensor, k: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Split indices 0..N-1 of `scores` [B, N] into the k best (keep int64 [B, k]) and the others
+    (rest int64 [B, N - k]), both ascending. Larger first; NaN below -inf; ties to the lower index.
+    Raises ValueError for a k outside [0, N] or a bad `scores`."""
+    if backend is None:
+        return torch.ops.swiftvlm.topk_select(scores, k)
+    return _on(backend, "topk_select", scores, k)
 
 
-def score_select(q, k, vis_start, vis_len, keep, scale=None, key_mask=None, *, backend=None):
-    """topk_select(tv_score(...), keep) as one op: (keep_idx, rest_idx, scores)."""
+def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, keep: int, scale: Optional[float] = None,
+                 key_mask: Optional[Tensor] = None, *, backend: Optional[str] = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """topk_select(tv_score(...), keep) as one op: (keep_idx int64 [B, keep], rest_idx int64
+    [B, vis_len - keep], scores fp32 [B, vis_len]); indices are visual-token indices, ascending.
+    Arguments as `tv_score`, plus 0 <= keep <= vis_len. Raises ValueError naming a bad argument."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, scale, key_mask, backend)
+    if backend is None:
+        return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, scale, key_mask)
+    return _on(backend, "score_select", q, k, vis_start, vis_len, keep, scale, key_mask)
 
 
-def group_merge(h, num_groups, *, backend=None):
-    """(merged [B, Z, d], group int64 [B, R], counts int32 [B, Z]) (Eq. 10-11)."""
-    return torch.ops.swiftvlm.group_merge(h, num_groups, backend)
+def group_merge(h: Tensor, num_groups: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the rest tokens h [B, R, d] around Z = num_groups targets by cosine similarity and
+    average each group (Eq. 10-11): (merged [B, Z, d] in h's dtype, group int64 [B, R], counts
+    int32 [B, Z]). Raises ValueError for Z outside [1, R] or a bad `h`."""
+    if backend is None:
+        return torch.ops.swiftvlm.group_merge(h, num_groups)
+    return _on(backend, "group_merge", h, num_groups)
 
 
-def bypass_align(h_rest, group, merged_now, merged_then, *, backend=None):
-    """h_rest + merged_now[group] - merged_then[group], fp32 math (Eq. 12-13)."""
-    return torch.ops.swiftvlm.bypass_align(h_rest, group, merged_now, merged_then, backend)
+def bypass_align(h_rest: Tensor, group: Tensor, merged_now: Tensor, merged_then: Tensor, *,
+                 backend: Optional[str] = None) -> Tensor:
+    """Restore bypassed tokens: h_rest + merged_now[group] - merged_then[group] (Eq. 12-13), fp32
+    math, [B, R, d] in h_rest's dtype. Raises ValueError naming a bad argument."""
+    if backend is None:
+        return torch.ops.swiftvlm.bypass_align(h_rest, group, merged_now, merged_then)
+    return _on(backend, "bypass_align", h_rest, group, merged_now, merged_then)
 
 
-def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then, *, backend=None):
-    """Write bypass_align(...)[b, i] into dst[b, rows[b, i]] in place; returns dst."""
-    torch.ops.swiftvlm.bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then, backend)
+def bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, merged_now: Tensor,
+                      merged_then: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Write bypass_align(...)[b, i] into dst[b, rows[b, i]] in place; returns dst.
+    Raises ValueError naming a bad argument."""
+    if backend is None:
+        torch.ops.swiftvlm.bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
+    else:
+        _on(backend, "bypass_align_into", dst, rows, h_rest, group, merged_now, merged_then)
     return dst

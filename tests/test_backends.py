@@ -1,6 +1,6 @@
-"""The kernel backends (triton, cuda) against python_ref, through the backend protocol.
+"""The backends (cpu, triton, cuda) against python_ref, through the backend protocol.
 
-Backends: "triton" on CPU tensors (under TRITON_INTERPRET=1, which conftest.py sets when there is no
+Backends: "cpu" (pure PyTorch tuned for CPU tensors), "triton" on CPU tensors (under TRITON_INTERPRET=1, which conftest.py sets when there is no
 GPU) and on CUDA tensors; "cuda" (the compiled extension) on CUDA tensors when it is built. Shapes
 are small so the Triton interpreter runs the file in minutes.
 
@@ -51,6 +51,7 @@ def _backend_params():
     triton_mod, triton_why = _import_or_reason("swiftvlm_kernels.triton_kernels")
     cuda_mod, cuda_why = _cuda_backend()
     return [
+        pytest.param(("cpu", "cpu"), id="cpu"),
         pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.skipif(
             triton_mod is None or not INTERPRET, reason=triton_why or NO_INTERPRETER)),
         pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -64,7 +65,7 @@ def _backend_params():
 def backend(request):
     """(backend module, device) for one backend of the protocol."""
     name, device = request.param
-    module = importlib.import_module({"triton": "swiftvlm_kernels.triton_kernels",
+    module = importlib.import_module({"cpu": "swiftvlm_kernels.cpu", "triton": "swiftvlm_kernels.triton_kernels",
                                       "cuda": "swiftvlm_kernels.cuda_backend"}[name])
     return module, device
 
@@ -416,8 +417,13 @@ def test_triton_score_select_compile_and_cuda_graph():
     q, k, vis_start, mask = _on("cuda", q, k, torch.tensor([35, 60]), mask)
 
     def prune(q, k, vis_start, mask):
-        return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, D ** -0.5, mask, "triton")
+        return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, D ** -0.5, mask)
 
+    with swiftvlm_kernels.use_backend("triton"):
+        _compile_and_capture(prune, q, k, vis_start, mask)
+
+
+def _compile_and_capture(prune, q, k, vis_start, mask):
     eager = prune(q, k, vis_start, mask)
     compiled = torch.compile(prune, fullgraph=True)(q, k, vis_start, mask)
     for a, b in zip(eager, compiled):

@@ -4,6 +4,7 @@ import torch
 
 import python_ref
 import swiftvlm_kernels as sk
+from swiftvlm_kernels import _backend
 
 
 def inputs(B=3, H=4, Hkv=2, L=20, D=8, vis_len=9, dtype=torch.float32, seed=0):
@@ -12,7 +13,7 @@ def inputs(B=3, H=4, Hkv=2, L=20, D=8, vis_len=9, dtype=torch.float32, seed=0):
     k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
     vis_start = torch.tensor([0, 4, 11])[:B]
     mask = torch.ones(B, L, dtype=torch.bool)
-    mask[1, :2] = False
+    mask[min(1, B - 1), :2] = False
     return q, k, vis_start, vis_len, mask
 
 
@@ -47,6 +48,8 @@ def test_wrappers_default_scale():
 OPCHECK_CASES = {
     "tv_score": lambda: (inputs()[:4] + (0.3, inputs()[4])),
     "tv_score_nomask": lambda: (inputs()[:4] + (0.3, None)),
+    "tv_score_one_sample": lambda: (inputs(B=1)[:4] + (0.3, inputs(B=1)[4])),
+    "score_select_one_sample": lambda: (inputs(B=1)[:4] + (3, 0.3, inputs(B=1)[4])),
     "topk_select": lambda: (torch.randn(3, 11), 4),
     "score_select": lambda: (inputs()[:4] + (3, 0.3, inputs()[4])),
     "group_merge": lambda: (torch.randn(2, 7, 5), 3),
@@ -57,7 +60,7 @@ OPCHECK_CASES = {
 
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case):
-    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", ""))
+    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", "").replace("_one_sample", ""))
     torch.library.opcheck(op, OPCHECK_CASES[case]())
 
 
@@ -89,23 +92,47 @@ def test_compile_fullgraph_merge_and_align():
 
 # ---- backend switch ----
 
-def test_backend_keyword_and_env(monkeypatch):
+def test_backend_keyword_and_set_backend():
     q, k, vs, vl, mask = inputs()
     want = python_ref.tv_score(q, k, vs, vl, 0.3, mask)
     assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask, backend="torch"), want)
+    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask, backend="cpu"), want)
+    with sk.use_backend("torch"):
+        assert torch.equal(torch.ops.swiftvlm.tv_score(q, k, vs, vl, 0.3, mask), want)
+        assert sk.set_backend("torch") == "torch"
+    with pytest.raises(ValueError, match="backend: expected one of auto, torch, cpu, triton, cuda"):
+        sk.tv_score(q, k, vs, vl, 0.3, mask, backend="nonsense")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        sk.set_backend("nonsense")
+    assert torch.equal(torch.ops.swiftvlm.tv_score(q, k, vs, vl, 0.3, mask), want)
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("SWIFTVLM_BACKEND", "torch")
-    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask), want)
+    previous = sk.set_backend()  # None: re-read SWIFTVLM_BACKEND
+    try:
+        assert _backend.default("score_select", "cpu") is python_ref.score_select
+    finally:
+        sk.set_backend(previous)
     monkeypatch.setenv("SWIFTVLM_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend: expected one of auto, torch, triton, cuda"):
-        sk.tv_score(q, k, vs, vl, 0.3, mask)
-    # the keyword wins over the environment
-    assert torch.equal(sk.tv_score(q, k, vs, vl, 0.3, mask, backend="auto"), want)
+    with pytest.raises(ValueError, match="SWIFTVLM_BACKEND"):
+        sk.set_backend()
 
 
-def test_auto_on_cpu_is_torch():
-    from swiftvlm_kernels._backend import resolve
+def test_auto_on_cpu_is_the_cpu_backend():
+    import swiftvlm_kernels.cpu as cpu
 
-    assert resolve("score_select", torch.device("cpu"), "auto") is python_ref
+    assert _backend.module("score_select", "cpu", "auto") is cpu
+    assert _backend.default("score_select", "cpu") is cpu.score_select
+    assert _backend.module("score_select", "meta", "auto") is python_ref
+
+
+def test_dispatch_by_device_key():
+    """The CPU, CUDA and catch-all keys each have a kernel of their own (no per-call lookup)."""
+    for op in _backend.OPS:
+        name = f"swiftvlm::{op}"
+        for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (op, key)
 
 
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
@@ -222,10 +249,14 @@ def test_value_checks_skipped_where_values_cannot_be_read():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
                     reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
-def test_env_backend_triton_gives_the_reference_results(monkeypatch):
-    """SWIFTVLM_BACKEND=triton routes every torch.ops.swiftvlm op to the Triton kernels (CUDA tensors
+def test_use_backend_triton_gives_the_reference_results():
+    """use_backend("triton") routes every torch.ops.swiftvlm op to the Triton kernels (CUDA tensors
     on a GPU, else CPU tensors through the interpreter) and they give python_ref's results."""
-    monkeypatch.setenv("SWIFTVLM_BACKEND", "triton")
+    with sk.use_backend("triton"):
+        _check_ops_against_reference()
+
+
+def _check_ops_against_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, vs, vl, mask = inputs()
     scores = torch.ops.swiftvlm.tv_score(q.to(dev), k.to(dev), vs.to(dev), vl, 0.3, mask.to(dev)).cpu()
