@@ -11,13 +11,13 @@ gpu_begin "${1:-${OUT:-$ROOT/bench/results/gpu_check}}"
 gpu_build
 gpu_tests 200
 step "quick timings" 120 timings.txt nonfatal \
-    "$PYTHON" -m swiftvlm_kernels bench --models llava-1.5-7b --batch 1 --json "$DEST/timings.json"
+    "$PYTHON" -m bench.ops --models llava-1.5-7b --batch 1 --json "$DEST/timings.json"
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
         # caching allocator off, so memcheck sees each tensor's own bounds
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "compute-sanitizer $tool" 60 "sanitizer-$tool.log" fatal \
             compute-sanitizer --tool "$tool" --error-exitcode 9 \
-            "$PYTHON" -m swiftvlm_kernels bench --once --providers cuda --models llava-1.5-7b --batch 1
+            "$PYTHON" -m bench.ops --once --providers cuda --models llava-1.5-7b --batch 1
     done
 else
     note "compute-sanitizer: not installed, skipped"

@@ -12,14 +12,14 @@ gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' '
 gpu_begin "${1:-$ROOT/bench/results/${gpu}-${commit}}"
 if [[ "${SMOKE:-0}" == 1 ]]; then
     step "tests (smoke)" 200 tests.log fatal "$PYTHON" -m pytest tests/test_bench.py -q -p no:cacheprovider
-    models="smoke"; batches="1"; prefill="--smoke"
+    models="smoke"; batches="1"; prefill="--model smoke --budgets 12 10 --rounds 2"
 else
     gpu_build
     gpu_tests 180
-    models="llava-1.5-7b llava-next-7b qwen2-vl-7b video-16k"; batches="1 8"; prefill=""
+    models="llava-1.5-7b llava-next-7b qwen2-vl-7b video-16k"; batches="1 8"; prefill="--model llava-1.5-7b --batch 1 8"
 fi
 step "kernel microbenchmarks" 130 ops.log fatal \
-    "$PYTHON" -m swiftvlm_kernels bench --models $models --batch $batches --json "$DEST/ops.json"
-step "end-to-end prefill" 100 prefill.log fatal "$PYTHON" -m bench.bench_prefill $prefill --json "$DEST/prefill.json"
-step "report" 30 report.log fatal "$PYTHON" bench/report.py "$DEST"
+    "$PYTHON" -m bench.ops --models $models --batch $batches --json "$DEST/ops.json"
+step "end-to-end prefill" 100 prefill.log fatal "$PYTHON" -m bench.prefill $prefill --json "$DEST/prefill.json"
+step "report" 30 report.log fatal "$PYTHON" -m bench.report "$DEST"
 gpu_end

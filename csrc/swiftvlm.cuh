@@ -76,4 +76,35 @@ struct BypassArgs {
 };
 cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream);
 
+// compact (python_ref/compact.py): h [B, n, d] whose visual block of M = k + R rows starts at
+// vis_start[b]; keep [B, k] / rest [B, R] ascending block slots partitioning 0..M-1; Z merged rows.
+// Outputs (contiguous): h_new [B, n - R + Z, d] of h's dtype, src int64 [B, n - R + Z],
+// rest_h [B, R, d], merged_rows int64 [B, Z], inverse int64 [B, n]. One launch.
+struct CompactArgs {
+  DType dtype;
+  RowsView h;
+  IndexView vis_start, keep, rest;   // vis_start: sr unused
+  void* h_new;
+  int64_t* src;
+  void* rest_h;
+  int64_t* merged_rows;
+  int64_t* inverse;
+  int64_t B, n, d, k, R, Z;
+};
+cudaError_t compact(const CompactArgs& a, cudaStream_t stream);
+
+// restore (python_ref/restore.py): out [B, n, d] contiguous of h's dtype from h [B, n_cur, d]:
+// out[b, r] = h[inverse[b, r]] (flattened rows) where inverse >= 0; rest token i of sample b at row
+// vis_start[b] + rest[b, i]: h_rest + h[merged_rows[b, g]] - merged_then[b, g], g = group[b, i]
+// clamped to [0, Z), fp32 math. Ids out of range are clamped or skipped, never read or written out
+// of bounds. One launch.
+struct RestoreArgs {
+  DType dtype;
+  RowsView h, h_rest, merged_then;
+  IndexView inverse, vis_start, rest, group, merged_rows;
+  void* out;
+  int64_t B, n, n_cur, d, R, Z;
+};
+cudaError_t restore(const RestoreArgs& a, cudaStream_t stream);
+
 }  // namespace swiftvlm

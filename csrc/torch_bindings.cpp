@@ -264,6 +264,90 @@ void bypass_align_into_cuda(const Tensor& dst, const Tensor& rows, const Tensor&
   check_launch(swiftvlm::bypass_align(a, current_stream(h_rest)), "bypass_align_into_cuda");
 }
 
+// ------------------------------------------------------------------------------------ compaction
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compact_cuda(const Tensor& h, const Tensor& vis_start,
+                                                                const Tensor& keep_idx, const Tensor& rest_idx,
+                                                                int64_t num_merged) {
+  check_cuda(h, "h");
+  const DeviceGuard guard(h.get_device_index());
+  check_tensor(h, "h", 3, h);
+  check_tensor(vis_start, "vis_start", 1, h);
+  check_tensor(keep_idx, "keep_idx", 2, h);
+  check_tensor(rest_idx, "rest_idx", 2, h);
+  swiftvlm::CompactArgs a{};
+  a.dtype = float_dtype(h, "h");
+  a.B = h.size(0);
+  a.n = h.size(1);
+  a.d = h.size(2);
+  a.k = keep_idx.size(1);
+  a.R = rest_idx.size(1);
+  a.Z = num_merged;
+  STD_TORCH_CHECK(vis_start.size(0) == a.B, "vis_start: expected shape [B]");
+  STD_TORCH_CHECK(keep_idx.size(0) == a.B && rest_idx.size(0) == a.B, "keep_idx, rest_idx: expected batch size B");
+  STD_TORCH_CHECK(a.k + a.R <= a.n, "keep_idx, rest_idx: expected k + R <= n");
+  STD_TORCH_CHECK(a.Z >= 0 && a.Z <= a.R, "num_merged: expected 0 <= num_merged <= R");
+  a.h = rows_view(h);
+  a.vis_start = index_view(vis_start, "vis_start");
+  a.keep = index_view(keep_idx, "keep_idx");
+  a.rest = index_view(rest_idx, "rest_idx");
+  const int64_t n_new = a.n - a.R + a.Z;
+  Tensor h_new = torch::stable::new_empty(h, {a.B, n_new, a.d});
+  Tensor src = torch::stable::new_empty(h, {a.B, n_new}, ScalarType::Long);
+  Tensor rest_h = torch::stable::new_empty(h, {a.B, a.R, a.d});
+  Tensor merged_rows = torch::stable::new_empty(h, {a.B, a.Z}, ScalarType::Long);
+  Tensor inverse = torch::stable::new_empty(h, {a.B, a.n}, ScalarType::Long);
+  a.h_new = h_new.mutable_data_ptr();
+  a.src = src.mutable_data_ptr<int64_t>();
+  a.rest_h = rest_h.mutable_data_ptr();
+  a.merged_rows = merged_rows.mutable_data_ptr<int64_t>();
+  a.inverse = inverse.mutable_data_ptr<int64_t>();
+  check_launch(swiftvlm::compact(a, current_stream(h)), "compact_cuda");
+  return {h_new, src, rest_h, merged_rows, inverse};
+}
+
+Tensor restore_cuda(const Tensor& h, const Tensor& inverse, const Tensor& vis_start, const Tensor& rest_idx,
+                    const Tensor& h_rest, const Tensor& group, const Tensor& merged_rows, const Tensor& merged_then) {
+  check_cuda(h, "h");
+  const DeviceGuard guard(h.get_device_index());
+  check_tensor(h, "h", 3, h);
+  check_tensor(inverse, "inverse", 2, h);
+  check_tensor(vis_start, "vis_start", 1, h);
+  check_tensor(rest_idx, "rest_idx", 2, h);
+  check_tensor(h_rest, "h_rest", 3, h);
+  check_tensor(group, "group", 2, h);
+  check_tensor(merged_rows, "merged_rows", 2, h);
+  check_tensor(merged_then, "merged_then", 3, h);
+  swiftvlm::RestoreArgs a{};
+  a.dtype = float_dtype(h, "h");
+  check_same_dtype(h_rest, "h_rest", h, "h");
+  check_same_dtype(merged_then, "merged_then", h, "h");
+  a.B = h.size(0);
+  a.n_cur = h.size(1);
+  a.d = h.size(2);
+  a.n = inverse.size(1);
+  a.R = rest_idx.size(1);
+  a.Z = merged_then.size(1);
+  STD_TORCH_CHECK(inverse.size(0) == a.B && vis_start.size(0) == a.B && rest_idx.size(0) == a.B,
+                  "inverse, vis_start, rest_idx: expected batch size B");
+  STD_TORCH_CHECK(h_rest.size(0) == a.B && h_rest.size(1) == a.R && h_rest.size(2) == a.d,
+                  "h_rest: expected shape [B, R, d]");
+  STD_TORCH_CHECK(group.size(0) == a.B && group.size(1) == a.R, "group: expected shape [B, R]");
+  STD_TORCH_CHECK(merged_rows.size(0) == a.B && merged_rows.size(1) == a.Z, "merged_rows: expected shape [B, Z]");
+  STD_TORCH_CHECK(merged_then.size(0) == a.B && merged_then.size(2) == a.d, "merged_then: expected shape [B, Z, d]");
+  a.h = rows_view(h);
+  a.h_rest = rows_view(h_rest);
+  a.merged_then = rows_view(merged_then);
+  a.inverse = index_view(inverse, "inverse");
+  a.vis_start = index_view(vis_start, "vis_start");
+  a.rest = index_view(rest_idx, "rest_idx");
+  a.group = index_view(group, "group");
+  a.merged_rows = index_view(merged_rows, "merged_rows");
+  Tensor out = torch::stable::new_empty(h, {a.B, a.n, a.d});
+  a.out = out.mutable_data_ptr();
+  check_launch(swiftvlm::restore(a, current_stream(h)), "restore_cuda");
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
@@ -277,6 +361,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
   m.def(
       "bypass_align_into_cuda(Tensor(a!) dst, Tensor rows, Tensor h_rest, Tensor group, Tensor merged_now,"
       " Tensor merged_then) -> ()");
+  m.def(
+      "compact_cuda(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, int num_merged)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "restore_cuda(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, Tensor group,"
+      " Tensor merged_rows, Tensor merged_then) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(swiftvlm, CUDA, m) {
@@ -286,4 +376,6 @@ STABLE_TORCH_LIBRARY_IMPL(swiftvlm, CUDA, m) {
   m.impl("group_merge_cuda", TORCH_BOX(&group_merge_cuda));
   m.impl("bypass_align_cuda", TORCH_BOX(&bypass_align_cuda));
   m.impl("bypass_align_into_cuda", TORCH_BOX(&bypass_align_into_cuda));
+  m.impl("compact_cuda", TORCH_BOX(&compact_cuda));
+  m.impl("restore_cuda", TORCH_BOX(&restore_cuda));
 }

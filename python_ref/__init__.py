@@ -5,7 +5,9 @@ fp32/fp16/bf16 input, no Python loops over tokens). Every kernel backend is test
 they serve as the ``torch`` backend of ``torch.ops.swiftvlm.*``.
 """
 from .bypass_align import bypass_align, bypass_align_into
+from .compact import compact
 from .group_merge import group_merge, group_targets
+from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
@@ -18,4 +20,6 @@ __all__ = [
     "group_targets",
     "bypass_align",
     "bypass_align_into",
+    "compact",
+    "restore",
 ]

@@ -1,8 +1,9 @@
-"""`python -m swiftvlm_kernels [demo|ops|bench] ...`.
+"""`python -m swiftvlm_kernels [demo|ops] ...`.
 
 demo   SwiftVLM, FastV and vanilla on the embedded tiny LLaVA (no downloads)
 ops    score_select / group_merge / bypass_align on generated LLaVA-1.5-shaped data
-bench  kernel microbenchmarks for the current device
+
+Benchmarks run from a source checkout: python -m bench.ops, bench.prefill, bench.host (bench/).
 """
 import sys
 import time
@@ -45,8 +46,6 @@ def main(argv=None):
         from .demo import main as run
     elif command == "ops":
         run = ops_demo
-    elif command == "bench":
-        from .bench import main as run
     else:
         print(__doc__, file=sys.stderr)
         return 2

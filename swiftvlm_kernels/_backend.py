@@ -26,7 +26,8 @@ from typing import Optional
 
 log = logging.getLogger("swiftvlm_kernels")
 
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into")
+OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
+       "restore")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 # Preference per op on CUDA tensors; an unavailable backend is skipped with one log line.

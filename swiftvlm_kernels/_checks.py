@@ -161,3 +161,86 @@ def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
         lo, hi = _min_max(rows)
         if lo < 0 or hi >= dst.shape[1]:
             _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]), got values in [{lo}, {hi}]")
+
+
+def _index(name, t, ref_name, ref, shape, layout):
+    """An int32 / int64 tensor of `shape` on ref's device."""
+    _rank(name, t, len(shape), layout)
+    if t.dtype not in INT_DTYPES:
+        _fail(f"{name}: expected dtype int64 or int32, got {t.dtype}")
+    _same(name, t, ref_name, ref, dtype=False)
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name}: expected shape {list(shape)} {layout}, got {list(t.shape)}")
+
+
+def _in_range(name, t, lo, hi, what):
+    """Values of t in [lo, hi) when they may be read."""
+    if t.numel() and _read_values(t):
+        low, high = (int(v) for v in torch.aminmax(t))
+        if low < lo or high >= hi:
+            _fail(f"{name}: expected {what} in [{lo}, {hi}), got values in [{low}, {high}]")
+
+
+def check_compact(h, vis_start, keep_idx, rest_idx, num_merged):
+    _rank("h", h, 3, "[B, n, d]")
+    _float("h", h)
+    B, n, _ = h.shape
+    _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
+    _rank("keep_idx", keep_idx, 2, "[B, k]")
+    _rank("rest_idx", rest_idx, 2, "[B, R]")
+    k, R = keep_idx.shape[1], rest_idx.shape[1]
+    _index("keep_idx", keep_idx, "h", h, (B, k), "([B, k], kept block slots)")
+    _index("rest_idx", rest_idx, "h", h, (B, R), "([B, R], rest block slots)")
+    M = k + R
+    if M > n:
+        _fail(f"keep_idx, rest_idx: expected k + R <= n = {n} (the visual block lies in the sequence), "
+              f"got k + R = {M}")
+    _int("num_merged", num_merged, 0, R, "the number of merged tokens Z, in [0, R]")
+    if B and _read_values(vis_start):
+        lo, hi = _min_max(vis_start)
+        if lo < 0 or hi + M > n:
+            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + k + R <= n = {n} "
+                  f"(k + R = {M}), got values in [{lo}, {hi}]")
+    if B and M and _read_values(keep_idx):
+        slots = torch.cat([keep_idx, rest_idx], 1).to(torch.long)
+        _in_range("keep_idx, rest_idx", slots, 0, M, "block slots")
+        seen = torch.zeros(B, M, dtype=torch.bool).scatter_(1, slots, True)
+        if not bool(seen.all()):
+            _fail(f"keep_idx, rest_idx: expected the slots 0..{M - 1} of each sample's block exactly once "
+                  "(a partition, as score_select returns)")
+
+
+def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    _rank("h", h, 3, "[B, n', d]")
+    _float("h", h)
+    B, n_cur, d = h.shape
+    _rank("inverse", inverse, 2, "[B, n]")
+    n = inverse.shape[1]
+    _index("inverse", inverse, "h", h, (B, n), "([B, n], compact's inverse)")
+    _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
+    _rank("rest_idx", rest_idx, 2, "[B, R]")
+    R = rest_idx.shape[1]
+    _index("rest_idx", rest_idx, "h", h, (B, R), "([B, R], rest block slots)")
+    _rank("h_rest", h_rest, 3, "[B, R, d]")
+    _same("h_rest", h_rest, "h", h)
+    if tuple(h_rest.shape) != (B, R, d):
+        _fail(f"h_rest: expected shape [{B}, {R}, {d}] ([B, R, d]), got {list(h_rest.shape)}")
+    _index("group", group, "h", h, (B, R), "([B, R], one group id per rest token)")
+    _rank("merged_then", merged_then, 3, "[B, Z, d]")
+    _same("merged_then", merged_then, "h", h)
+    Z = merged_then.shape[1]
+    if merged_then.shape[0] != B or merged_then.shape[2] != d:
+        _fail(f"merged_then: expected shape [{B}, Z, {d}], got {list(merged_then.shape)}")
+    if Z == 0 and R > 0:
+        _fail("merged_then: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
+    _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
+    _in_range("inverse", inverse, -1, B * n_cur, "flattened rows of h (or -1)")
+    _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")
+    _in_range("group", group, 0, Z, "group ids (Z = merged_then.shape[1])")
+    if B and _read_values(vis_start):
+        lo, hi = _min_max(vis_start)
+        if lo < 0:
+            _fail(f"vis_start: expected values >= 0, got values in [{lo}, {hi}]")
+        if R:
+            rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
+            _in_range("rest_idx", rows, 0, n, "rows vis_start[b] + rest_idx[b, i] of the restored sequence")

@@ -11,10 +11,10 @@ import os
 import torch
 
 __all__ = ["available", "reason", "tv_score", "topk_select", "score_select", "group_merge", "bypass_align",
-           "bypass_align_into"]
+           "bypass_align_into", "compact", "restore"]
 
 _OPS = ("tv_score_cuda", "topk_select_cuda", "score_select_cuda", "group_merge_cuda", "bypass_align_cuda",
-        "bypass_align_into_cuda")
+        "bypass_align_into_cuda", "compact_cuda", "restore_cuda")
 
 
 def _load():
@@ -77,3 +77,12 @@ def bypass_align(h_rest, group, merged_now, merged_then):
 
 def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
     _ops().bypass_align_into_cuda(dst, rows, h_rest, group, merged_now, merged_then)
+
+
+def compact(h, vis_start, keep_idx, rest_idx, num_merged):
+    h_new, src, rest_h, merged_rows, inverse = _ops().compact_cuda(h, vis_start, keep_idx, rest_idx, int(num_merged))
+    return h_new, src, rest_h, merged_rows, inverse
+
+
+def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    return _ops().restore_cuda(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from .flops import prefill_flops
-from .pruning import PDrop, FastV, SwiftVLM
-from .tiny import tiny_inputs, tiny_llava
+from .pruning import prefill_flops
+from .pruning import FastV, PDrop, SwiftVLM
+from .models.tiny import tiny_inputs, tiny_llava
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +65,7 @@ def _run(args):
         flops = prefill_flops(text, n_text, n_vis, plan).total
         per_layer = plan.average_visual_tokens() if plan else float(n_vis)
         print(f"{name}: {per_layer:.2f} visual tokens per layer, prefill {flops / 1e6:.2f} MFLOPs "
-              f"({100 * flops / vanilla_flops:.1f}% of vanilla), {out.logits.shape[1]} tokens reach the last "
+              f"({100 * flops / vanilla_flops:.1f}% of vanilla), {out.sequence.h.shape[1]} tokens reach the last "
               f"layer, {seconds * 1e3:.0f} ms")
         for s, (stage, kept) in enumerate(zip(plan.stages if plan else (), out.kept), start=1):
             what = f"merge the rest into {stage.merge}" if stage.merge else "drop the rest"

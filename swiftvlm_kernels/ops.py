@@ -35,6 +35,10 @@ SCHEMAS = {
                      _checks.check_bypass_align),
     "bypass_align_into": ("bypass_align_into(Tensor(a!) dst, Tensor rows, Tensor h_rest, Tensor group, "
                           "Tensor merged_now, Tensor merged_then) -> ()", _checks.check_bypass_align_into),
+    "compact": ("compact(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, SymInt num_merged) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _checks.check_compact),
+    "restore": ("restore(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, "
+                "Tensor group, Tensor merged_rows, Tensor merged_then) -> Tensor", _checks.check_restore),
 }
 
 
@@ -101,6 +105,22 @@ def _(h_rest, group, merged_now, merged_then):
 @torch.library.register_fake("swiftvlm::bypass_align_into")
 def _(dst, rows, h_rest, group, merged_now, merged_then):
     _checks.check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
+
+
+@torch.library.register_fake("swiftvlm::compact")
+def _(h, vis_start, keep_idx, rest_idx, num_merged):
+    _checks.check_compact(h, vis_start, keep_idx, rest_idx, num_merged)
+    B, n, d = h.shape
+    k, R = keep_idx.shape[1], rest_idx.shape[1]
+    n_new = n - R + num_merged
+    return (h.new_empty((B, n_new, d)), h.new_empty((B, n_new), dtype=torch.int64), h.new_empty((B, R, d)),
+            h.new_empty((B, num_merged), dtype=torch.int64), h.new_empty((B, n), dtype=torch.int64))
+
+
+@torch.library.register_fake("swiftvlm::restore")
+def _(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    _checks.check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
+    return h.new_empty((h.shape[0], inverse.shape[1], h.shape[2]))
 
 
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
@@ -188,3 +208,28 @@ def bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, 
     else:
         _on(backend, "bypass_align_into", dst, rows, h_rest, group, merged_now, merged_then)
     return dst
+
+
+def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, num_merged: int, *,
+            backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rebuild a sequence after a pruning stage in one pass (python_ref/compact.py has the exact
+    contract): the visual block of h [B, n, d] at vis_start keeps the kept slots and one row per
+    group target of the rest (num_merged targets; 0 drops the rest), in position order.
+
+    Returns (h_new [B, n - R + Z, d], src int64 [B, n'] flattened source rows, rest_h [B, R, d],
+    merged_rows int64 [B, Z] flattened rows of the targets in h_new, inverse int64 [B, n] flattened
+    new row of each kept / text row, -1 for rest rows). Raises ValueError naming a bad argument.
+    """
+    if backend is None:
+        return torch.ops.swiftvlm.compact(h, vis_start, keep_idx, rest_idx, num_merged)
+    return _on(backend, "compact", h, vis_start, keep_idx, rest_idx, num_merged)
+
+
+def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_rest: Tensor, group: Tensor,
+            merged_rows: Tensor, merged_then: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Undo `compact` after the layers in between (Eq. 12-13): [B, n, d] with every carried row of h
+    back in place and every rest token restored as h_rest + h[merged_rows[group]] -
+    merged_then[group] (fp32 math). Raises ValueError naming a bad argument."""
+    if backend is None:
+        return torch.ops.swiftvlm.restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
+    return _on(backend, "restore", h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)

@@ -78,3 +78,55 @@ def bypass_align(h_rest, group, merged_now, merged_then):
             g = int(group[b, i])
             out[b, i] = h_rest[b, i].double() + merged_now[b, g].double() - merged_then[b, g].double()
     return out
+
+
+def compact(h, vis_start, keep_idx, rest_idx, Z):
+    """python_ref.compact, token by token: walk the input rows in order and place each one."""
+    B, n, d = h.shape
+    k, R = keep_idx.shape[1], rest_idx.shape[1]
+    M = k + R
+    targets = [z * R // Z for z in range(Z)]
+    n_new = n - M + k + Z
+    h_new = torch.zeros(B, n_new, d, dtype=h.dtype)
+    src = torch.zeros(B, n_new, dtype=torch.int64)
+    rest_h = torch.zeros(B, R, d, dtype=h.dtype)
+    merged_rows = torch.zeros(B, Z, dtype=torch.int64)
+    inverse = torch.full((B, n), -1, dtype=torch.int64)
+    for b in range(B):
+        start = int(vis_start[b])
+        kept = set(keep_idx[b].tolist())
+        rest = rest_idx[b].tolist()
+        j = 0
+        for r in range(n):
+            slot = r - start
+            inside = 0 <= slot < M
+            survives = not inside or slot in kept or (slot in rest and rest.index(slot) in targets)
+            if inside and slot in rest:
+                rest_h[b, rest.index(slot)] = h[b, r]
+                if rest.index(slot) in targets:
+                    merged_rows[b, targets.index(rest.index(slot))] = b * n_new + j
+            if survives:
+                h_new[b, j] = h[b, r]
+                src[b, j] = b * n + r
+                if not inside or slot in kept:
+                    inverse[b, r] = b * n_new + j
+                j += 1
+        assert j == n_new
+    return h_new, src, rest_h, merged_rows, inverse
+
+
+def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    """python_ref.restore row by row, float64."""
+    B, n_cur, d = h.shape
+    n = inverse.shape[1]
+    flat = h.reshape(B * n_cur, d).double()
+    out = torch.zeros(B, n, d, dtype=torch.float64)
+    for b in range(B):
+        for r in range(n):
+            if int(inverse[b, r]) >= 0:
+                out[b, r] = flat[int(inverse[b, r])]
+        for i in range(rest_idx.shape[1]):
+            g = int(group[b, i])
+            out[b, int(vis_start[b]) + int(rest_idx[b, i])] = (
+                h_rest[b, i].double() + flat[int(merged_rows[b, g])] - merged_then[b, g].double())
+    return out

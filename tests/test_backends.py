@@ -403,6 +403,78 @@ def test_bypass_align_out_of_range_values_stay_in_bounds(backend):
     assert torch.all(got[1, [0, 2, 4, 6]] == 0)  # rows nobody targets stay untouched
 
 
+# ---------------------------------------------------------------- compact / restore
+
+def _partition(B, M, k, seed):
+    perm = torch.stack([torch.randperm(M, generator=_gen(seed + b)) for b in range(B)])
+    return perm[:, :k].sort(1).values, perm[:, k:].sort(1).values
+
+
+# (B, n, d, M, k, Z): merging, dropping, everything kept, nothing kept, Z = R, odd d
+COMPACT_SHAPES = [(3, 40, 33, 20, 6, 4), (2, 17, 8, 9, 3, 0), (2, 12, 16, 12, 12, 0), (2, 15, 7, 6, 0, 6),
+                  (1, 30, 5, 25, 24, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", COMPACT_SHAPES, ids=lambda s: "B{}-n{}-d{}-M{}-k{}-Z{}".format(*s))
+def test_compact_and_restore(backend, shape, dtype):
+    """Both are copies plus python_ref's fp32 arithmetic in its order: bit-equal, every output."""
+    impl, device = backend
+    B, n, d, M, k, Z = shape
+    g = _gen(sum(shape))
+    h = torch.randn(B, n, d, generator=g).to(dtype)
+    vis_start = torch.randint(0, n - M + 1, (B,), generator=g)
+    keep, rest = _partition(B, M, k, sum(shape))
+    want = python_ref.compact(h, vis_start, keep, rest, Z)
+    got = impl.compact(*_on(device, h, vis_start, keep.int(), rest), Z)  # int32 slots are accepted too
+    for name, a, b in zip(("h_new", "src", "rest_h", "merged_rows", "inverse"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b), name
+    if Z == 0:
+        return
+    later = torch.randn(want[0].shape, generator=g).to(dtype)
+    group = torch.randint(0, Z, (B, M - k), generator=g)
+    then = torch.randn(B, Z, d, generator=g).to(dtype)
+    args = (later, want[4], vis_start, rest, want[2], group, want[3], then)
+    assert torch.equal(impl.restore(*_on(device, *args)).cpu(), python_ref.restore(*args))
+
+
+def test_compact_and_restore_strided(backend):
+    impl, device = backend
+    B, n, d, M, k, Z = 2, 20, 9, 11, 4, 3
+    base = torch.randn(B, d, 2 * n, generator=_gen(20))
+    keep, rest = _partition(B, M, k, 21)
+    vis_start = torch.tensor([3, 6])
+    h = base.transpose(1, 2)[:, ::2]  # neither rows nor columns contiguous
+    want = python_ref.compact(h, vis_start, keep, rest, Z)
+    got = impl.compact(base.to(device).transpose(1, 2)[:, ::2], *_on(device, vis_start, keep, rest), Z)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    group = torch.randint(0, Z, (B, M - k), generator=_gen(22))
+    then = torch.randn(B, 2 * Z, d, generator=_gen(23))[:, ::2]
+    args = (want[0].transpose(1, 2).contiguous().transpose(1, 2), want[4], vis_start, rest, want[2], group, want[3], then)
+    assert torch.equal(impl.restore(*_on(device, *args)).cpu(), python_ref.restore(*args))
+
+
+def test_compact_and_restore_out_of_range_values_stay_in_bounds(backend):
+    """Bad starts, slots, group ids and rows (value checks off on a GPU) never touch memory outside
+    the tensors: the kernels clamp or skip them (the outputs are then unspecified)."""
+    impl, device = backend
+    if device == "cpu" and impl.__name__.endswith(".cpu"):
+        pytest.skip("the cpu backend runs only after the value checks (CPU tensors are always checked)")
+    B, n, d, M, k, Z = 2, 12, 4, 6, 2, 2
+    h = torch.randn(B, n, d, generator=_gen(30))
+    keep = torch.tensor([[0, 9], [-3, 5]])
+    rest = torch.tensor([[1, 2, 3, 40], [0, 1, 2, 3]])
+    out = impl.compact(*_on(device, h, torch.tensor([50, -4]), keep, rest), Z)
+    assert out[0].shape == (B, n - M + k + Z, d)
+    inverse = torch.tensor([[0, 1, -1, 500, -7, 3, 4, 5, 6, 7, 8, 9], [0] * 12])
+    group = torch.tensor([[0, -1, 9, 1], [1, 1, 0, 0]])
+    merged_rows = torch.tensor([[0, 10**6], [-5, 3]])
+    got = impl.restore(*_on(device, out[0], inverse, torch.tensor([2, 30]), rest, out[2], group, merged_rows,
+                            torch.randn(B, Z, d)))
+    assert got.shape == (B, n, d)
+
+
 # ---------------------------------------------------------------- the op on CUDA: compile and graphs
 
 @pytest.mark.cuda

@@ -7,15 +7,19 @@ import pytest
 import torch
 
 import python_ref
-from swiftvlm_kernels import bench
+from bench import ops as bench
+from bench import host, prefill, timer
 
 
 def test_harness_rows():
-    rows = bench.run(models=("smoke",), batches=(1, 2), providers=("eager",), progress=False, dtype=torch.float32)
+    rows = bench.run(models=("smoke",), batches=(1, 2), providers=("eager", "cpu"), progress=False, dtype=torch.float32)
     ops = {r["op"] for r in rows}
     assert ops == set(bench.OPS)
+    assert {r["provider"] for r in rows} == {"eager", "cpu"}
     for r in rows:
         assert 0 < r["p20_us"] <= r["p50_us"] <= r["p80_us"]
+        if r["provider"] == "cpu":  # the cpu backend's results are python_ref's
+            assert r["max_diff"] == 0.0 and r["index_mismatches"] == 0, r
         assert r["gbps"] > 0 and r["copy_gbps"] > 0
         for key in ("device_name", "torch", "triton", "commit", "model", "batch", "keep", "merge"):
             assert key in r
@@ -34,10 +38,13 @@ def test_report_goals_flag_misses():
 
     row = dict(op="score_select", model="llava-1.5-7b", batch=1, provider="triton", p50_us=9.0, keep=192, n_vis=576)
     eager = dict(row, provider="eager", p50_us=90.0)
-    text = goals([row, eager], [dict(method="swiftvlm", batch=8, budget=192, speedup=2.5, prune_share=0.01)])
+    swift = dict(method="swiftvlm", batch=8, budget=192, speedup=2.5, prune_share=0.01, achieved_over_predicted=0.9,
+                 ops_per_stage=9.7)
+    text = goals([row, eager], [swift])
     assert "| score_select, LLaVA-1.5, B=1 | <= 8 µs | 9.0 µs (triton) | NO |" in text
     assert "| 10.0x | yes |" in text
     assert "2.50x | yes" in text
+    assert "| >= 0.95 | 0.900 | NO |" in text and "| <= 12 | 9.7 | yes |" in text and "| 1.00% | yes |" in text
 
 
 @pytest.mark.parametrize("op", ["score_select", "group_merge"])
@@ -49,16 +56,35 @@ def test_pytest_benchmark_smoke(benchmark, op):
 
 
 def test_prefill_harness_smoke():
-    from bench import bench_prefill
-
-    rows = bench_prefill.run(smoke=True, batches=[1], budgets=[12])
+    rows = prefill.run("smoke", batches=[1], budgets=[12], rounds=2, dtype=torch.float32, device="cpu",
+                       progress=lambda *a: None)
     assert [r["method"] for r in rows] == ["vanilla", "fastv", "pdrop", "swiftvlm"]
     vanilla = rows[0]
-    assert vanilla["speedup"] == 1.0 and vanilla["prune_share"] == 0.0
+    assert vanilla["speedup"] == 1.0 and vanilla["predicted_speedup"] == 1.0
     for r in rows[1:]:
-        assert r["flops"] < vanilla["flops"]  # pruning removes work (Eq. 17-19)
-        assert 0.0 < r["prune_share"] < 1.0
-    assert bench_prefill.markdown(rows).count("\n") == len(rows) + 2
+        assert r["flops"] < vanilla["flops"] and r["predicted_speedup"] > 1  # pruning removes work (Eq. 17-19)
+        assert 0.0 < r["prune_share"] < 1.0 and r["host_syncs"] == 0
+        assert 0 < r["ops_per_stage"] <= 12
+        assert abs(r["avg_visual_tokens"] - 12) <= 0.5  # the budget rule
+    assert prefill.markdown(rows).count("\n") == len(rows) + 2
+
+
+def test_timer_interleaves_and_orders_quantiles():
+    calls = []
+    t = timer.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, sample_s=0)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then interleaved rounds
+    for v in t.values():
+        assert 0 < v.min <= v.p20 <= v.median <= v.p80 and v.samples == 3
+    env = timer.environment("cpu")
+    for key in ("device_name", "threads", "torch", "commit", "date"):
+        assert env[key]
+
+
+def test_host_overhead_rows():
+    rows = host.op_overhead(rounds=2)
+    assert [r["op"] for r in rows] == list(bench.OPS)
+    for r in rows:
+        assert r["direct_us"] > 0 and r["op_us"] > 0 and r["layer_us"] > 0
 
 
 def test_report_auto_table_orders_by_measured_time():

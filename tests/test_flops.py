@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from swiftvlm_kernels.flops import PrefillFlops, layer_flops, prefill_flops
+from swiftvlm_kernels.pruning.flops import PrefillFlops, layer_flops, prefill_flops
 from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
 
 TINY = dict(hidden_size=8, intermediate_size=20, num_hidden_layers=6)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from swiftvlm_kernels.llava import LlavaForward
-from swiftvlm_kernels.tiny import save_tiny_llava, tiny_inputs, tiny_llava, tiny_llava_config, tiny_tensors
+from swiftvlm_kernels.models.llava import LlavaForward
+from swiftvlm_kernels.models.tiny import save_tiny_llava, tiny_inputs, tiny_llava, tiny_llava_config, tiny_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def test_matches_hf_llava(tmp_path, variant):
     ours, theirs = LlavaForward.from_pretrained(tmp_path), hf_model(tmp_path)
     inputs = tiny_inputs(3, left_pad=3, config=config)
     valid = inputs["attention_mask"].bool()
-    got = ours(**inputs)
+    got = ours(**inputs, all_logits=True)
     assert got.logits.shape == (3, inputs["input_ids"].shape[1], 512)
     torch.testing.assert_close(got.logits[valid], hf_logits(theirs, inputs)[valid], atol=1e-4, rtol=0)
     assert torch.equal(got.last_logits, got.logits[:, -1])
@@ -71,7 +71,7 @@ def test_loads_transformers_save_pretrained(tmp_path):
     theirs.save_pretrained(tmp_path)
     inputs = tiny_inputs(2, left_pad=2)
     valid = inputs["attention_mask"].bool()
-    got = LlavaForward.from_pretrained(tmp_path)(**inputs).logits
+    got = LlavaForward.from_pretrained(tmp_path)(**inputs, all_logits=True).logits
     torch.testing.assert_close(got[valid], hf_logits(theirs, inputs)[valid], atol=1e-5, rtol=0)
 
 
@@ -92,23 +92,23 @@ def test_sharded_checkpoint_in_module_layout(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(tiny_llava_config()))
     inputs = tiny_inputs(2)
-    assert torch.equal(LlavaForward.from_pretrained(tmp_path)(**inputs).logits, tiny_llava()(**inputs).logits)
+    assert torch.equal(LlavaForward.from_pretrained(tmp_path)(**inputs, all_logits=True).logits, tiny_llava()(**inputs, all_logits=True).logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_batch_equals_each_sample_alone(dtype):
     model = tiny_llava(dtype)
     inputs = tiny_inputs(4, left_pad=4)
-    batch = model(**inputs)
+    batch = model(**inputs, all_logits=True)
     tokens = model.generate(**inputs, max_new_tokens=5)
     pads = (inputs["attention_mask"] == 0).sum(1).tolist()
     tol = 1e-5
     if dtype == torch.bfloat16:  # other shapes round differently: allow twice bf16's own error against fp32
-        exact = tiny_llava()(**inputs).logits
+        exact = tiny_llava()(**inputs, all_logits=True).logits
         tol = 2 * max((batch.logits[b, p:].float() - exact[b, p:]).abs().max().item() for b, p in enumerate(pads))
     for b, pad in enumerate(pads):
         alone = {"input_ids": inputs["input_ids"][b:b + 1, pad:], "pixel_values": inputs["pixel_values"][b:b + 1]}
-        single = model(**alone)
+        single = model(**alone, all_logits=True)
         torch.testing.assert_close(batch.logits[b, pad:].float(), single.logits[0].float(), atol=tol, rtol=0)
         if dtype == torch.float32:  # bf16 near-ties may flip a greedy choice
             assert torch.equal(tokens[b:b + 1], model.generate(**alone, max_new_tokens=5))
@@ -120,8 +120,8 @@ def _reduced_precision_check(tmp_path, dtype, device):
     save_tiny_llava(tmp_path)
     inputs = {k: v.to(device) for k, v in tiny_inputs(3, left_pad=3).items()}
     valid = inputs["attention_mask"].bool()
-    exact = LlavaForward.from_pretrained(tmp_path, device=device)(**inputs).logits[valid]
-    ours = LlavaForward.from_pretrained(tmp_path, dtype=dtype, device=device)(**inputs).logits[valid].float()
+    exact = LlavaForward.from_pretrained(tmp_path, device=device)(**inputs, all_logits=True).logits[valid]
+    ours = LlavaForward.from_pretrained(tmp_path, dtype=dtype, device=device)(**inputs, all_logits=True).logits[valid].float()
     theirs = hf_logits(hf_model(tmp_path, dtype, device), inputs)[valid].float()
     ours_err, their_err = (ours - exact).abs().max(), (theirs - exact).abs().max()
     assert ours_err <= 2 * their_err + exact.abs().max() * 2 ** -8, (ours_err, their_err)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from swiftvlm_kernels.llava import LlavaForward
+from swiftvlm_kernels.models.llava import LlavaForward
 from swiftvlm_kernels.pruning import FastV, PDrop, PruningPlan, Stage, SwiftVLM
-from swiftvlm_kernels.tiny import save_tiny_llava, tiny_inputs, tiny_llava, tiny_llava_config, tiny_tensors
+from swiftvlm_kernels.models.tiny import save_tiny_llava, tiny_inputs, tiny_llava, tiny_llava_config, tiny_tensors
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_saved_tiny_checkpoint_loads(tmp_path):
     """The positive control of the cases above."""
     save_tiny_llava(tmp_path)
     inputs = tiny_inputs(1)
-    assert torch.equal(LlavaForward.from_pretrained(tmp_path)(**inputs).logits, tiny_llava()(**inputs).logits)
+    assert torch.equal(LlavaForward.from_pretrained(tmp_path)(**inputs, all_logits=True).logits, tiny_llava()(**inputs, all_logits=True).logits)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_image_token_count_mismatch(model):
     inputs = tiny_inputs(2)
     inputs["input_ids"][1, inputs["input_ids"][1].tolist().index(511)] = 7
     with pytest.raises(ValueError, match="sample 1 has 35 image tokens .* gives 36 features"):
-        model(**inputs)
+        model(**inputs, all_logits=True)
 
 
 def test_image_tokens_not_contiguous(model):
@@ -116,29 +116,29 @@ def test_image_tokens_not_contiguous(model):
     first = ids.tolist().index(511)
     ids[first + 3], ids[first + 36] = ids[first + 36].item(), 511  # move one image token past the span
     with pytest.raises(ValueError, match="not contiguous"):
-        model(**inputs)
+        model(**inputs, all_logits=True)
 
 
 def test_wrong_image_size(model):
     inputs = tiny_inputs(2)
     inputs["pixel_values"] = torch.zeros(2, 3, 56, 56)
     with pytest.raises(ValueError, match=r"pixel_values: expected shape \[2, 3, 84, 84\]"):
-        model(**inputs)
+        model(**inputs, all_logits=True)
 
 
 def test_right_padding(model):
     inputs = tiny_inputs(2)
     inputs["attention_mask"][0, -1] = 0
     with pytest.raises(ValueError, match="only left padding"):
-        model(**inputs)
+        model(**inputs, all_logits=True)
 
 
 def test_pruning_needs_a_text_token_after_the_image(model):
     inputs = tiny_inputs(1, text_len=2)
     inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :-1], inputs["attention_mask"][:, :-1]
-    model(**inputs)  # unpruned: fine
+    model(**inputs, all_logits=True)  # unpruned: fine
     with pytest.raises(ValueError, match="ends with the image"):
-        model(**inputs, pruning=FastV())
+        model(**inputs, all_logits=True, pruning=FastV())
 
 
 def test_max_new_tokens(model):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
-from swiftvlm_kernels.tiny import tiny_inputs, tiny_llava
+from swiftvlm_kernels.models.tiny import tiny_inputs, tiny_llava
 
 N_V = 36  # the tiny model's visual tokens
 PLANS = {
@@ -41,13 +41,13 @@ def masked_forward(model, input_ids, pixel_values, attention_mask, plan, masks=N
     vis_start = (input_ids == model.image_token_id).int().argmax(1)
     rows = vis_start[:, None] + torch.arange(n_vis)
     h = model.embed(input_ids, pixel_values, vis_start)
-    cos, sin = model.rope((attention_mask.cumsum(1) - 1).clamp_min(0), h.dtype)
+    cos, sin = model.rope_table((attention_mask.cumsum(1) - 1).clamp_min(0), h.dtype).unbind(2)
     causal_or_self = torch.ones(L, L, dtype=torch.bool).tril(), torch.eye(L, dtype=torch.bool)
     stages = {st.layer: (s, st) for s, st in enumerate(plan.stages)}
     alive, used = attention_mask.bool(), []
 
-    def drop(alive, q, k, keep):
-        scores = torch.ops.swiftvlm.tv_score(q[:, :, -1], k, vis_start, n_vis, scale, alive)
+    def drop(alive, q, k, keep):  # q [B, L, H, D], k [B, L, Hkv, D]
+        scores = torch.ops.swiftvlm.tv_score(q[:, -1], k.transpose(1, 2), vis_start, n_vis, scale, alive)
         scores = scores.masked_fill(~alive.gather(1, rows), float("-inf"))  # only survivors compete
         _, rest = torch.ops.swiftvlm.topk_select(scores, keep)
         return alive.scatter(1, rows.gather(1, rest), False)
@@ -57,8 +57,8 @@ def masked_forward(model, input_ids, pixel_values, attention_mask, plan, masks=N
         acts = masks is None and st is not None and st.merge == 0
         before = acts and plan.bypass and s > 0
         if before:
-            q, k, _ = layer.self_attn.project(layer.input_layernorm(h), cos, sin)
-            alive = drop(alive, q, k, st.keep)
+            x = layer.input_layernorm(h)
+            alive = drop(alive, layer.self_attn.query(x, cos, sin), layer.self_attn.keys(x, cos, sin), st.keep)
         keys = alive if masks is None else masks[layer_no - 1]
         used.append(keys)
         attn = (causal_or_self[0] & keys[:, None, :]) | causal_or_self[1]
@@ -93,7 +93,7 @@ def rows_that_reach_the_end(out, inputs):
                                      PDrop(layers=(3, 8, 12), keep=(N_V,) * 3)], ids=["swiftvlm", "fastv", "pdrop"])
 def test_keep_all_equals_vanilla(model, inputs, pruning):
     """Property 1: keeping every visual token at every stage gives the unpruned logits."""
-    vanilla, pruned = model(**inputs), model(**inputs, pruning=pruning)
+    vanilla, pruned = model(**inputs, all_logits=True), model(**inputs, all_logits=True, pruning=pruning)
     assert pruned.logits.shape == vanilla.logits.shape
     torch.testing.assert_close(pruned.logits, vanilla.logits, atol=1e-6, rtol=0)
     for kept in pruned.kept:
@@ -105,9 +105,9 @@ def test_keep_all_equals_vanilla(model, inputs, pruning):
 def test_singleton_groups_restore_the_unpruned_hidden_states(model, inputs):
     """Property 2: with Z = R, the hidden states entering the second (and third) pruning layer
     are the unpruned forward's; with real groups they are not (the bypass approximates)."""
-    vanilla = model(**inputs, output_hidden_states=True)
-    exact = model(**inputs, pruning=SwiftVLM(keep=(5, 7, 6), merge=(N_V - 5, N_V - 7)), output_hidden_states=True)
-    merged = model(**inputs, pruning=SwiftVLM(keep=(5, 7, 6), merge=(3, 3)), output_hidden_states=True)
+    vanilla = model(**inputs, all_logits=True, output_hidden_states=True)
+    exact = model(**inputs, all_logits=True, pruning=SwiftVLM(keep=(5, 7, 6), merge=(N_V - 5, N_V - 7)), output_hidden_states=True)
+    merged = model(**inputs, all_logits=True, pruning=SwiftVLM(keep=(5, 7, 6), merge=(3, 3)), output_hidden_states=True)
     L = inputs["input_ids"].shape[1]
     assert torch.equal(exact.hidden_index[10], torch.arange(L).expand(4, L))  # layer 11 sees every token
     for layer in (11, 15):  # layer 15, the last stage, runs on its kept tokens: compare those
@@ -125,7 +125,7 @@ def test_drop_only_equals_masking(model, inputs, name):
     """Property 3: a drop-only schedule gives the logits of the unpruned model with the dropped
     tokens masked out as keys, at every position that reaches the last layer."""
     plan = model.plan_for(DROP_ONLY[name])
-    out = model(**inputs, pruning=plan)
+    out = model(**inputs, all_logits=True, pruning=plan)
     with torch.no_grad():
         want, masks = masked_forward(model, *inputs.values(), plan)
     got, index, valid = rows_that_reach_the_end(out, inputs)
@@ -144,7 +144,7 @@ def test_drop_only_equals_masking_bfloat16(inputs, device):
     model, exact = tiny_llava(torch.bfloat16, device), tiny_llava(device=device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     plan = model.plan_for(FastV(keep=9))
-    out = model(**inputs, pruning=plan)
+    out = model(**inputs, all_logits=True, pruning=plan)
     with torch.no_grad():
         want, masks = masked_forward(model, *inputs.values(), plan)
         reference, _ = masked_forward(exact, *inputs.values(), plan, masks)
@@ -179,12 +179,12 @@ def test_generation_continues_the_pruned_prefill(model, inputs, name):
     prompt + the tokens before it, with the same selections. New tokens come after every prompt
     token, so the prompt's states, groups and restored tokens are the same in both."""
     plan = model.plan_for(PLANS[name])
-    first = model(**inputs, pruning=plan)
+    first = model(**inputs, all_logits=True, pruning=plan)
     tokens = model.generate(**inputs, pruning=plan, max_new_tokens=5)
     assert torch.equal(tokens[:, 0], first.last_logits.argmax(-1))
     longer = {"input_ids": torch.cat([inputs["input_ids"], tokens[:, :-1]], 1), "pixel_values": inputs["pixel_values"],
               "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :-1])], 1)}
-    replay = model(**longer, pruning=plan, stage_scores=forced_scores(plan, first.kept, N_V))
+    replay = model(**longer, all_logits=True, pruning=plan, stage_scores=forced_scores(plan, first.kept, N_V))
     for a, b in zip(replay.kept, first.kept):
         assert torch.equal(a, b)
     assert torch.equal(replay.logits[:, -5:].argmax(-1), tokens)
@@ -193,8 +193,8 @@ def test_generation_continues_the_pruned_prefill(model, inputs, name):
 @pytest.mark.parametrize("name", list(PLANS))
 def test_kept_indices(model, inputs, name):
     plan = model.plan_for(PLANS[name])
-    vanilla = model(**inputs, output_scores=True)
-    out = model(**inputs, pruning=plan)
+    vanilla = model(**inputs, all_logits=True, output_scores=True)
+    out = model(**inputs, all_logits=True, pruning=plan)
     assert len(out.kept) == len(plan.stages)
     for s, (stage, kept) in enumerate(zip(plan.stages, out.kept)):
         assert kept.shape == (4, stage.keep) and kept.dtype == torch.int64
@@ -212,7 +212,7 @@ def test_merged_tokens_take_their_group_targets_positions(model, inputs):
     """After stage 1 the visual block is kept tokens + merged tokens at the positions of the group
     targets t_z = floor(z R / Z) of the rest, in position order."""
     plan = model.plan_for(SwiftVLM(keep=(10, 10, 4), merge=(7, 7)))
-    out = model(**inputs, pruning=plan, output_hidden_states=True)
+    out = model(**inputs, all_logits=True, pruning=plan, output_hidden_states=True)
     vis_start = (inputs["input_ids"] == model.image_token_id).int().argmax(1)
     index = out.hidden_index[3]  # input of layer 4
     assert index.shape[1] == inputs["input_ids"].shape[1] - N_V + 17
@@ -228,11 +228,11 @@ def test_merged_tokens_take_their_group_targets_positions(model, inputs):
 @pytest.mark.parametrize("name", list(PLANS))
 def test_padded_batch_equals_each_sample_alone(model, inputs, name):
     plan = model.plan_for(PLANS[name])
-    batch = model(**inputs, pruning=plan)
+    batch = model(**inputs, all_logits=True, pruning=plan)
     tokens = model.generate(**inputs, pruning=plan, max_new_tokens=4)
     for b, pad in enumerate((inputs["attention_mask"] == 0).sum(1).tolist()):
         alone = {"input_ids": inputs["input_ids"][b:b + 1, pad:], "pixel_values": inputs["pixel_values"][b:b + 1]}
-        single = model(**alone, pruning=plan)
+        single = model(**alone, all_logits=True, pruning=plan)
         for a, k in zip(batch.kept, single.kept):
             assert torch.equal(a[b], k[0])
         torch.testing.assert_close(batch.logits[b, pad:], single.logits[0], atol=1e-5, rtol=0)
@@ -257,7 +257,7 @@ def test_cuda_matches_cpu(inputs, name, no_tf32):
     cpu, gpu = tiny_llava(), tiny_llava(device="cuda")
     on_gpu = {k: v.cuda() for k, v in inputs.items()}
     plan = cpu.plan_for(PLANS.get(name))
-    want, got = cpu(**inputs, pruning=plan), gpu(**on_gpu, pruning=plan)
+    want, got = cpu(**inputs, all_logits=True, pruning=plan), gpu(**on_gpu, all_logits=True, pruning=plan)
     for a, b in zip(got.kept, want.kept, strict=True):
         assert torch.equal(a.cpu(), b)
     torch.testing.assert_close(got.logits.cpu(), want.logits, atol=1e-3, rtol=0)
@@ -281,7 +281,7 @@ def test_cuda_bfloat16_keep_all_equals_vanilla(inputs, pruning):
     """Property 1 in bf16 on CUDA through the kernels: keeping every visual token changes nothing."""
     model = tiny_llava(torch.bfloat16, "cuda")
     on_gpu = {k: v.cuda() for k, v in inputs.items()}
-    vanilla, pruned = model(**on_gpu), model(**on_gpu, pruning=pruning)
+    vanilla, pruned = model(**on_gpu, all_logits=True), model(**on_gpu, all_logits=True, pruning=pruning)
     torch.testing.assert_close(pruned.logits, vanilla.logits, atol=0, rtol=0)
     assert torch.equal(model.generate(**on_gpu, pruning=pruning, max_new_tokens=4),
                        model.generate(**on_gpu, max_new_tokens=4))

@@ -26,7 +26,7 @@ def merge_inputs(B=2, R=7, Z=3, d=5, seed=0):
 
 
 def test_ops_are_registered():
-    for name in ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into"):
+    for name in _backend.OPS:
         assert hasattr(torch.ops.swiftvlm, name)
 
 
@@ -55,12 +55,27 @@ OPCHECK_CASES = {
     "group_merge": lambda: (torch.randn(2, 7, 5), 3),
     "bypass_align": lambda: merge_inputs(),
     "bypass_align_into": lambda: (torch.zeros(2, 12, 5), torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)) + merge_inputs(),
+    "compact": lambda: compact_inputs(),
+    "compact_drop": lambda: compact_inputs(Z=0),
+    "restore": lambda: restore_inputs(),
 }
+
+
+def compact_inputs(Z=2):
+    h = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
+    return h, torch.tensor([2, 4]), torch.tensor([[0, 3, 5], [1, 2, 6]]), torch.tensor([[1, 2, 4, 6], [0, 3, 4, 5]]), Z
+
+
+def restore_inputs():
+    h, vis_start, keep, rest, Z = compact_inputs()
+    h_new, _, rest_h, merged_rows, inverse = python_ref.compact(h, vis_start, keep, rest, Z)
+    merged, group, _ = python_ref.group_merge(rest_h, Z)
+    return h_new, inverse, vis_start, rest, rest_h, group, merged_rows, merged
 
 
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case):
-    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", "").replace("_one_sample", ""))
+    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", "").replace("_one_sample", "").replace("_drop", ""))
     torch.library.opcheck(op, OPCHECK_CASES[case]())
 
 
@@ -278,3 +293,35 @@ def _check_ops_against_reference():
     torch.ops.swiftvlm.bypass_align_into(dst, rows.to(dev), h.to(dev), group.to(dev), now.to(dev), then.to(dev))
     python_ref.bypass_align_into(want, rows, h, group, now, then)
     assert torch.equal(dst.cpu(), want)
+
+
+def test_bad_compact_and_restore_input():
+    h, vis_start, keep, rest, Z = compact_inputs()
+    bad = {
+        "h: expected a 3-D tensor": (h[0], vis_start, keep, rest, Z),
+        "vis_start: expected shape \\[2\\]": (h, vis_start[:1], keep, rest, Z),
+        "keep_idx: expected dtype int64 or int32": (h, vis_start, keep.float(), rest, Z),
+        "rest_idx: expected shape \\[2, 4\\]": (h, vis_start, keep, rest[:1], Z),
+        "keep_idx, rest_idx: expected k \\+ R <= n": (h[:, :6], vis_start, keep, rest, Z),
+        "num_merged: expected the number of merged tokens": (h, vis_start, keep, rest, 5),
+        "vis_start: expected 0 <= vis_start": (h, torch.tensor([2, 6]), keep, rest, Z),
+        "keep_idx, rest_idx: expected block slots in \\[0, 7\\)": (h, vis_start, keep, rest + 1, Z),
+        "keep_idx, rest_idx: expected the slots 0..6 of each sample's block exactly once":
+            (h, vis_start, keep, torch.tensor([[1, 1, 4, 6], [0, 3, 4, 5]]), Z),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            torch.ops.swiftvlm.compact(*args)
+    args = list(restore_inputs())
+    for index, value, message in (
+            (1, args[1][:, :5] + 100, "inverse: expected flattened rows of h"),
+            (5, args[5] + 2, "group: expected group ids"),
+            (6, args[6] + 100, "merged_rows: expected flattened rows of h"),
+            (4, args[4].half(), "h_rest: expected dtype torch.float32"),
+            (3, args[3] + 6, "rest_idx: expected rows vis_start")):
+        call = list(args)
+        call[index] = value
+        if index == 1:  # a shorter inverse makes a shorter restored sequence: rows must fit
+            call[1] = value.clamp(max=100)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.swiftvlm.restore(*call)

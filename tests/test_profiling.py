@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from swiftvlm_kernels.profiling import layer_profile
-from swiftvlm_kernels.pruning import select_pruning_layers
-from swiftvlm_kernels.tiny import tiny_inputs, tiny_llava
+from swiftvlm_kernels.models.tiny import tiny_inputs, tiny_llava
+from swiftvlm_kernels.pruning import layer_profile, select_pruning_layers
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,12 @@ def test_each_layer_selects_its_own_top_tokens(model):
     vanilla = model(**sample, output_hidden_states=True)
     vis_start = (sample["input_ids"] == model.image_token_id).int().argmax(1)
     position_ids = (sample["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    cos, sin = model.rope(position_ids, torch.float32)
+    cos, sin = model.rope_table(position_ids, torch.float32).unbind(2)
     for i, layer in enumerate(model.language_model.layers):
-        q, k, _ = layer.self_attn.project(layer.input_layernorm(vanilla.hidden_states[i]), cos, sin)
-        scores = torch.ops.swiftvlm.tv_score(q[:, :, -1], k, vis_start, 36, 0.25, sample["attention_mask"].bool())
+        x = layer.input_layernorm(vanilla.hidden_states[i])
+        q, k = layer.self_attn.query(x, cos, sin), layer.self_attn.keys(x, cos, sin)
+        scores = torch.ops.swiftvlm.tv_score(q[:, -1], k.transpose(1, 2), vis_start, 36, 0.25,
+                                             sample["attention_mask"].bool())
         assert torch.equal(seen[i], torch.ops.swiftvlm.topk_select(scores, 9)[0])
 
 

@@ -7,7 +7,7 @@ The TRITON_INTERPRET interpreter runs the tests on CPU and accepts code that the
 so such errors fail CI where no GPU runs.
 
 How the specialisations are found: the tool calls the backend's public functions (tv_score,
-topk_select, group_merge, bypass_align, bypass_align_into) on "meta" tensors (shapes, strides and
+topk_select, group_merge, bypass_align, bypass_align_into, compact, restore) on "meta" tensors (shapes, strides and
 dtypes, no memory) of LLaVA-scale and test shapes in fp32, fp16 and bf16, with JITFunction.run
 replaced by a recorder for the duration. Each launch `kernel[grid](*args, **kwargs)` is recorded
 instead of run, then specialised as JITFunction.run would for the target (Triton's own binder:
@@ -125,7 +125,31 @@ def bypass_align_cases(dtype):
             *inputs(3, 33, 5, 83, torch.int32)))
 
 
-CASES = (tv_score_cases, topk_select_cases, group_merge_cases, bypass_align_cases)
+# (B, n, d, M, k, Z): a SwiftVLM stage of LLaVA-1.5 (650 tokens, 576 visual, keep 144, merge 22), a
+# FastV drop of LLaVA-NeXT, Qwen2-VL's width; then the test shapes (odd d, nothing kept, Z = R)
+COMPACT_SHAPES = [(B, 650, 4096, 576, 144, 22) for B in (1, 8)] + [(1, 2954, 4096, 2880, 960, 0),
+                                                                   (8, 1370, 3584, 1296, 432, 43)]
+COMPACT_SHAPES += [(3, 40, 33, 20, 6, 4), (2, 17, 8, 9, 3, 0), (2, 15, 7, 6, 0, 6)]
+
+
+def compact_cases(dtype):
+    for B, n, d, M, k, Z in COMPACT_SHAPES:
+        R = M - k
+        yield (f"compact B={B} n={n} d={d} M={M} k={k} Z={Z}", tk.compact,
+               (meta(B, n, d, dtype=dtype), meta(B, dtype=torch.int64), meta(B, k, dtype=torch.int64),
+                meta(B, R, dtype=torch.int64), Z))
+        if Z:
+            n_new = n - R + Z
+            yield (f"restore B={B} n={n} d={d} M={M} k={k} Z={Z}", tk.restore,
+                   (meta(B, n_new, d, dtype=dtype), meta(B, n, dtype=torch.int64), meta(B, dtype=torch.int64),
+                    meta(B, R, dtype=torch.int64), meta(B, R, d, dtype=dtype), meta(B, R, dtype=torch.int64),
+                    meta(B, Z, dtype=torch.int64), meta(B, Z, d, dtype=dtype)))
+    yield ("compact strided h, int32 slots", tk.compact,
+           (meta(2, 33, 40, dtype=dtype).transpose(1, 2)[:, ::2], meta(2, dtype=torch.int32),
+            meta(2, 4, dtype=torch.int32), meta(2, 7, dtype=torch.int32), 3))
+
+
+CASES = (tv_score_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases)
 
 
 # ------------------------------------------------------------------ recording the launches

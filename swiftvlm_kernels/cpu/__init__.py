@@ -8,13 +8,18 @@ the selection depends on it, so its selections equal the reference's (tests/test
     stable sorts;
   - group_merge sums the groups with index_add_ (the same order as the reference's scatter_add_,
     without its expanded index);
-  - bypass_align(_into) gather and write rows with index_select / index_copy_.
+  - bypass_align(_into) gather and write rows with index_select / index_copy_;
+  - compact places rows by arithmetic (no sort) and, like restore, moves them with index_select /
+    index_copy_ on flattened rows.
 `auto` runs it for CPU tensors; it also runs on any other device (it is plain PyTorch).
 """
 from .bypass_align import bypass_align, bypass_align_into
+from .compact import compact
 from .group_merge import group_merge
+from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
 
-__all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into"]
+__all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
+           "restore"]

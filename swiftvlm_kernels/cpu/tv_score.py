@@ -9,7 +9,7 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     a time and each sample's visual span sliced on the host (vis_start is a CPU tensor here)."""
     B, H, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    qf = q.float().reshape(B, Hkv, H // Hkv, D)
+    qf = (q if q.dtype == torch.float32 else q.float()).reshape(B, Hkv, H // Hkv, D)
     if k.dtype == torch.float32:
         logits = torch.matmul(qf, k.transpose(-1, -2))  # [B, Hkv, G, L]  (Eq. 2)
     else:
@@ -19,8 +19,8 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     logits = logits * scale
     if key_mask is not None:
         logits = logits.masked_fill_(key_mask.logical_not().view(B, 1, 1, L), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)  # all keys masked -> zeros
-    mean = probs.reshape(B, H, L).mean(dim=1)  # [B, L]
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)  # all keys masked -> zeros, as the reference
+    mean = probs.view(B, H, L).mean(dim=1)  # [B, L]
     starts = vis_start.tolist()
     if B == 1 and 0 <= starts[0] <= L - vis_len:
         return mean.narrow(1, starts[0], vis_len).clone()  # a fresh tensor, as the fake one

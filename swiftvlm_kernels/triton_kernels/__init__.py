@@ -5,9 +5,12 @@ Inputs arrive validated for shape, dtype and device; out-of-range values (vis_st
 rows) are masked or clamped inside the kernels. No function synchronises with the host.
 """
 from .bypass_align import bypass_align, bypass_align_into
+from .compact import compact
 from .group_merge import group_merge
+from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
 
-__all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into"]
+__all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
+           "restore"]

@@ -1,24 +1,23 @@
 """Kernel microbenchmarks: every op at the shapes of real models, for every provider.
 
-`python -m swiftvlm_kernels bench` runs them for the current device and prints a table; the scripts
-under bench/ write the JSON / markdown / PNG report. Timing: CUDA-graph replay
-(`triton.testing.do_bench_cudagraph`, falling back to `do_bench`) on a GPU, wall clock on a CPU;
-quantiles p50 / p20 / p80. Every row carries the device name, torch and triton versions and the
-commit, plus GB/s and the fraction of the device-to-device copy bandwidth measured in the same run.
+    python -m bench.ops [--models ...] [--providers ...] [--json out.json]
+
+Providers: eager (python_ref), compile (torch.compile of python_ref), and the backends cpu, triton
+and cuda. Timing: bench/timer.py (CUDA-graph replay on a GPU; interleaved rounds on a CPU); every
+row has p50 / p20 / p80 µs, GB/s and the fraction of the copy bandwidth measured in the same run,
+its difference from python_ref, and the machine, versions and commit.
 """
 import argparse
 import dataclasses
 import importlib
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 
 import torch
 
 import python_ref
+from bench.timer import copy_bandwidth, environment, measure
+from swiftvlm_kernels import _backend
 
 # Shapes of real models. n_text: the non-visual tokens of a typical prompt.
 MODELS = {
@@ -31,8 +30,9 @@ MODELS = {
 }
 KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
 MERGE_RATIO = 0.05  # Z = 5% of the rest
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into")
-PROVIDERS = ("eager", "compile", "triton", "cuda")
+OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
+       "restore")
+PROVIDERS = ("eager", "compile", "cpu", "triton", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,17 @@ def make_inputs(op, case, device, dtype):
         # restore into the full visual block: the rest tokens' rows among all n_vis
         rows = torch.sort(torch.randperm(case.n_vis, generator=g)[: case.rest]).values.expand(B, -1).to(device)
         return (randn(B, case.n_vis, case.d), rows) + args
+    if op in ("compact", "restore"):
+        h = randn(B, L, case.d)
+        vis_start = torch.full((B,), case.n_text // 2, dtype=torch.int64)
+        perm = torch.stack([torch.randperm(case.n_vis, generator=g) for _ in range(B)])
+        keep, rest = perm[:, :case.keep].sort(1).values, perm[:, case.keep:].sort(1).values
+        if op == "compact":
+            return (h, vis_start.to(device), keep.to(device), rest.to(device), case.merge)
+        h_new, _, rest_h, merged_rows, inverse = python_ref.compact(h.cpu(), vis_start, keep, rest, case.merge)
+        group = torch.randint(0, case.merge, (B, case.rest), generator=g)
+        return tuple(t.to(device) for t in (h_new, inverse, vis_start, rest, rest_h, group, merged_rows)) + (
+            randn(B, case.merge, case.d),)
     raise ValueError(op)
 
 
@@ -112,16 +123,20 @@ def bytes_moved(op, case, elem):
         return B * (case.rest * case.d + case.merge * case.d) * elem + B * case.rest * 8 + B * case.merge * 4
     if op in ("bypass_align", "bypass_align_into"):
         return B * (2 * case.rest * case.d + 2 * case.merge * case.d) * elem + B * case.rest * 8 * (1 + (op != "bypass_align"))
+    if op == "compact":  # read every surviving row and the rest once, write them once, plus the indices
+        n_new = case.L - case.rest + case.merge
+        return B * (n_new + case.rest) * case.d * elem * 2 + B * (n_new + case.merge + case.L + case.n_vis) * 8
+    if op == "restore":
+        return B * (2 * case.L * case.d + case.rest * case.d + 2 * case.merge * case.d) * elem + B * (
+            case.L + 2 * case.rest + case.merge) * 8
     raise ValueError(op)
 
 
 def _backend_fn(provider, op, device_type):
-    from ._backend import _MODULES, unavailable_reason
-
-    why = unavailable_reason(provider, device_type)
+    why = _backend.unavailable_reason(provider, device_type)
     if why is not None:
         return None, why
-    return getattr(importlib.import_module(_MODULES[provider]), op), None
+    return getattr(importlib.import_module(_backend._MODULES[provider]), op), None
 
 
 def get_fn(provider, op, device_type):
@@ -149,57 +164,6 @@ def difference(op, args, fn):
     return worst, mismatched
 
 
-def time_fn(fn, device_type):
-    """(p50, p20, p80) in microseconds, and the timer used."""
-    if device_type == "cuda":
-        import triton.testing as tt
-
-        q = [0.5, 0.2, 0.8]
-        try:
-            ms = tt.do_bench_cudagraph(fn, rep=50, quantiles=q)
-            timer = "cudagraph"
-        except Exception:  # not capturable: events around each call instead
-            torch.cuda.synchronize()
-            ms = tt.do_bench(fn, warmup=25, rep=100, quantiles=q)
-            timer = "do_bench"
-        return tuple(x * 1e3 for x in ms), timer
-    fn()
-    samples = []
-    deadline = time.perf_counter() + 1.0
-    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    t = torch.tensor(samples, dtype=torch.float64)
-    return tuple(float(torch.quantile(t, p)) for p in (0.5, 0.2, 0.8)), "wall"
-
-
-def copy_bandwidth(device, nbytes=None):
-    """Device-to-device copy bandwidth in GB/s (read + write), measured now."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    (p50, _, _), _ = time_fn(lambda: dst.copy_(src), device.type)
-    return 2 * nbytes / (p50 * 1e-6) / 1e9
-
-
-def environment(device):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=device.type, device_name=name, torch=torch.__version__, triton=triton_version,
-                commit=commit or "unknown", python=platform.python_version())
-
-
 def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, device=None,
         dtype=torch.bfloat16, progress=True, once=False):
     """Benchmark rows (dicts) for every (case, op, provider) that can run here. once=True runs each
@@ -207,6 +171,11 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     copy_gbps = copy_bandwidth(device)
+    unavailable = {p: _backend.unavailable_reason(p, device.type) for p in providers if p in _backend.BACKENDS}
+    unavailable = {p: why for p, why in unavailable.items() if why}
+    if unavailable and progress:
+        for p, why in unavailable.items():
+            print(f"bench.ops: provider {p!r} skipped: {why}", file=sys.stderr)
     # tv_score does not depend on the keep count: time it once per model and batch
     work = [(c, op, p) for c in cases(models, batches) for op in ops for p in providers
             if not (op == "tv_score" and c.keep != round(c.n_vis / KEEP_DIVISORS[0]))]
@@ -230,7 +199,9 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
             continue
         try:
             max_diff, index_mismatches = difference(op, args, fn) if provider != "eager" else (0.0, 0)
-            (p50, p20, p80), timer = time_fn(lambda: fn(*args), device.type)
+            t = measure({"op": lambda: fn(*args)}, device, rounds=7)["op"]
+            p50, p20, p80 = t.median * 1e6, t.p20 * 1e6, t.p80 * 1e6
+            timer = "cudagraph" if device.type == "cuda" else "interleaved"
         except Exception as e:  # one failing case must not lose the rest of the report
             rows.append(dict(op=op, provider=provider, error=f"{type(e).__name__}: {e}"[:300],
                              **dataclasses.asdict(case), **env))
@@ -260,14 +231,14 @@ def markdown(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m swiftvlm_kernels bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.ops", description=__doc__.split("\n")[0])
     on_gpu = torch.cuda.is_available()
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS),
                     default=[m for m in MODELS if m != "smoke"] if on_gpu else ["llava-1.5-7b"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8] if on_gpu else [1])
     ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS,
-                    default=list(PROVIDERS) if on_gpu else ["eager", "compile"])
+                    default=["eager", "compile", "triton", "cuda"] if on_gpu else ["eager", "cpu"])
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--once", action="store_true", help="run every case once, untimed (for compute-sanitizer)")
@@ -285,3 +256,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .llava import CLIPVisionTower, LlavaForward, parse_config
+from .checkpoint import parse_config
+from .llava import CLIPVisionTower, LlavaForward
 
 QK_GAIN = 2.0  # attention logits with std of a few units: peaked rows, distinct token scores
 

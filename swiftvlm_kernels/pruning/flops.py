@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .pruning import PruningPlan, _as_int
+from .plan import PruningPlan, _as_int
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _stage_overhead(plan: PruningPlan, s: int, n_text: int, d: int) -> int:
     else:
         n_keys = n_text + plan.visual_tokens_per_layer()[stage.layer - 1]
     flops = 2 * rest * stage.merge * d + 2 * n_keys * d  # merge (Eq. 10) + score dot products
-    if plan.bypass and s > 0:
+    if plan.acts_before(s):
         bypassed = plan.n_vis - plan.stages[s - 1].keep
         flops += bypassed * d + 2 * d * d + 2 * rest * d * d  # alignment, query, extra keys
     return flops

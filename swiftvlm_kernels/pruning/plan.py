@@ -1,7 +1,7 @@
 """Pruning plans: how many visual tokens each stage keeps and merges, and which layers prune.
 
 A pruning object (`SwiftVLM`, `FastV`, `PDrop`) turns (n_vis, num_layers) into a `PruningPlan`,
-the list of `Stage`s that `swiftvlm_kernels.llava` executes. Layers are numbered from 1, as in the
+the list of `Stage`s that the pruning engine (`engine.py`) executes. Layers are numbered from 1, as in the
 paper (SwiftVLM, arXiv 2602.03134). This module is pure Python: it imports no torch.
 
 Timing of a stage (docs/CONTRACT.md)
@@ -54,7 +54,7 @@ round() rounds halves up. Worked example, LLaVA-1.5-7B (32 layers, 576 visual to
       first stage alone average 8 * 576 / 32 = 144 tokens. Feasible: [144, 396] (keep (576, 288,
       144) at the top).
 
-Pruning-layer selection (Sec. 3.2): `select_pruning_layers`.
+Pruning-layer selection (Sec. 3.2) lives in `selection.py`.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ class PruningPlan:
         _as_layers(self.layers)
         for s, st in enumerate(stages):
             where = f"stage {s + 1} (layer {st.layer})"
-            top = num_layers if self._takes_effect_at(s) == st.layer else num_layers - 1
+            top = num_layers if self.acts_before(s) else num_layers - 1
             if st.layer > top:
                 raise ValueError(f"layers: {where}: expected a layer in [1, {top}] (a stage that "
                                  f"prunes after its layer must come before the last layer)")
@@ -168,22 +168,38 @@ class PruningPlan:
             if not low <= st.merge <= high:
                 raise ValueError(f"merge: {where}: expected a merge count in [{low}, {high}] "
                                  f"(rest = {rest}), got {st.merge}")
+        object.__setattr__(self, "_at", {(st.layer, self.acts_before(s)): s for s, st in enumerate(stages)})
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The stages' 1-indexed pruning layers."""
         return tuple(st.layer for st in self.stages)
 
-    def _takes_effect_at(self, s: int) -> int:
-        """First 1-indexed layer that runs on stage s's tokens (docs/CONTRACT.md, timing)."""
-        layer = self.stages[s].layer
-        return layer if self.bypass and s > 0 else layer + 1
+    # The timing rule, defined here only (the engine, the models and flops.py read it):
+    def acts_before(self, s: int) -> bool:
+        """True when stage s (0-based) acts BEFORE its layer (a SwiftVLM stage s >= 2: restore the
+        bypassed tokens, score with the layer's query and keys, and run the layer on the kept set);
+        False when it acts after its layer, with the layer's own query and keys (first and drop-only
+        stages), so that the pruning takes effect from the next layer."""
+        return self.bypass and s > 0
+
+    def effective_layer(self, s: int) -> int:
+        """First 1-indexed layer that runs on stage s's tokens."""
+        return self.stages[s].layer + (0 if self.acts_before(s) else 1)
+
+    def stage_before(self, layer: int) -> Optional[int]:
+        """The stage that acts before 1-indexed `layer`, or None."""
+        return self._at.get((layer, True))
+
+    def stage_after(self, layer: int) -> Optional[int]:
+        """The stage that acts after 1-indexed `layer`, or None."""
+        return self._at.get((layer, False))
 
     def visual_tokens_per_layer(self) -> list[int]:
         """Visual tokens (kept + merged) each layer 1..num_layers processes."""
         counts = [self.n_vis] * self.num_layers
         for s, st in enumerate(self.stages):
-            start = self._takes_effect_at(s) - 1
+            start = self.effective_layer(s) - 1
             counts[start:] = [st.keep + st.merge] * (self.num_layers - start)
         return counts
 
@@ -339,58 +355,3 @@ class PDrop:
         return _fit_budget(self.budget, n_vis, num_layers, lambda k: self._plan(
             n_vis, num_layers,
             tuple(_round_half_up(k * self.ratio ** s) for s in range(len(self.layers)))))
-
-
-def select_pruning_layers(profile: Sequence[float], m: int) -> list[int]:
-    """Pruning-layer selection of Sec. 3.2 (Eq. 3-9) by dynamic programming, O(L^2 m).
-
-    profile: x_1..x_L (Eq. 3; index 0 is layer 1), the layer-wise performance when each layer's
-    top visual tokens are kept from layer 3 on. Returns at most m 1-indexed layers
-    i_1 < ... < i_K, each >= 3 (layers 1-2 are excluded as in the paper), whose x values strictly
-    increase and start above x_2, maximising Eq. 7:
-        P = sum_{k=0..K} x_{i_k} (i_{k+1} - i_k) / (L - 2),  i_0 = 2, i_{K+1} = L.
-    Equivalently (Eq. 8, each update lifts the level from x_{i_{k-1}} to x_{i_k} for the rest of
-    the model): (L - 2) P = x_2 (L - 2) + sum_{k=1..K} (x_{i_k} - x_{i_{k-1}}) (L - i_k).
-
-    Choices:
-    - Eq. 4-5 read as "x_i exceeds the level M_i of the previously selected layers", the baseline
-      i_0 = 2 included, so x_{i_1} > x_2 (Eq. 6-8 take x_2 as the level before the first pruning
-      layer). Neither restriction changes the optimal P: removing a layer whose x does not exceed
-      its predecessor's extends the higher level over its span and never lowers P; the tie-break
-      below therefore returns the same set as an unconstrained search over all subsets.
-    - K = 0 is allowed: [] means no layer >= 3 beats x_2 (P = x_2).
-    - Ties in P (compared exactly): fewer layers first, then the lexicographically smallest list.
-    Layer L spans L - L = 0 layers in Eq. 7 and is therefore never chosen.
-    """
-    if isinstance(profile, (str, bytes)):
-        raise ValueError(f"profile: expected a sequence of finite real numbers, got {profile!r}")
-    try:
-        x = [Fraction(float(v)) for v in profile]  # exact, so ties are exact
-    except (TypeError, ValueError, OverflowError) as err:
-        raise ValueError(f"profile: expected a sequence of finite real numbers ({err})") from None
-    num_layers = len(x)
-    if num_layers < 3:
-        raise ValueError(f"profile: expected at least 3 layers, got {num_layers}")
-    m = _as_int(m, "m", 0)
-
-    def level(i):
-        return x[i - 1]
-
-    # chains[i] = (gain, layers): best chain with c layers ending at layer i, where gain is the
-    # Eq. 8 sum above; c = 0 is the baseline "chain" ending at i_0 = 2.
-    chains = {2: (Fraction(0), ())}
-    best = (Fraction(0), ())
-    for _ in range(m):
-        longer = {}
-        for i in range(3, num_layers + 1):
-            options = [(gain + (level(i) - level(p)) * (num_layers - i), layers)
-                       for p, (gain, layers) in chains.items() if p < i and level(p) < level(i)]
-            if options:
-                # Eq. 9 is this comparison between two candidate last updates.
-                gain, layers = min(options, key=lambda o: (-o[0], o[1]))
-                longer[i] = (gain, layers + (i,))
-        if not longer:
-            break
-        best = min([best, *longer.values()], key=lambda o: (-o[0], len(o[1]), o[1]))
-        chains = longer
-    return list(best[1])

@@ -1,0 +1,175 @@
+"""Host-side figures, noise-free where they can be: ops issued per pruning stage, and the host time an
+op call costs beyond the function it runs.
+
+    python -m bench.host [--json out.json]
+
+Op count. Every op dispatched during a prefill is counted with a TorchDispatchMode (on a GPU each is
+a kernel launch); views and bare allocations are not launches and are left out. A swiftvlm op counts
+once (its kernel runs below the mode). The stage cost is (ops of the pruned prefill - ops of the
+vanilla prefill) / stages, on the same model and input; host syncs (`.item()`, `nonzero`) are counted
+separately and must be zero in the pruning path.
+
+Host overhead, on tiny inputs, interleaved rounds, 1 thread, min over rounds:
+  layer_us  what the op layer itself costs (dispatch, input checks, the kernel's call): the op with its
+            CPU function replaced by a stub that returns ready outputs, minus the stub called directly;
+  extra_us  the op against a direct call of the real CPU function. It is larger than layer_us: the
+            function's own dozen or so torch calls each run a little slower when nested inside a
+            dispatcher call of a Python kernel (measured here, not modelled).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.timer import environment, measure
+
+# aten ops that only make views or allocate: not kernel launches
+_NOT_LAUNCHES = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
+                 "_unsafe_view", "detach", "alias", "view", "_reshape_alias", "as_strided", "expand", "select",
+                 "slice", "transpose", "t", "permute", "unsqueeze", "squeeze", "unflatten", "split", "split_with_sizes",
+                 "unbind", "chunk", "narrow", "diagonal", "view_as_real", "view_as_complex", "unfold", "set_"}
+_SYNCS = {"_local_scalar_dense", "nonzero", "item", "_assert_async", "masked_select"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched while active: .launches (kernel-launching ops), .syncs (ops that
+    read device values on the host), .by_name."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_name = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _short(name):
+        return name.split("::")[-1]
+
+    @property
+    def launches(self) -> int:
+        return sum(c for n, c in self.by_name.items()
+                   if n.startswith("swiftvlm::") or self._short(n) not in _NOT_LAUNCHES | _SYNCS)
+
+    @property
+    def syncs(self) -> int:
+        return sum(c for n, c in self.by_name.items() if self._short(n) in _SYNCS)
+
+
+def count_ops(fn) -> OpCounter:
+    """The ops one call of fn() dispatches."""
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def stage_ops(model, inputs, methods) -> list[dict]:
+    """Per pruning method: launches of its prefill, beyond the vanilla prefill's, per stage."""
+    vanilla = count_ops(lambda: model(**inputs))
+    rows = []
+    for name, pruning in methods:
+        plan = model.plan_for(pruning)
+        counter = count_ops(lambda: model(**inputs, pruning=plan))
+        extra = counter.launches - vanilla.launches
+        swiftvlm = {n: c for n, c in counter.by_name.items() if n.startswith("swiftvlm::")}
+        rows.append(dict(method=name, stages=len(plan.stages), launches=counter.launches,
+                         vanilla_launches=vanilla.launches, extra_launches=extra,
+                         ops_per_stage=extra / len(plan.stages), swiftvlm_ops=swiftvlm,
+                         syncs_beyond_vanilla=counter.syncs - vanilla.syncs))
+    return rows
+
+
+def op_overhead(rounds: int = 30) -> list[dict]:
+    """Host µs of `torch.ops.swiftvlm.<op>` beyond the function it runs (see the module docstring)."""
+    import swiftvlm_kernels  # noqa: F401  (registers the ops)
+    import python_ref
+    from swiftvlm_kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    vis_start, mask = torch.tensor([2]), torch.ones(1, 16, dtype=torch.bool)
+    h, group = torch.randn(1, 6, 8, generator=g), torch.tensor([[0, 1, 0, 1, 0, 1]])
+    merged = torch.randn(1, 2, 8, generator=g)
+    keep, rest = torch.tensor([[0, 3, 5]]), torch.tensor([[1, 2, 4, 6, 7, 8]])
+    seq = torch.randn(1, 16, 8, generator=g)
+    h_new, _, rest_h, merged_rows, inverse = python_ref.compact(seq, vis_start, keep, rest, 2)
+    cases = {
+        "tv_score": (q, k, vis_start, 9, 0.3, mask),
+        "topk_select": (torch.randn(1, 10, generator=g), 3),
+        "score_select": (q, k, vis_start, 9, 3, 0.3, mask),
+        "group_merge": (h, 2),
+        "bypass_align": (h, group, merged, merged),
+        "bypass_align_into": (torch.zeros(1, 9, 8), torch.tensor([[0, 1, 2, 3, 4, 5]]), h, group, merged, merged),
+        "compact": (seq, vis_start, keep, rest, 2),
+        "restore": (h_new, inverse, vis_start, rest, rest_h, group, merged_rows, merged),
+    }
+    from swiftvlm_kernels import _backend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for op, args in cases.items():
+            direct, via = getattr(cpu, op), getattr(torch.ops.swiftvlm, op)
+            ready = direct(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+
+            def stub(*_, ready=ready):
+                return ready
+
+            _backend.default(op, "cpu")  # resolve once, then swap in the stub for the layer's cost
+            real = _backend._resolved[("cpu", op)]
+            _backend._resolved[("cpu", op)] = stub
+            try:
+                t_layer = measure({"stub": lambda: stub(*args), "op": lambda: via(*args)}, rounds=rounds)
+            finally:
+                _backend._resolved[("cpu", op)] = real
+            t = measure({"direct": lambda: direct(*args), "op": lambda: via(*args)}, rounds=rounds)
+            rows.append(dict(op=op, layer_us=(t_layer["op"].min - t_layer["stub"].min) * 1e6,
+                             direct_us=t["direct"].min * 1e6, op_us=t["op"].min * 1e6,
+                             extra_us=(t["op"].min - t["direct"].min) * 1e6))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_methods(model):
+    from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
+
+    return [("fastv", FastV()), ("pdrop", PDrop(layers=(4, 8, 12))), ("swiftvlm", SwiftVLM())]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    from swiftvlm_kernels.models.tiny import tiny_inputs, tiny_llava
+
+    torch.set_num_threads(1)
+    model = tiny_llava()
+    result = {"environment": environment("cpu"), "stage_ops": {}}
+    for label, inputs in (("batch 1, no padding", tiny_inputs(1)), ("batch 2, left-padded", tiny_inputs(2, left_pad=2))):
+        result["stage_ops"][label] = stage_ops(model, inputs, _tiny_methods(model))
+    result["op_overhead"] = op_overhead()
+    print(f"ops per stage beyond the vanilla prefill (tiny LLaVA, {result['environment']['device_name']}):")
+    for label, rows in result["stage_ops"].items():
+        for r in rows:
+            print(f"  {label:22s} {r['method']:9s} {r['ops_per_stage']:5.1f} per stage "
+                  f"({r['extra_launches']} over {r['stages']} stages; host syncs {r['syncs_beyond_vanilla']})")
+    print("host µs of an op call (min over interleaved rounds): the op layer itself; and against the real function")
+    for r in result["op_overhead"]:
+        print(f"  {r['op']:18s} layer {r['layer_us']:5.1f}   op {r['op_us']:6.1f} - function {r['direct_us']:6.1f} "
+              f"= {r['extra_us']:5.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

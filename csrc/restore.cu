@@ -1,0 +1,81 @@
+// restore: undo a compact after the layers in between, in one pass (python_ref/restore.py).
+// The items of sample b are the n rows of the restored sequence (copied from h where inverse >= 0)
+// and its R rest tokens (h_rest + merged_now - merged_then, Eq. 12-13, written to their rows); the
+// two sets of rows are disjoint. A thread handles one W-column chunk of one item.
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace swiftvlm {
+namespace {
+
+constexpr int kRestoreThreads = 256;
+
+__device__ __forceinline__ int64_t clamp_row(int64_t r, int64_t rows) { return r < 0 ? 0 : (r >= rows ? rows - 1 : r); }
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a) {
+  const T* h = static_cast<const T*>(a.h.ptr);
+  const T* h_rest = static_cast<const T*>(a.h_rest.ptr);
+  const T* then = static_cast<const T*>(a.merged_then.ptr);
+  T* out = static_cast<T*>(a.out);
+  const int64_t rows = a.B * a.n_cur;
+  const int64_t nchunks = a.d / W;
+  const int64_t items = a.n + a.R;
+  const int64_t total = a.B * items * nchunks;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kRestoreThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kRestoreThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t col = (idx % nchunks) * W;
+    const int64_t i = (idx / nchunks) % items;
+    const int64_t b = idx / (nchunks * items);
+    float x[W];
+    if (i < a.n) {  // a carried row
+      const int64_t src = load_index(a.inverse, b, i);
+      if (src < 0) continue;  // a rest token's row: written by its rest item
+      const int64_t r = clamp_row(src, rows);
+      load_chunk<T, W>(h + (r / a.n_cur) * a.h.sb + (r % a.n_cur) * a.h.sr + col * a.h.sd, x);
+      store_chunk<T, W>(out + (b * a.n + i) * a.d + col, x);
+      continue;
+    }
+    const int64_t q = i - a.n;
+    const int64_t row = load_index(a.vis_start, b, 0) + load_index(a.rest, b, q);
+    if (row < 0 || row >= a.n) continue;  // no such row: nothing is written
+    const int64_t g_raw = load_index(a.group, b, q);
+    const int64_t g = g_raw < 0 ? 0 : (g_raw >= a.Z ? a.Z - 1 : g_raw);
+    const int64_t now = clamp_row(load_index(a.merged_rows, b, g), rows);
+    float x_now[W];
+    float x_then[W];
+    load_chunk<T, W>(h_rest + b * a.h_rest.sb + q * a.h_rest.sr + col * a.h_rest.sd, x);
+    load_chunk<T, W>(h + (now / a.n_cur) * a.h.sb + (now % a.n_cur) * a.h.sr + col * a.h.sd, x_now);
+    load_chunk<T, W>(then + b * a.merged_then.sb + g * a.merged_then.sr + col * a.merged_then.sd, x_then);
+#pragma unroll
+    for (int w = 0; w < W; ++w) x[w] = x[w] + (x_now[w] - x_then[w]);  // Eq. 12-13
+    store_chunk<T, W>(out + (b * a.n + row) * a.d + col, x);
+  }
+}
+
+template <typename T, int W>
+cudaError_t launch_restore(const RestoreArgs& a, cudaStream_t stream) {
+  const int64_t total = a.B * (a.n + a.R) * (a.d / W);
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kRestoreThreads), INT32_MAX);
+  restore_kernel<T, W><<<static_cast<unsigned>(blocks), kRestoreThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t restore(const RestoreArgs& a, cudaStream_t stream) {
+  if (a.Z < 1 && a.B * a.R > 0) return cudaErrorInvalidValue;  // no merged token to align with
+  if (a.n_cur < 1 && a.B * a.n > 0) return cudaErrorInvalidValue;  // nothing to restore from
+  return dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec<T>;
+    const RowsView views[] = {a.h, a.h_rest, a.merged_then};
+    bool vec = a.d % V == 0 && aligned16(a.out) && strides_aligned16(sizeof(T), {a.d});
+    for (const RowsView& v : views) vec = vec && v.sd == 1 && aligned16(v.ptr) && strides_aligned16(sizeof(T), {v.sb, v.sr});
+    return vec ? launch_restore<T, V>(a, stream) : launch_restore<T, 1>(a, stream);
+  });
+}
+
+}  // namespace swiftvlm

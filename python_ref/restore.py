@@ -1,0 +1,25 @@
+import torch
+
+from .bypass_align import bypass_align
+
+
+def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    """Undo a `compact` after the layers in between: every row of the earlier sequence returns, the
+    rest tokens shifted by their merged token's drift (Eq. 12-13).
+
+    h: [B, n', d] the compacted sequence now; inverse int64 [B, n] (compact's): the flattened row of
+    h carrying each earlier row, -1 for rest tokens; rest_idx [B, R]: the rest tokens' block slots
+    (their rows are vis_start[b] + rest_idx[b, i]); h_rest [B, R, d]: their states when set aside;
+    group int [B, R]: their merged token; merged_rows int64 [B, Z] (compact's): where the merged
+    tokens sit in h, flattened; merged_then [B, Z, d]: the merged tokens when made.
+    Returns [B, n, d] in h's dtype: h[inverse] on carried rows, and on rest rows
+    h_rest + h[merged_rows[group]] - merged_then[group] in fp32 math.
+    """
+    B, n_cur, d = h.shape
+    n = inverse.shape[1]
+    flat = h.reshape(B * n_cur, d)
+    out = flat[inverse.clamp_min(0).reshape(-1)].reshape(B, n, d)
+    merged_now = flat[merged_rows.reshape(-1)].reshape(merged_then.shape)
+    rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
+    out.scatter_(1, rows[:, :, None].expand(-1, -1, d), bypass_align(h_rest, group, merged_now, merged_then))
+    return out

@@ -1,0 +1,15 @@
+import torch
+
+from .bypass_align import bypass_align
+
+
+def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
+    """python_ref.restore with index_select / index_copy_ on flattened rows."""
+    B, n_cur, d = h.shape
+    n = inverse.shape[1]
+    flat = h.reshape(B * n_cur, d)
+    out = flat.index_select(0, inverse.clamp_min(0).view(-1))  # rest rows: overwritten below
+    merged_now = flat.index_select(0, merged_rows.reshape(-1)).view(merged_then.shape)
+    rows = vis_start.long()[:, None] + rest_idx.long() + torch.arange(0, B * n, n)[:, None]
+    out.index_copy_(0, rows.view(-1), bypass_align(h_rest, group, merged_now, merged_then).view(-1, d))
+    return out.view(B, n, d)

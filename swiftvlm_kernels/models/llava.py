@@ -1,0 +1,473 @@
+"""LLaVA-1.5 in one file of plain PyTorch, with visual-token pruning (SwiftVLM, FastV, PDrop) through
+the pruning engine and the swiftvlm ops, and greedy decoding from the pruned KV caches.
+
+Read top to bottom: the modules (CLIP vision tower, MLP projector, LLaMA decoder, named like the
+HF checkpoints so weights load by name), the KV cache, then `LlavaForward`: input checks, the
+prefill loop, the forward and generation. Checkpoint and config reading live in checkpoint.py.
+
+Tensor layouts: hidden states [B, n, d]; q [B, n, H, D], k and v [B, n, Hkv, D] (the projections'
+own layout, so the engine moves rows with one index_select; attention reads them transposed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..pruning import PruningEngine, PruningPlan, Sequence
+from . import checkpoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """x [B, n, heads, D] rotated by the tables cos, sin [B, n, D] (the rotate-half form, with the
+    sign of rotate_half folded into `sin`: rotate_half(x) * sin = roll(x, D / 2) * sin)."""
+    return x * cos[:, :, None] + x.roll(x.shape[-1] // 2, -1) * sin[:, :, None]
+
+
+def attend(q, k, v, mask):
+    """SDPA over q [B, n, H, D] and k / v [B, m, Hkv, D] (GQA without repeated keys): causal when
+    mask is None, else the boolean mask [B, 1, n, m] (True = attend). Returns [B, n, H * D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None and q.shape[1] > 1, enable_gqa=True)
+    return out.transpose(1, 2).flatten(2)
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c.hidden_size
+        self.heads = c.num_attention_heads
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, name, nn.Linear(d, d))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, c.intermediate_size), nn.Linear(c.intermediate_size, d)
+        self.act = checkpoint.activation(c.hidden_act, "config.vision_config.hidden_act")
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
+
+    def forward(self, h):
+        B, n, d = h.shape
+        a = self.self_attn
+        x = self.layer_norm1(h)
+        q, k, v = (p(x).view(B, n, self.heads, -1).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+        h = h + a.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, d))
+        return h + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(h))))
+
+
+class CLIPVisionTower(nn.Module):
+    """CLIP ViT up to the deepest layer LLaVA reads; returns [embeddings after pre-LN, layer 1, ...]."""
+
+    def __init__(self, c, num_layers):
+        super().__init__()
+        d, self.image_size, self.channels = c.hidden_size, c.image_size, c.num_channels
+        num_positions = (c.image_size // c.patch_size) ** 2 + 1
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.zeros(d))
+        self.embeddings.patch_embedding = nn.Conv2d(c.num_channels, d, c.patch_size, c.patch_size, bias=False)
+        self.embeddings.position_embedding = nn.Embedding(num_positions, d)
+        self.pre_layrnorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(CLIPLayer(c) for _ in range(num_layers))
+
+    def forward(self, pixel_values):
+        e = self.embeddings
+        patches = e.patch_embedding(pixel_values.to(e.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = e.class_embedding.expand(patches.shape[0], 1, -1)
+        h = self.pre_layrnorm(torch.cat([cls, patches], 1) + e.position_embedding.weight)
+        states = [h]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))
+        return states
+
+
+class Projector(nn.Module):
+    def __init__(self, d_in, d_out, act, bias):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(d_in, d_out, bias=bias), nn.Linear(d_out, d_out, bias=bias)
+        self.act = checkpoint.activation(act, "config.projector_hidden_act")
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        d, bias = c.hidden_size, c.attention_bias
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
+
+    def query(self, x, cos, sin):
+        """q [B, n, H, D] of the normed input x [B, n, d], rotated."""
+        return rope(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)), cos, sin)
+
+    def keys(self, x, cos, sin):
+        """k [B, n, Hkv, D], rotated."""
+        return rope(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), cos, sin)
+
+    def values(self, x):
+        return self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = nn.Module()
+        for name, shape in (("gate_proj", (c.hidden_size, c.intermediate_size)),
+                            ("up_proj", (c.hidden_size, c.intermediate_size)),
+                            ("down_proj", (c.intermediate_size, c.hidden_size))):
+            setattr(self.mlp, name, nn.Linear(*shape, bias=c.mlp_bias))
+        self.act = checkpoint.activation(c.hidden_act, "config.text_config.hidden_act")
+
+    def forward(self, h, cos, sin, mask, cache=None, x=None, k=None):
+        """One pre-norm block over h [B, n, d]; returns (h_out, q, k, v) of this call's tokens.
+        x, k: the normed input and the keys when the caller already has them (a pruning stage
+        scored with them). With a cache, the new keys / values are appended and attention reads it."""
+        a = self.self_attn
+        x = self.input_layernorm(h) if x is None else x
+        q, v = a.query(x, cos, sin), a.values(x)
+        k = a.keys(x, cos, sin) if k is None else k
+        keys, values, mask = (k, v, mask) if cache is None else cache.append(k, v)
+        h = h + a.o_proj(attend(q, keys, values, mask))
+        x = self.post_attention_layernorm(h)
+        return h + self.mlp.down_proj(self.act(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)), q, k, v
+
+
+class KVCache:
+    """One layer's keys / values: the tokens it ran on in the prefill, then the generated ones, in
+    buffers [B, capacity, Hkv, D] allocated once. valid [B, capacity]: True where a slot holds a key."""
+
+    def __init__(self, k, v, key_mask, new_tokens):
+        B, n = k.shape[:2]
+        self.k = torch.cat([k, k.new_zeros(B, new_tokens, *k.shape[2:])], 1)
+        self.v = torch.cat([v, v.new_zeros(B, new_tokens, *v.shape[2:])], 1)
+        valid = torch.ones(B, n, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
+        self.valid = torch.cat([valid, valid.new_zeros(B, new_tokens)], 1)
+        self.size = n
+
+    def append(self, k, v):
+        """Write one token's k / v [B, 1, Hkv, D]; returns the buffers and the attention mask."""
+        self.k[:, self.size], self.v[:, self.size] = k[:, 0], v[:, 0]
+        self.valid[:, self.size] = True
+        self.size += 1
+        return self.k, self.v, self.valid[:, None, None, :]
+
+
+@dataclass
+class LlavaOutput:
+    logits: Tensor            # [B, L_last, vocab] with all_logits=True, else [B, 1, vocab] (the last token)
+    last_logits: Tensor       # [B, vocab]: the last token's
+    kept: list                # per stage, int64 [B, k_s]: visual-token indices (0..N_v-1) kept there
+    sequence: Sequence        # the sequence after the last layer (its .index: each row's input position)
+    hidden_states: Optional[list] = None  # output_hidden_states: per layer, its input [B, L_l, d]
+    hidden_index: Optional[list] = None   # ... and each row's index in input_ids [B, L_l]
+    layer_scores: Optional[list] = None   # output_scores: per layer, fp32 [B, M_l] T-V scores of
+    #                                       the visual tokens at that layer's input (layer's q/k)
+
+    @property
+    def token_index(self) -> Tensor:
+        """[B, L_last]: each row of the full logits' position in input_ids."""
+        return self.sequence.index
+
+
+class LlavaForward(nn.Module):
+    """LLaVA (CLIP + MLP projector + LLaMA) with visual-token pruning through the pruning engine.
+
+    Build with `from_pretrained(dir)` (an HF llava checkpoint, safetensors) or `from_config(dict)` +
+    `load_tensors(mapping)`. dtype and device are fixed at construction. `backend` (None = each
+    device's default kernels) is passed to every swiftvlm op.
+    """
+
+    def __init__(self, config: Mapping):
+        super().__init__()
+        self.config = dict(config)
+        llava, vision, text = checkpoint.parse_config(config)
+        self.text_config = text  # with the defaults filled in (prefill_flops reads it)
+        layers = llava.vision_feature_layer
+        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
+        depth = vision.num_hidden_layers + 1  # hidden states: embeddings + one per layer
+        if not self.feature_layers or any(not -depth <= i < depth for i in self.feature_layers):
+            raise ValueError(f"config.vision_feature_layer: expected indices in [{-depth}, {depth - 1}], "
+                             f"got {layers!r}")
+        self.feature_layers = [i % depth for i in self.feature_layers]
+        self.keep_cls = llava.vision_feature_select_strategy == "full"
+        self.image_token_id = llava.image_token_index
+        self.image_size, self.num_channels = vision.image_size, vision.num_channels
+        self.num_visual_tokens = (vision.image_size // vision.patch_size) ** 2 + self.keep_cls
+        self.num_layers, self.head_dim = text.num_hidden_layers, text.head_dim
+        self.tied = llava.tie_word_embeddings
+        self.backend = None
+
+        self.vision_tower = CLIPVisionTower(vision, max(self.feature_layers))
+        self.multi_modal_projector = Projector(vision.hidden_size * len(self.feature_layers), text.hidden_size,
+                                               llava.projector_hidden_act, llava.multimodal_projector_bias)
+        self.language_model = nn.Module()
+        self.language_model.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.language_model.layers = nn.ModuleList(DecoderLayer(text) for _ in range(text.num_hidden_layers))
+        self.language_model.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.inv_freq = checkpoint.rope_inv_freq(text)  # fp32, not a buffer: .to(dtype) must not round it
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping, dtype=torch.float32, device="cpu") -> "LlavaForward":
+        """An uninitialised model (weights to be loaded) in `dtype` on `device`."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype).to_empty(device=device)
+        model.inv_freq = model.inv_freq.to(device)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "LlavaForward":
+        """Load an HF-format LLaVA checkpoint directory: config.json + *.safetensors (sharded with
+        model.safetensors.index.json or not). Tensors are read with safetensors only."""
+        model = cls.from_config(checkpoint.read_config(Path(path)), dtype, device)
+        model.load_tensors(checkpoint.SafetensorsCheckpoint(Path(path)))
+        return model
+
+    def load_tensors(self, tensors: Mapping):
+        """Copy checkpoint tensors (any llava-hf key layout, see `checkpoint.canonical_name`) into the
+        model. Unused tensors (vision layers past the feature layer, post_layernorm) are ignored; a
+        missing or mis-shaped tensor is a ValueError naming it."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = set()
+        with torch.no_grad():
+            for key in tensors:
+                name = checkpoint.canonical_name(key)
+                if name not in params:
+                    continue
+                t = tensors[key]
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise ValueError(f"checkpoint tensor {key}: shape {tuple(t.shape)} does not match the config "
+                                     f"({tuple(params[name].shape)})")
+                params[name].copy_(t)
+                loaded.add(name)
+        if self.tied and "lm_head.weight" not in loaded and "language_model.embed_tokens.weight" in loaded:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        missing = sorted(set(params) - loaded)
+        if len(missing) == len(params):
+            raise ValueError("checkpoint: no LLaVA tensor found (expected keys like "
+                             "'language_model.model.layers.0.self_attn.q_proj.weight')")
+        if missing:
+            raise ValueError(f"checkpoint: {len(missing)} tensors missing: {', '.join(missing[:8])}"
+                             + (", ..." if len(missing) > 8 else ""))
+
+    # -- input checks (the only place that reads tensor values on the host) ----------------------
+
+    def plan_for(self, pruning) -> Optional[PruningPlan]:
+        """The PruningPlan this model executes for `pruning` (None, a pruning object or a plan)."""
+        if pruning is None:
+            return None
+        plan = pruning if isinstance(pruning, PruningPlan) else pruning.plan(self.num_visual_tokens, self.num_layers)
+        if (plan.n_vis, plan.num_layers) != (self.num_visual_tokens, self.num_layers):
+            raise ValueError(f"pruning: the plan is for n_vis = {plan.n_vis}, num_layers = {plan.num_layers}; "
+                             f"this model has {self.num_visual_tokens} visual tokens and {self.num_layers} layers")
+        return plan
+
+    def _check_inputs(self, input_ids, pixel_values, attention_mask, plan):
+        """Validated inputs on the model's device; attention_mask None when nothing is padding."""
+        device = self.lm_head.weight.device
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError("input_ids: expected an integer tensor [B, L], "
+                             f"got {getattr(input_ids, 'shape', input_ids)}")
+        B, L = input_ids.shape
+        size = (B, self.num_channels, self.image_size, self.image_size)
+        if not isinstance(pixel_values, Tensor) or tuple(pixel_values.shape) != size:
+            raise ValueError(f"pixel_values: expected shape {list(size)} (one image per sample), "
+                             f"got {list(getattr(pixel_values, 'shape', []))}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask: expected shape [{B}, {L}], got {list(attention_mask.shape)}")
+        ids = input_ids.cpu()
+        valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.cpu()
+        if not ((valid == 0) | (valid == 1)).all():
+            raise ValueError("attention_mask: expected 0 / 1 values")
+        valid = valid.bool()
+        if (valid[:, :-1] & ~valid[:, 1:]).any() or not valid[:, -1].all():
+            raise ValueError("attention_mask: only left padding is supported (each row 0...0 1...1, "
+                             "the last token valid)")
+        n_vis = self.num_visual_tokens
+        is_image = ids == self.image_token_id
+        for b in range(B):
+            where = is_image[b].nonzero().flatten().tolist()
+            if len(where) != n_vis:
+                raise ValueError(f"input_ids: sample {b} has {len(where)} image tokens (id {self.image_token_id}), "
+                                 f"the image gives {n_vis} features")
+            if where[-1] - where[0] + 1 != n_vis:
+                raise ValueError(f"input_ids: sample {b}: the {n_vis} image tokens are not contiguous")
+            if not valid[b, where[0]]:
+                raise ValueError(f"input_ids: sample {b}: image tokens fall in the padding")
+            if plan is not None and where[-1] == L - 1:
+                raise ValueError(f"input_ids: sample {b} ends with the image; pruning scores visual tokens "
+                                 "with the last text token's query, so a text token must follow the image")
+        mask = None if valid.all() else valid.to(device)
+        return input_ids.to(device), pixel_values.to(device), mask
+
+    # -- the prefill --------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values):
+        """[B, N_v, d_text]: the projected CLIP features LLaVA places at the image tokens."""
+        states = self.vision_tower(pixel_values)
+        features = torch.cat([states[i] for i in self.feature_layers], -1)
+        return self.multi_modal_projector(features if self.keep_cls else features[:, 1:])
+
+    def embed(self, input_ids, pixel_values, vis_start):
+        """Token embeddings with the image features written over the image tokens' span."""
+        text = self.language_model.embed_tokens(torch.where(input_ids == self.image_token_id, 0, input_ids))
+        image = self.image_features(pixel_values).to(text.dtype)
+        rows = vis_start[:, None] + torch.arange(image.shape[1], device=text.device)
+        return text.scatter(1, rows[..., None].expand(-1, -1, text.shape[-1]), image)
+
+    def rope_table(self, positions, dtype):
+        """[B, n, 2, head_dim] at integer positions [B, n]: cos, and sin with rotate_half's sign
+        (-sin on the first half), fp32 math, then dtype."""
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        return torch.stack([torch.cat([freqs, freqs], -1).cos(), torch.cat([-freqs, freqs], -1).sin()], 2).to(dtype)
+
+    @staticmethod
+    def attention_mask(key_mask):
+        """None (causal attention) without padding; else [B, 1, L, L]: causal among valid keys, and
+        every query sees itself (a padding row never has an empty softmax). With left padding the
+        mask of a pruned sequence of n rows is this one's [:n, :n] corner: padding rows are never
+        pruned, so row i is padding exactly when it was in the input."""
+        if key_mask is None:
+            return None
+        L = key_mask.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=key_mask.device).tril_()
+        return ((causal & key_mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_mask.device))[:, None]
+
+    def prefill(self, input_ids, pixel_values, attention_mask, plan, *, cache_tokens=None, hidden=None,
+                scores=None, stage_scores=None):
+        """The decoder layers over a sequence that the plan's stages shorten. Returns the final
+        sequence (its h after the last norm) and, with cache_tokens, per-layer KV caches with room
+        for that many new tokens. hidden / scores: lists that receive each layer's input (with its
+        input positions) / each layer's T-V scores."""
+        B, L = input_ids.shape
+        n_vis, scale = self.num_visual_tokens, self.head_dim ** -0.5
+        vis_start = (input_ids == self.image_token_id).int().argmax(1)
+        h = self.embed(input_ids, pixel_values, vis_start)
+        positions = torch.arange(L, device=h.device).expand(B, L) if attention_mask is None else \
+            (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+        seq = Sequence.begin(h, vis_start, n_vis, attention_mask, carry={"rope": self.rope_table(positions, h.dtype)},
+                             left_padded=True)
+        engine = PruningEngine(plan, scale, self.backend) if plan is not None else None
+        full_mask, caches = self.attention_mask(attention_mask), []
+        mask = full_mask
+        for i, layer in enumerate(self.language_model.layers, start=1):
+            x = k = None
+            s = plan.stage_before(i) if plan is not None else None
+            if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
+                seq = engine.restore(seq)
+                x, k, q_last = self.stage_inputs(layer, seq)
+                seq = engine.select(seq, s, q_last, k.transpose(1, 2), self._scores(stage_scores, s))
+                x, k, mask = seq.take(x), seq.take(k), self._corner(full_mask, seq)
+            if hidden is not None:
+                hidden.append((seq.h, seq.index))
+            cos, sin = seq.carry["rope"].unbind(2)
+            seq.h, q, k, v = layer(seq.h, cos, sin, mask, x=x, k=k)
+            if cache_tokens is not None:
+                caches.append(KVCache(k, v, seq.key_mask, cache_tokens))
+            if scores is not None:
+                scores.append(self._layer_scores(seq, q, k))
+            s = plan.stage_after(i) if plan is not None else None
+            if s is not None:  # first / drop-only stage: this layer's own query and keys
+                seq = engine.select(seq, s, q[:, -1], k.transpose(1, 2), self._scores(stage_scores, s))
+                mask = self._corner(full_mask, seq)
+        seq.h = self.language_model.norm(seq.h)
+        return seq, caches
+
+    @staticmethod
+    def stage_inputs(layer, seq):
+        """What a stage that acts before `layer` scores with, on the restored sequence: the normed
+        input x, the keys of every row and the last token's query (Eq. 19's extra work: the rest
+        tokens' keys and one query). The layer then reuses x and the keys of its kept rows."""
+        cos, sin = seq.carry["rope"].unbind(2)
+        x = layer.input_layernorm(seq.h)
+        k = layer.self_attn.keys(x, cos, sin)
+        return x, k, layer.self_attn.query(x[:, -1:], cos[:, -1:], sin[:, -1:])[:, 0]
+
+    @staticmethod
+    def _corner(full_mask, seq):
+        """The attention mask of a pruned left-padded sequence: the input mask's [:n, :n] corner."""
+        n = seq.h.shape[1]
+        return None if full_mask is None else full_mask[:, :, :n, :n]
+
+    def _layer_scores(self, seq, q, k):
+        return ops.tv_score(q[:, -1], k.transpose(1, 2), seq.vis_start, seq.vis_len, self.head_dim ** -0.5, seq.key_mask,
+                        backend=self.backend)
+
+    @staticmethod
+    def _scores(stage_scores, s):
+        return None if stage_scores is None or stage_scores[s] is None else stage_scores[s].float()
+
+    @torch.no_grad()
+    def forward(self, input_ids, pixel_values, attention_mask=None, pruning=None, *, all_logits=False,
+                output_hidden_states=False, output_scores=False, stage_scores=None) -> LlavaOutput:
+        """Prefill logits with `pruning` (a SwiftVLM / FastV / PDrop object, a PruningPlan, or None).
+
+        input_ids [B, L] hold exactly N_v contiguous image tokens per sample (anywhere, after any left
+        padding); pixel_values [B, C, S, S]; attention_mask [B, L] (0 = left padding). The logits are
+        the last token's unless all_logits=True (every row that reaches the last layer).
+        Analysis options: output_hidden_states (each layer's input, with token indices),
+        output_scores (each layer's T-V scores of its visual tokens), stage_scores (per stage, fp32
+        [B, M] scores of the stage's current visual tokens that replace the model's own, or None).
+        """
+        plan = self.plan_for(pruning)
+        hidden, scores = ([] if output_hidden_states else None), ([] if output_scores else None)
+        seq, _ = self.prefill(*self._check_inputs(input_ids, pixel_values, attention_mask, plan), plan,
+                              hidden=hidden, scores=scores, stage_scores=stage_scores)
+        logits = self.lm_head(seq.h if all_logits else seq.h[:, -1:])
+        return LlavaOutput(logits, logits[:, -1], seq.kept, seq,
+                           [h for h, _ in hidden] if hidden is not None else None,
+                           [i for _, i in hidden] if hidden is not None else None, scores)
+
+    # -- decoding -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values, attention_mask=None, pruning=None, max_new_tokens=16, *,
+                 stage_scores=None) -> Tensor:
+        """Greedy decoding after a (pruned) prefill: int64 [B, max_new_tokens]. Every layer attends
+        to the keys it kept in the prefill plus the new tokens'; new position ids continue from
+        each sample's unpadded prompt length (SPEC property 5). No early stop at EOS."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        plan = self.plan_for(pruning)
+        input_ids, pixel_values, mask = self._check_inputs(input_ids, pixel_values, attention_mask, plan)
+        seq, caches = self.prefill(input_ids, pixel_values, mask, plan, cache_tokens=max_new_tokens - 1,
+                                   stage_scores=stage_scores)
+        token = self.lm_head(seq.h[:, -1]).argmax(-1)
+        tokens = [token]
+        prompt_len = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(1)
+        for t in range(max_new_tokens - 1):
+            cos, sin = self.rope_table((prompt_len + t)[:, None], seq.h.dtype).unbind(2)
+            h = self.language_model.embed_tokens(token)[:, None]
+            for layer, cache in zip(self.language_model.layers, caches):
+                h = layer(h, cos, sin, None, cache)[0]
+            token = self.lm_head(self.language_model.norm(h[:, -1])).argmax(-1)
+            tokens.append(token)
+        return torch.stack(tokens, 1)

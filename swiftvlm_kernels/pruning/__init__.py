@@ -1,0 +1,10 @@
+"""Visual-token pruning: the plans (SwiftVLM, FastV, PDrop and the budget rule), the engine that
+runs a plan inside any decoder loop, prefill FLOPs (Eq. 17-19) and pruning-layer selection
+(Sec. 3.2). Layers are numbered from 1, as in the paper."""
+from .engine import PruningEngine, Sequence
+from .flops import PrefillFlops, layer_flops, prefill_flops
+from .plan import METHODS, FastV, PDrop, PruningPlan, Stage, SwiftVLM
+from .selection import layer_profile, select_pruning_layers
+
+__all__ = ["SwiftVLM", "FastV", "PDrop", "PruningPlan", "Stage", "METHODS", "PruningEngine", "Sequence",
+           "prefill_flops", "layer_flops", "PrefillFlops", "layer_profile", "select_pruning_layers"]

@@ -1,0 +1,172 @@
+"""The pruning engine: runs a PruningPlan's stages inside any decoder loop.
+
+The engine knows nothing of the model. A decoder loop hands it the current `Sequence` and, at a
+pruning layer, the layer's last-token query and keys; it gets back the new sequence. The loop:
+
+    seq = Sequence.begin(h, vis_start, key_mask, carry={"rope": rope_table})
+    for i, layer in enumerate(layers, start=1):
+        if (s := plan.stage_before(i)) is not None:      # SwiftVLM stage s >= 2
+            seq = engine.restore(seq)                     # all N_v visual tokens back (Eq. 12-13)
+            seq = engine.select(seq, s, q_last, k)        # layer i's query / keys on that sequence
+        seq.h, q, k = layer(seq.h, ...)                   # per-token tensors: seq.carry[...]
+        if (s := plan.stage_after(i)) is not None:       # first / drop-only stage
+            seq = engine.select(seq, s, q[:, :, -1], k)   # effective from layer i + 1
+
+A sequence. Text tokens are never pruned and each sample's visual tokens form one block of M rows
+starting at row vis_start[b], so the batch stays rectangular and every sample keeps its block at
+the same row. Rows stay in position order (the causal mask keeps its meaning); a merged token takes
+its group target's row and position. The client's per-token tensors (RoPE tables, position ids,
+anything [B, n, ...]) ride along in `carry`: each stage moves them with one index_select.
+
+A stage (`select`): score_select (Eq. 1-2 and top-k); compact rebuilds the sequence in one pass and
+sets the rest aside; for a merging stage, group_merge (Eq. 10-11) and one index_copy_ of the merged
+tokens into their rows. `restore` (the next SwiftVLM stage) rebuilds the earlier sequence in one
+pass, the bypassed tokens shifted by their merged token's drift (Eq. 12-13). Nothing reads device
+values on the host, so the whole path can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .plan import PruningPlan
+
+
+@dataclass
+class _Bypass:
+    """What a merging stage sets aside until the next stage restores it (Fig. 5)."""
+    before: "Sequence"   # the sequence the stage compacted, without its hidden states
+    inverse: Tensor      # [B, n] compact's: the new row carrying each earlier row, -1 for rest tokens
+    rest_idx: Tensor     # [B, R] the rest tokens' block slots
+    rest_h: Tensor       # [B, R, d] their states when set aside (h^x of Eq. 13)
+    group: Tensor        # [B, R] their merged token
+    merged_rows: Tensor  # [B, Z] where the merged tokens sit (flattened rows)
+    merged_then: Tensor  # [B, Z, d] the merged tokens when made (h~^x_gm of Eq. 12)
+
+
+@dataclass
+class Sequence:
+    """A batch's token sequence between pruning stages: what the decoder layers run on.
+
+    h         [B, n, d] hidden states.
+    vis_start [B] the row where each sample's visual block starts (the same row at every stage).
+    vis_len   M, the visual block's rows (visual tokens kept and merged ones).
+    key_mask  bool [B, n], True = a valid key; None = every key is valid (no padding).
+    left_padded  True when key_mask is left padding (row i valid iff i >= the sample's padding) and
+              no visual token is padding: a pruned sequence's key mask is then key_mask[:, :n], a
+              view, since padding rows are text rows and text is never pruned.
+    carry     the client's per-token tensors, [B, n, ...], moved with the tokens.
+    src       int64 [B, n], each row's flattened row (b * n_prev + row) in the previous sequence;
+              None at the start.
+    kept      per stage so far, int64 [B, k_s]: the visual-token ids (0..N_v-1) kept there.
+    """
+    h: Tensor
+    vis_start: Tensor
+    vis_len: int
+    key_mask: Optional[Tensor] = None
+    carry: dict = field(default_factory=dict)
+    left_padded: bool = False
+    src: Optional[Tensor] = None
+    kept: list = field(default_factory=list)
+    _full: bool = True                    # the block holds every visual token, in id order
+    _block_ids: Optional[Tensor] = None   # [B, M] visual ids of the block rows, when known
+    _index: Optional[Tensor] = None       # [B, n] each row's input position, made on demand
+    _parent: Optional["Sequence"] = None  # the previous sequence (hidden states dropped), for index
+    _bypass: Optional[_Bypass] = None
+
+    @classmethod
+    def begin(cls, h: Tensor, vis_start: Tensor, vis_len: int, key_mask: Optional[Tensor] = None,
+              carry: Optional[dict] = None, left_padded: bool = False) -> "Sequence":
+        """The unpruned input sequence: h [B, L, d] with N_v = vis_len visual tokens per sample from
+        row vis_start[b]; key_mask None when no key is padding."""
+        return cls(h, vis_start, vis_len, key_mask, dict(carry or {}), left_padded)
+
+    def take(self, x: Tensor) -> Tensor:
+        """x [B, n_prev, ...] of the previous sequence, moved to this sequence's rows."""
+        return self.take_rows(x, self.src)
+
+    @staticmethod
+    def take_rows(x: Tensor, src: Tensor) -> Tensor:
+        """x [B, n_prev, ...] at the flattened rows src [B, n]: [B, n, ...], one index_select."""
+        B, n = src.shape
+        return x.reshape(B * x.shape[1], *x.shape[2:]).index_select(0, src.view(-1)).view(B, n, *x.shape[2:])
+
+    @property
+    def index(self) -> Tensor:
+        """int64 [B, n]: each row's position in the input sequence (a merged token: its target's)."""
+        if self._index is None:
+            if self._parent is None:
+                B, n = self._size
+                self._index = torch.arange(n, device=self.vis_start.device).expand(B, n)
+            else:
+                self._index = self._parent.index.reshape(-1)[self.src.view(-1)].view(self.src.shape)
+        return self._index
+
+    @property
+    def block_ids(self) -> Tensor:
+        """int64 [B, M]: the visual-token id of each row of the visual block."""
+        if self._block_ids is not None:
+            return self._block_ids
+        if self._full:
+            return torch.arange(self.vis_len, device=self.vis_start.device).expand(self._size[0], self.vis_len)
+        rows = self.vis_start.to(torch.long)[:, None] + torch.arange(self.vis_len, device=self.vis_start.device)
+        return self.index.gather(1, rows) - self.vis_start.to(torch.long)[:, None]
+
+    def __post_init__(self):
+        if self.h is not None:
+            self._size = tuple(self.h.shape[:2])  # (B, n), kept when the hidden states are dropped
+
+    def _metadata(self) -> "Sequence":
+        """This sequence without its hidden states (what a bypass keeps of it)."""
+        meta = replace(self, h=None, _bypass=None)
+        meta._size = self._size
+        return meta
+
+
+class PruningEngine:
+    """Executes one PruningPlan on a batch: `select` at a stage's layer, `restore` before a later
+    SwiftVLM stage. scale: the attention softmax scale (head_dim ** -0.5); backend: None for the
+    device's default kernels, or a backend name for every op (tests, benchmarks)."""
+
+    def __init__(self, plan: PruningPlan, scale: float, backend: Optional[str] = None):
+        self.plan, self.scale, self.backend = plan, scale, backend
+
+    def select(self, seq: Sequence, s: int, q_last: Optional[Tensor], k: Optional[Tensor],
+               scores: Optional[Tensor] = None) -> Sequence:
+        """Stage s (0-based) on `seq`: score the visual block with q_last [B, H, D] and k [B, Hkv, n, D]
+        (after RoPE; any strides), keep k_s tokens, and merge the rest into Z_s bypassing tokens or
+        drop it. `scores` fp32 [B, M] replaces the model's own scores (analysis)."""
+        stage, backend = self.plan.stages[s], self.backend
+        if scores is None:
+            keep_idx, rest_idx, _ = ops.score_select(q_last, k, seq.vis_start, seq.vis_len, stage.keep,  # Eq. 1-2
+                                                     self.scale, seq.key_mask, backend=backend)
+        else:
+            keep_idx, rest_idx = ops.topk_select(scores, stage.keep, backend=backend)
+        kept = keep_idx if seq._full else seq.block_ids.gather(1, keep_idx)
+        h, src, rest_h, merged_rows, inverse = ops.compact(seq.h, seq.vis_start, keep_idx, rest_idx, stage.merge,
+                                                           backend=backend)
+        new = Sequence(h, seq.vis_start, stage.keep + stage.merge, left_padded=seq.left_padded, kept=seq.kept + [kept],
+                       src=src, _full=False, _block_ids=kept if stage.merge == 0 else None, _parent=seq._metadata())
+        if seq.key_mask is not None:
+            new.key_mask = seq.key_mask[:, :h.shape[1]] if seq.left_padded else seq.take_rows(seq.key_mask, src)
+        new.carry = {name: new.take(x) for name, x in seq.carry.items()}
+        if stage.merge:
+            merged, group, _ = ops.group_merge(rest_h, stage.merge, backend=backend)  # Eq. 10-11
+            h.view(-1, h.shape[-1]).index_copy_(0, merged_rows.view(-1), merged.view(-1, h.shape[-1]))
+            new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
+        return new
+
+    def restore(self, seq: Sequence) -> Sequence:
+        """Before a later SwiftVLM stage: the sequence the last merging stage compacted, every rest
+        token back as h + merged_now - merged_then of its group (Eq. 12-13). A sequence that
+        bypasses nothing is returned as it is."""
+        bp = seq._bypass
+        if bp is None:
+            return seq
+        h = ops.restore(seq.h, bp.inverse, seq.vis_start, bp.rest_idx, bp.rest_h, bp.group, bp.merged_rows,
+                        bp.merged_then, backend=self.backend)
+        return replace(bp.before, h=h, kept=seq.kept)  # (h set: __post_init__ records its size)
