@@ -242,7 +242,10 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--once", action="store_true", help="run every case once, untimed (for compute-sanitizer)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
     rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype), once=args.once)
     if args.once:
         print("ran every case once")

@@ -130,14 +130,34 @@ def main(run_dir):
         with open(os.path.join(run_dir, "prefill.json")) as f:
             prefill_rows = json.load(f)["rows"]
     env = ops_rows[0] if ops_rows else {}
-    text = [f"# Benchmark report\n\n{env.get('device_name')} — torch {env.get('torch')}, triton {env.get('triton')}, "
-            f"commit {env.get('commit')}, dtype {env.get('dtype')}; measured copy bandwidth "
-            f"{env.get('copy_gbps', 0):.0f} GB/s.\n", "## Goals\n", goals(ops_rows, prefill_rows), "## Kernels\n",
-            markdown(all_rows), "## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
+    text = [f"# Benchmark report\n\n{env.get('device_name')} ({env.get('device')}, {env.get('threads')} threads) — "
+            f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}, date {env.get('date')}, "
+            f"dtype {env.get('dtype')}; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n",
+            "## Goals\n", goals(ops_rows, prefill_rows)]
     if prefill_rows:
         from bench.prefill import markdown as prefill_md
 
-        text += ["## End-to-end prefill\n", prefill_md(prefill_rows)]
+        with open(os.path.join(run_dir, "prefill.json")) as f:
+            meta = json.load(f)
+        e = meta["environment"]
+        text += [f"## End-to-end prefill\n\n{meta['model']}-shaped language model, {meta['dtype']}, "
+                 f"{meta['n_text']} text tokens; {e['device_name']}, {e['threads']} thread(s), torch {e['torch']}, "
+                 f"commit {e['commit']}.\n", prefill_md(prefill_rows)]
+    host_path = os.path.join(run_dir, "host.json")
+    if os.path.exists(host_path):
+        with open(host_path) as f:
+            host = json.load(f)
+        text += ["## Ops per pruning stage beyond the vanilla forward (tiny LLaVA; counted)\n",
+                 "| input | method | stages | extra ops | per stage | host syncs |\n|---|---|---|---|---|---|\n" + "".join(
+                     f"| {label} | {r['method']} | {r['stages']} | {r['extra_launches']} | {r['ops_per_stage']:.1f} | "
+                     f"{r['syncs_beyond_vanilla']} |\n" for label, rows in host["stage_ops"].items() for r in rows),
+                 "## Host µs of an op call (CPU, 1 thread, tiny inputs, min over interleaved rounds)\n",
+                 "| op | op layer (dispatch + checks) | op call | the function alone | call - function |\n"
+                 "|---|---|---|---|---|\n" + "".join(
+                     f"| {r['op']} | {r['layer_us']:.1f} | {r['op_us']:.1f} | {r['direct_us']:.1f} | {r['extra_us']:.1f} |\n"
+                     for r in host["op_overhead"])]
+    text += ["## Kernels\n", markdown(all_rows), "## Measured backend order for `auto`\n",
+             "```python\n" + auto_table(ops_rows) + "```\n"]
     for p in plots(ops_rows, run_dir):
         text.append(f"![{os.path.basename(p)}]({os.path.basename(p)})\n")
     with open(os.path.join(run_dir, "report.md"), "w") as f:
