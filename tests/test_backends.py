@@ -578,3 +578,24 @@ def test_hypothesis_group_merge(backend, data):
     for i in data.draw(st.lists(st.integers(0, R - 1), max_size=2), label="zero tokens"):
         h[:, i] = 0.0
     _check_merge_near_ties(module, device, h.to(dtype), Z)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backend_is_bit_equal_to_the_reference(dtype):
+    """The cpu backend runs python_ref's arithmetic in python_ref's order, in chunks of rows and heads
+    (swiftvlm_kernels/cpu/_chunks.py): every output equals the reference's bit for bit, also at shapes
+    that span several chunks."""
+    import swiftvlm_kernels.cpu as cpu
+
+    g = _gen(40)
+    q, k = torch.randn(2, 8, 128, generator=g).to(dtype), torch.randn(2, 4, 1100, 128, generator=g).to(dtype)
+    vis_start, mask = torch.tensor([30, 70]), torch.rand(2, 1100, generator=g) > 0.05
+    for a, b in zip(cpu.score_select(q, k, vis_start, 1000, 333, 0.09, mask),
+                    python_ref.score_select(q, k, vis_start, 1000, 333, 0.09, mask)):
+        assert torch.equal(a, b)
+    h = torch.randn(2, 700, 512, generator=g).to(dtype)
+    for a, b in zip(cpu.group_merge(h, 31), python_ref.group_merge(h, 31)):
+        assert torch.equal(a, b)
+    group = torch.randint(0, 31, (2, 700), generator=g)
+    now, then = torch.randn(2, 31, 512, generator=g).to(dtype), torch.randn(2, 31, 512, generator=g).to(dtype)
+    assert torch.equal(cpu.bypass_align(h, group, now, then), python_ref.bypass_align(h, group, now, then))

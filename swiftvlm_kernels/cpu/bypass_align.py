@@ -1,14 +1,21 @@
 import torch
 
+from ._chunks import row_chunks
+
 
 def bypass_align(h_rest, group, merged_now, merged_then):
     """h_rest + merged_now[group] - merged_then[group] (Eq. 12-13), fp32 math, h_rest's dtype. The drift
     now - then is taken once per group (the same fp32 subtraction the reference does per token), then
-    gathered per token with one index_select."""
+    gathered per token with index_select, a chunk of rows at a time."""
     B, Z, d = merged_now.shape
+    R = h_rest.shape[1]
     drift = (merged_now.float() - merged_then.float()).reshape(B * Z, d)  # (Eq. 12)
-    flat = group.to(torch.long).clamp(0, Z - 1) + torch.arange(0, B * Z, Z)[:, None]  # ids clamped, as the reference
-    return (h_rest.float() + drift.index_select(0, flat.reshape(-1)).view(h_rest.shape)).to(h_rest.dtype)  # (Eq. 13)
+    ids = (group.to(torch.long).clamp(0, Z - 1) + torch.arange(0, B * Z, Z)[:, None]).reshape(-1)  # clamped, as the reference
+    out = torch.empty(B * R, d, dtype=h_rest.dtype)
+    rows = h_rest.reshape(B * R, d)
+    for lo, hi in row_chunks(B * R, d):
+        out[lo:hi] = drift.index_select(0, ids[lo:hi]).add_(rows[lo:hi])  # (Eq. 13): h + drift in fp32
+    return out.view(B, R, d)
 
 
 def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):

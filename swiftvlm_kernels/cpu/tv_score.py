@@ -1,12 +1,11 @@
 import torch
 
-CHUNK_FLOATS = 1 << 21  # 8 MiB of fp32 keys per chunk: below glibc's largest mmap threshold, so
-#                         the chunk's memory is reused instead of page-faulted in on every call
+from ._chunks import CHUNK_FLOATS
 
 
 def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     """fp32 [B, vis_len]: python_ref.tv_score's arithmetic, with K converted to fp32 a few KV heads at
-    a time and each sample's visual span sliced on the host (vis_start is a CPU tensor here)."""
+    a time (_chunks.py) and each sample's visual span sliced on the host (vis_start is a CPU tensor)."""
     B, H, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     qf = (q if q.dtype == torch.float32 else q.float()).reshape(B, Hkv, H // Hkv, D)
