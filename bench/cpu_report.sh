@@ -2,7 +2,8 @@
 # The CPU report in one command (about 15 minutes on 2 cores): the end-to-end prefill of the
 # TinyLlama-1.1B-shaped decoder (vanilla / FastV / PDrop / SwiftVLM at budgets 192 and 128, and HF
 # transformers' LlavaForConditionalGeneration), the ops per stage and the host overhead of an op call,
-# and the kernel microbenchmarks of python_ref against the cpu backend at LLaVA-1.5 / NeXT shapes.
+# and the kernel microbenchmarks of python_ref, the cpu backend and the naive selection (bf16 matmul,
+# softmax, torch.topk) at LLaVA-1.5 / NeXT shapes.
 # Everything single-threaded; JSON, markdown (report.md) under one folder.
 #   bash bench/cpu_report.sh [DIR]      default DIR: bench/results/cpu-<commit>
 set -euo pipefail
@@ -12,7 +13,7 @@ DEST="${1:-bench/results/cpu-$(git rev-parse --short HEAD)}"
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
 "$PYTHON" -m bench.host --json "$DEST/host.json" | tee "$DEST/host.log"
-"$PYTHON" -m bench.ops --models llava-1.5-7b llava-next-7b --batch 1 --providers eager cpu \
+"$PYTHON" -m bench.ops --models llava-1.5-7b llava-next-7b --batch 1 --providers eager cpu naive \
     --json "$DEST/ops.json" | tee "$DEST/ops.log"
 "$PYTHON" -m bench.prefill --hf --rounds 5 --json "$DEST/prefill.json" | tee "$DEST/prefill.log"
 "$PYTHON" -m bench.report "$DEST" > /dev/null

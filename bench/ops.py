@@ -2,8 +2,10 @@
 
     python -m bench.ops [--models ...] [--providers ...] [--json out.json]
 
-Providers: eager (python_ref), compile (torch.compile of python_ref), and the backends cpu, triton
-and cuda. Timing: bench/timer.py (CUDA-graph replay on a GPU; interleaved rounds on a CPU); every
+Providers: eager (python_ref), compile (torch.compile of python_ref), the backends cpu, triton and
+cuda, and `naive` for the selection ops: what pruning code often writes instead, a matmul in the input
+dtype, softmax, torch.topk and a sort (it rounds the logits to bf16 and breaks ties arbitrarily, so its
+selections differ from python_ref's: the yardstick of what exactness costs, not an alternative). Timing: bench/timer.py (CUDA-graph replay on a GPU; interleaved rounds on a CPU); every
 row has p50 / p20 / p80 µs, GB/s and the fraction of the copy bandwidth measured in the same run,
 its difference from python_ref, and the machine, versions and commit.
 """
@@ -32,7 +34,27 @@ KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
 MERGE_RATIO = 0.05  # Z = 5% of the rest
 OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
        "restore")
-PROVIDERS = ("eager", "compile", "cpu", "triton", "cuda")
+PROVIDERS = ("eager", "compile", "cpu", "triton", "cuda", "naive")
+
+
+def _naive_topk(scores, k):
+    keep = torch.topk(scores, k, dim=1).indices.sort(1).values
+    return keep, keep  # no rest list: the naive form only keeps
+
+
+def _naive_score_select(q, k, vis_start, vis_len, keep, scale, key_mask=None):
+    B, H, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.view(B, Hkv, H // Hkv, D), k.transpose(-1, -2)).view(B, H, L) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).mean(1)
+    scores = probs.gather(1, vis_start[:, None] + torch.arange(vis_len, device=q.device))
+    idx = _naive_topk(scores, keep)[0]
+    return idx, idx, scores
+
+
+NAIVE = {"topk_select": _naive_topk, "score_select": _naive_score_select}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +162,8 @@ def _backend_fn(provider, op, device_type):
 
 
 def get_fn(provider, op, device_type):
+    if provider == "naive":
+        return (NAIVE[op], None) if op in NAIVE else (None, "no naive form")
     if provider == "eager":
         return getattr(python_ref, op), None
     if provider == "compile":
@@ -198,7 +222,7 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
             fn(*args)
             continue
         try:
-            max_diff, index_mismatches = difference(op, args, fn) if provider != "eager" else (0.0, 0)
+            max_diff, index_mismatches = difference(op, args, fn) if provider not in ("eager", "naive") else (0.0, 0)
             t = measure({"op": lambda: fn(*args)}, device, rounds=7)["op"]
             p50, p20, p80 = t.median * 1e6, t.p20 * 1e6, t.p80 * 1e6
             timer = "cudagraph" if device.type == "cuda" else "interleaved"
