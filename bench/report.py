@@ -156,8 +156,9 @@ def main(run_dir):
                  "|---|---|---|---|---|\n" + "".join(
                      f"| {r['op']} | {r['layer_us']:.1f} | {r['op_us']:.1f} | {r['direct_us']:.1f} | {r['extra_us']:.1f} |\n"
                      for r in host["op_overhead"])]
-    text += ["## Kernels\n", markdown(all_rows), "## Measured backend order for `auto`\n",
-             "```python\n" + auto_table(ops_rows) + "```\n"]
+    text += ["## Kernels\n", markdown(all_rows)]
+    if any(r["provider"] in ("triton", "cuda") for r in ops_rows):
+        text += ["## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
     for p in plots(ops_rows, run_dir):
         text.append(f"![{os.path.basename(p)}]({os.path.basename(p)})\n")
     with open(os.path.join(run_dir, "report.md"), "w") as f:
