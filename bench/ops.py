@@ -188,17 +188,23 @@ def difference(op, args, fn):
     return worst, mismatched
 
 
+def unavailable(providers, device_type) -> dict:
+    """{provider: why it cannot run on device_type tensors here} for the providers that cannot."""
+    why = {p: _backend.unavailable_reason(p, device_type) for p in providers if p in _backend.BACKENDS}
+    return {p: reason for p, reason in why.items() if reason}
+
+
 def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, device=None,
-        dtype=torch.bfloat16, progress=True, once=False):
-    """Benchmark rows (dicts) for every (case, op, provider) that can run here. once=True runs each
-    only once, untimed (for compute-sanitizer), and returns no rows."""
+        dtype=torch.bfloat16, progress=True, once=False, on_row=None):
+    """Benchmark rows (dicts) for every (case, op, provider) that can run here (the others are
+    skipped, each with one line saying why). on_row(rows) is called after every row (a partial
+    report survives a late failure). once=True runs each only once, untimed (for compute-sanitizer),
+    and returns no rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     copy_gbps = copy_bandwidth(device)
-    unavailable = {p: _backend.unavailable_reason(p, device.type) for p in providers if p in _backend.BACKENDS}
-    unavailable = {p: why for p, why in unavailable.items() if why}
-    if unavailable and progress:
-        for p, why in unavailable.items():
+    for p, why in unavailable(providers, device.type).items():
+        if progress:
             print(f"bench.ops: provider {p!r} skipped: {why}", file=sys.stderr)
     # tv_score does not depend on the keep count: time it once per model and batch
     work = [(c, op, p) for c in cases(models, batches) for op in ops for p in providers
@@ -229,12 +235,14 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
         except Exception as e:  # one failing case must not lose the rest of the report
             rows.append(dict(op=op, provider=provider, error=f"{type(e).__name__}: {e}"[:300],
                              **dataclasses.asdict(case), **env))
-            continue
-        gbps = bytes_moved(op, case, elem) / (p50 * 1e-6) / 1e9
-        rows.append(dict(op=op, provider=provider, timer=timer, dtype=str(dtype).replace("torch.", ""),
-                         p50_us=p50, p20_us=p20, p80_us=p80, gbps=gbps, copy_gbps=copy_gbps,
-                         frac_copy_bw=gbps / copy_gbps, max_diff=max_diff, index_mismatches=index_mismatches,
-                         **dataclasses.asdict(case), **env))
+        else:
+            gbps = bytes_moved(op, case, elem) / (p50 * 1e-6) / 1e9
+            rows.append(dict(op=op, provider=provider, timer=timer, dtype=str(dtype).replace("torch.", ""),
+                             p50_us=p50, p20_us=p20, p80_us=p80, gbps=gbps, copy_gbps=copy_gbps,
+                             frac_copy_bw=gbps / copy_gbps, max_diff=max_diff, index_mismatches=index_mismatches,
+                             **dataclasses.asdict(case), **env))
+        if on_row is not None:
+            on_row(rows)
     if once and device.type == "cuda":
         torch.cuda.synchronize()
     return rows
@@ -270,7 +278,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not on_gpu:
         torch.set_num_threads(args.threads)
-    rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype), once=args.once)
+    missing = unavailable(args.providers, "cuda" if on_gpu else "cpu")
+    if missing and len(missing) == len(args.providers):
+        for p, why in missing.items():
+            print(f"python -m bench.ops: error: provider {p!r} is not available here: {why}", file=sys.stderr)
+        return 2
+
+    def save(rows):  # rewritten after every row: a late failure loses nothing
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    rows = run(args.models, args.batch, args.ops, args.providers, dtype=getattr(torch, args.dtype), once=args.once,
+               on_row=save)
     if args.once:
         print("ran every case once")
         return 0
@@ -279,9 +299,7 @@ def main(argv=None):
         print(f"{r['device_name']} ({r['device']}), torch {r['torch']}, triton {r['triton']}, commit {r['commit']}, "
               f"copy bandwidth {r['copy_gbps']:.1f} GB/s")
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save(rows)
     return 0
 
 

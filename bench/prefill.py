@@ -163,7 +163,7 @@ def hf_llava(model, dtype, device):
 
 
 def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5, dtype=torch.bfloat16,
-        device=None, hf=False, progress=print):
+        device=None, hf=False, progress=print, on_row=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(model_name, dtype, device)
     n_vis = model.num_visual_tokens
@@ -199,6 +199,8 @@ def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5,
                            ops_per_stage=c["ops_per_stage"], stages=c["stages"], host_syncs=c["syncs_beyond_vanilla"])
             rows.append(row)
             progress(format_row(row))
+            if on_row is not None:
+                on_row(rows)
         for variant in ("hf/all-logits", "hf/last-logit"):
             if variant in times:
                 t = times[variant]
@@ -249,12 +251,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not on_gpu:
         torch.set_num_threads(args.threads)
-    rows = run(args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype), hf=args.hf)
+    env = environment("cuda" if on_gpu else "cpu")
+
+    def save(rows):  # rewritten after every row: a late failure loses nothing
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "model": args.model, "dtype": args.dtype, "n_text": N_TEXT,
+                           "rows": rows}, f, indent=1)
+
+    rows = run(args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype), hf=args.hf,
+               on_row=save)
+    save(rows)
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment("cuda" if on_gpu else "cpu"), "model": args.model,
-                       "dtype": args.dtype, "n_text": N_TEXT, "rows": rows}, f, indent=1)
     return 0
 
 

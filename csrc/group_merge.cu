@@ -2,7 +2,8 @@
 // every group (Eq. 11). Two launches, no float atomics: the result does not depend on scheduling.
 //
 // group_assign_kernel: one block per rest token, a warp per target z (strided); each warp keeps its
-//   best (similarity, z) and the block combines them with the tie rule.
+//   best (similarity, z) and the block combines them with the tie rule. The cosine is computed in
+//   fp64 and rounded once to fp32, as the reference does (scale-safe; exact ties resolve alike).
 // group_mean_kernel: one block per (sample, group, tile of columns); it walks the group ids in
 //   position order and sums its members' columns in fp32, so every sum has one fixed order.
 #include <algorithm>
@@ -15,7 +16,7 @@ namespace {
 constexpr int kAssignThreads = 256;
 constexpr int kAssignWarps = kAssignThreads / kWarp;
 constexpr int kMeanThreads = 128;
-constexpr float kNormEps = 1e-12f;
+constexpr double kNormEps = 1e-300;
 
 // Similarity s of target z beats the current best (s_best, z_best): NaN ranks lowest, ties go to
 // the lower z; z_best < 0 means no non-NaN similarity yet.
@@ -48,9 +49,9 @@ __global__ void __launch_bounds__(kAssignThreads)
   int64_t best_z = -1;
   for (int64_t z = warp; z < Z; z += kAssignWarps) {
     const T* h_t = h + b * h_sb + (z * R / Z) * h_sr;
-    float dot = 0.0f;
-    float norm_i = 0.0f;
-    float norm_t = 0.0f;
+    double dot = 0.0;
+    double norm_i = 0.0;
+    double norm_t = 0.0;
     for (int64_t c = lane; c < nchunks; c += kWarp) {
       float xi[W];
       float xt[W];
@@ -58,16 +59,16 @@ __global__ void __launch_bounds__(kAssignThreads)
       load_chunk<T, W>(h_t + c * W, xt);
 #pragma unroll
       for (int w = 0; w < W; ++w) {
-        dot = fmaf(xi[w], xt[w], dot);
-        norm_i = fmaf(xi[w], xi[w], norm_i);
-        norm_t = fmaf(xt[w], xt[w], norm_t);
+        dot = fma(static_cast<double>(xi[w]), static_cast<double>(xt[w]), dot);
+        norm_i = fma(static_cast<double>(xi[w]), static_cast<double>(xi[w]), norm_i);
+        norm_t = fma(static_cast<double>(xt[w]), static_cast<double>(xt[w]), norm_t);
       }
     }
     dot = warp_sum(dot);
     norm_i = warp_sum(norm_i);
     norm_t = warp_sum(norm_t);
-    // Eq. 10: cos(h_i, h_t) with x / max(||x||, eps); a zero vector has similarity 0.
-    const float sim = dot / (fmaxf(sqrtf(norm_i), kNormEps) * fmaxf(sqrtf(norm_t), kNormEps));
+    // Eq. 10: cos(h_i, h_t) in fp64 with x / max(||x||, eps), rounded to fp32; a zero vector has similarity 0.
+    const float sim = static_cast<float>(dot / (fmax(sqrt(norm_i), kNormEps) * fmax(sqrt(norm_t), kNormEps)));
     if (better(sim, z, best, best_z)) {
       best = sim;
       best_z = z;

@@ -114,6 +114,14 @@ __global__ void __launch_bounds__(kScoreThreads) score_partial_kernel(ScoreArgs 
   }
 }
 
+// True when sample b has a valid key; every lane of the warp calls it and gets the answer.
+__device__ bool any_valid_key(const ScoreArgs& a, int64_t b, int lane) {
+  if (a.key_mask == nullptr) return a.L > 0;
+  bool any = false;
+  for (int64_t j = lane; j < a.L && !any; j += kWarp) any = a.key_mask[b * a.mask_sb + j * a.mask_sl];
+  return __any_sync(kFullMask, any);
+}
+
 // Merged visual scores from the partials; also a Source of select_rows_kernel.
 struct VisualScores {
   ScoreArgs a;
@@ -158,10 +166,12 @@ struct VisualScores {
         for (int64_t t = lane; t < tiles; t += kWarp) s += tsum[t] * expf(tmax[t] - m);
         s = warp_sum(s);  // Eq. 2: softmax denominator over all valid keys
       }
+      // Every logit -inf (warp-uniform): without a valid key the head adds 0 to the mean; valid keys
+      // whose logits are all -inf make it NaN, as torch.softmax. A NaN or +inf logit already made s NaN.
+      const bool none_valid = m == -INFINITY && !any_valid_key(a, row, lane);
       if (lane == 0) {
-        // No valid key: every logit of the head is -inf and it adds 0 to the mean.
         head_max[h] = m == -INFINITY ? 0.0f : m;
-        head_sum[h] = m == -INFINITY ? 1.0f : s;
+        head_sum[h] = m == -INFINITY ? (none_valid ? 1.0f : NAN) : s;
       }
     }
     __syncthreads();

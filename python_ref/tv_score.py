@@ -8,7 +8,9 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     key head h // (H // Hkv). vis_start: integer [B]; key_mask: bool [B, L] (True = valid) or None.
     Returns fp32 [B, vis_len]: the mean over the H heads of softmax_j(scale * <q_h, k_j>) over all
     valid keys j, read at keys vis_start[b] + i. A sample with no valid key scores 0 everywhere;
-    visual positions outside [0, L) score 0.
+    visual positions outside [0, L) score 0. NaN or inf in q or k gives what torch.softmax gives: a
+    head with a NaN or +inf logit (or only -inf logits) has NaN probabilities, so the sample's scores
+    are NaN.
     """
     B, H, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -19,7 +21,8 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # all keys masked -> softmax of all -inf -> zeros
+    if key_mask is not None:  # a sample without a valid key: softmax of all -inf is NaN; it scores 0
+        probs = torch.where(key_mask.any(-1)[:, None, None, None], probs, 0.0)
     mean = probs.reshape(B, H, L).mean(dim=1)  # [B, L]
     pos = vis_start.to(torch.long)[:, None] + torch.arange(vis_len, device=q.device)
     inside = (pos >= 0) & (pos < L)

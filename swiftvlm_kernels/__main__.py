@@ -1,19 +1,52 @@
-"""`python -m swiftvlm_kernels [demo|ops] ...`.
+"""`python -m swiftvlm_kernels [demo|ops] [options]` (no subcommand: demo).
 
-demo   SwiftVLM, FastV and vanilla on the embedded tiny LLaVA (no downloads)
+demo   vanilla, SwiftVLM, FastV and PDrop on the embedded tiny LLaVA (no downloads)
 ops    score_select / group_merge / bypass_align on generated LLaVA-1.5-shaped data
 
-Benchmarks run from a source checkout: python -m bench.ops, bench.prefill, bench.host (bench/).
+Each subcommand has its own --help. A bad subcommand or option exits 2 with one line; an error while
+running prints one line and exits 1 (--debug: the traceback instead). Benchmarks run from a source
+checkout: python -m bench.ops, bench.prefill, bench.host (see bench/).
 """
+from __future__ import annotations
+
+import argparse
 import sys
 import time
 
 
-def ops_demo(argv):
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _backend(name: str) -> str:
+    """--backend, checked like the ops check it (one of auto, torch, cpu, triton, cuda)."""
+    from ._backend import BACKENDS
+
+    if name not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def require_backend(name, device_type: str) -> None:
+    """ValueError saying why when the named backend cannot run on `device_type` tensors here."""
+    from ._backend import unavailable_reason
+
+    if name not in (None, "auto"):
+        why = unavailable_reason(name, device_type)
+        if why is not None:
+            raise ValueError(f"--backend {name}: not available on {device_type} tensors here: {why}")
+
+
+def ops_demo(args) -> int:
     import torch
 
     import swiftvlm_kernels as sk
 
+    require_backend(args.backend, "cpu")
     torch.manual_seed(0)
     B, H, Hkv, D, n_text, n_vis, keep = 2, 32, 32, 128, 74, 576, 192
     L = n_text + n_vis
@@ -23,33 +56,55 @@ def ops_demo(argv):
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[1, :5] = False  # sample 1 is left-padded by 5 tokens
     t0 = time.perf_counter()
-    keep_idx, rest_idx, scores = sk.score_select(q, k, vis_start, n_vis, keep, key_mask=mask)
+    keep_idx, rest_idx, scores = sk.score_select(q, k, vis_start, n_vis, keep, key_mask=mask, backend=args.backend)
     dt = (time.perf_counter() - t0) * 1e3
     print(f"score_select: B={B}, H={H}, Hkv={Hkv}, D={D}, L={L}, {n_vis} visual tokens -> keep {keep}"
-          f" ({dt:.1f} ms on {q.device}, backend {sk.available_backends(q.device.type)[0]!r} by default)")
+          f" ({dt:.1f} ms on {q.device}, backend {args.backend or 'auto'})")
     for b in range(B):
         print(f"  sample {b}: vis_start={int(vis_start[b])}, first kept {keep_idx[b, :8].tolist()} ..., "
               f"top score {float(scores[b].max()):.5f}, visual mass {float(scores[b].sum()):.3f}")
     h = torch.randn(B, n_vis - keep, 4096)
-    merged, group, counts = sk.group_merge(h, 20)
-    restored = sk.bypass_align(h, group, merged + 0.5, merged)
-    print(f"group_merge: {n_vis - keep} rest tokens -> {merged.shape[1]} merged, group sizes "
-          f"{counts[0].tolist()}")
+    merged, group, counts = sk.group_merge(h, 20, backend=args.backend)
+    restored = sk.bypass_align(h, group, merged + 0.5, merged, backend=args.backend)
+    print(f"group_merge: {n_vis - keep} rest tokens -> {merged.shape[1]} merged, group sizes {counts[0].tolist()}")
     print(f"bypass_align: restored {tuple(restored.shape)}, mean offset {float((restored - h).mean()):.3f} (expected 0.5)")
     return 0
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    from . import demo
+
+    common = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the traceback")
+    parser = _Parser(prog="python -m swiftvlm_kernels", description=__doc__.split("\n")[0], parents=[common],
+                     epilog="Subcommands: demo (the default), ops. `python -m swiftvlm_kernels SUBCOMMAND --help`.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,ops}", parser_class=_Parser)
+    d = sub.add_parser("demo", parents=[common], help="vanilla / SwiftVLM / FastV / PDrop on the tiny LLaVA",
+                       description=demo.__doc__)
+    demo.add_arguments(d)
+    d.set_defaults(run=demo.run)
+    o = sub.add_parser("ops", parents=[common], help="the ops on LLaVA-1.5-shaped data",
+                       description="score_select, group_merge and bypass_align on generated LLaVA-1.5-shaped data.")
+    o.add_argument("--backend", type=_backend, default=None, help="auto, torch, cpu, triton or cuda (default: auto)")
+    o.set_defaults(run=ops_demo)
+    return parser
+
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
-    if command == "demo":
-        from .demo import main as run
-    elif command == "ops":
-        run = ops_demo
-    else:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return run(argv)
+    has_subcommand = any(a in ("demo", "ops") for a in argv)
+    if not argv or argv[0].startswith("-") and not has_subcommand and not any(a in ("-h", "--help") for a in argv):
+        argv = ["demo", *argv]  # no subcommand: the demo, with its options
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"python -m swiftvlm_kernels {args.command}: error: {message}\n")
+        return 1
 
 
 if __name__ == "__main__":

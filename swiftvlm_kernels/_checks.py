@@ -1,9 +1,13 @@
 """Input validation shared by the real and the fake (meta) implementations of every op.
 
-Shape, rank, dtype and device checks run on every call (they read only metadata). Checks that read
-tensor VALUES (vis_start + vis_len <= L, group ids < Z, rows < M) run when the tensor lives on the
-CPU, and on a GPU only when SWIFTVLM_DEBUG=1, because reading a GPU value synchronises with the host
-and breaks CUDA-graph capture. Kernels never touch memory out of bounds either way.
+Every error is a ValueError that names the argument and says what was expected.
+
+Shape, rank, dtype, device, stride and aliasing checks run on every call (they read only metadata).
+Checks that read tensor VALUES (vis_start + vis_len <= L, slots, group ids, rows; with
+SWIFTVLM_DEBUG=1 also NaN / inf in q, k and the hidden states) run when the tensor lives on the CPU,
+and on a GPU only when SWIFTVLM_DEBUG=1, because reading a GPU value synchronises with the host and
+breaks CUDA-graph capture. Kernels never touch memory out of bounds either way. Sizes may be SymInts
+(torch.compile with dynamic shapes, torch.export); a check on a SymInt records a guard.
 """
 import os
 
@@ -17,19 +21,30 @@ def _fail(msg):
     raise ValueError(msg)
 
 
+def _debug():
+    return os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
+
+
+def _readable(t):
+    """True when t holds values (not a fake or meta tensor)."""
+    return type(t) is torch.Tensor or not torch._subclasses.fake_tensor.is_fake(t)  # plain tensors: fast
+
+
 def _read_values(t):
     """True when the values of t may be read here without a host sync (or debug mode asks for it)."""
-    if type(t) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(t):
-        return False  # (a plain tensor is never fake: the common case skips the slower test)
+    if not _readable(t):
+        return False
     if t.is_cpu:
         return True
-    return t.device.type != "meta" and os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
+    return t.device.type != "meta" and _debug()
 
 
 def _min_max(t):
-    """(min, max) of a small integer tensor whose values may be read."""
-    values = t.flatten().tolist()
-    return min(values), max(values)
+    """(min, max) of an integer tensor whose values may be read."""
+    if t.numel() <= 64:
+        values = t.flatten().tolist()
+        return min(values), max(values)
+    return tuple(int(v) for v in torch.aminmax(t))
 
 
 def _tensor(name, t):
@@ -56,10 +71,22 @@ def _same(name, t, ref_name, ref, dtype=True):
 
 
 def _int(name, value, lo, hi, what):
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(f"{name}: expected an int, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        _fail(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if not lo <= value <= hi:
         _fail(f"{name}: expected {what} ({lo} <= {name} <= {hi}), got {value}")
+
+
+def _at_least_one(name, size, what):
+    if size < 1:
+        _fail(f"{name}: expected at least one {what}, got 0")
+
+
+def _finite(name, t):
+    """With SWIFTVLM_DEBUG=1: no NaN or inf in t (the ops' results follow torch.softmax otherwise)."""
+    if _debug() and t.numel() and _readable(t) and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        _fail(f"{name}: contains NaN or inf (SWIFTVLM_DEBUG=1 checks; without it the results follow the "
+              "rules of the README's Errors section)")
 
 
 def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
@@ -69,6 +96,8 @@ def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
     _same("k", k, "q", q)
     B, H, D = q.shape
     _, Hkv, L, Dk = k.shape
+    _at_least_one("q", H, "query head (q.shape[1])")
+    _at_least_one("q", D, "feature per head (q.shape[2], D)")
     if k.shape[0] != B:
         _fail(f"k: expected batch size {B} (q.shape[0]), got {k.shape[0]}")
     if Dk != D:
@@ -91,11 +120,13 @@ def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
         _same("key_mask", key_mask, "q", q, dtype=False)
         if tuple(key_mask.shape) != (B, L):
             _fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
-    if _read_values(vis_start) and B > 0:
+    if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + vis_len > L:
             _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
                   f"(vis_len = {vis_len}), got values in [{lo}, {hi}]")
+    _finite("q", q)
+    _finite("k", k)
 
 
 def check_topk_select(scores, k):
@@ -116,6 +147,7 @@ def check_group_merge(h, num_groups):
     if R == 0:
         _fail("h: expected at least one rest token (R >= 1), got R = 0")
     _int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
+    _finite("h", h)
 
 
 def check_bypass_align(h_rest, group, merged_now, merged_then):
@@ -138,10 +170,53 @@ def check_bypass_align(h_rest, group, merged_now, merged_then):
     Z = merged_now.shape[1]
     if Z == 0 and R > 0:
         _fail("merged_now: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
-    if _read_values(group) and group.numel() > 0:
+    if group.numel() and _read_values(group):
         lo, hi = _min_max(group)
         if lo < 0 or hi >= Z:
             _fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]), got values in [{lo}, {hi}]")
+
+
+def _byte_span(t):
+    """[start, end) bytes of t's elements in memory, or None for an empty or unreadable tensor."""
+    if t.numel() == 0 or not _readable(t) or t.device.type == "meta":
+        return None
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    low = t.data_ptr() + t.element_size() * sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())
+                                                if stride < 0)
+    return low, low + extent * t.element_size()
+
+
+def _strides_separate(t):
+    """True when no two elements of t share memory: ordered by stride, each dimension's stride exceeds
+    the span of the dimensions below it (what torch calls "too hard" to decide is decided here)."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
+def _writable(name, dst, inputs):
+    """dst may be written in place: no zero strides, no internal overlap, no shared memory with the
+    inputs, no autograd history to corrupt (as torch's own in-place ops refuse)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(dst.shape, dst.stride())):
+        _fail(f"{name}: expected a tensor without zero strides (an expanded view writes one element many "
+              f"times), got strides {tuple(dst.stride())} for shape {tuple(dst.shape)}")
+    if dst.requires_grad or (dst._base is not None and dst._base.requires_grad):
+        _fail(f"{name}: expected a tensor that does not require grad (nor its base): the op writes it in place "
+              "and has no gradient; use a detached tensor or torch.no_grad() on a copy")
+    span = _byte_span(dst)
+    if span is None:
+        return
+    if torch._debug_has_internal_overlap(dst) != 0 and not _strides_separate(dst):
+        _fail(f"{name}: expected a tensor whose elements do not overlap each other, got strides {tuple(dst.stride())}")
+    for other_name, other in inputs:
+        other_span = _byte_span(other)
+        if other_span is not None and other_span[0] < span[1] and span[0] < other_span[1]:
+            _fail(f"{name}: expected memory that does not overlap {other_name} (the op reads {other_name} while "
+                  "it writes dst); pass a separate tensor")
 
 
 def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
@@ -157,7 +232,9 @@ def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
     _same("rows", rows, "h_rest", h_rest, dtype=False)
     if tuple(rows.shape) != (B, R):
         _fail(f"rows: expected shape [{B}, {R}] ([B, R], one destination row per rest token), got {tuple(rows.shape)}")
-    if _read_values(rows) and rows.numel() > 0:
+    _writable("dst", dst, (("rows", rows), ("h_rest", h_rest), ("group", group), ("merged_now", merged_now),
+                           ("merged_then", merged_then)))
+    if rows.numel() and _read_values(rows):
         lo, hi = _min_max(rows)
         if lo < 0 or hi >= dst.shape[1]:
             _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]), got values in [{lo}, {hi}]")
@@ -176,7 +253,7 @@ def _index(name, t, ref_name, ref, shape, layout):
 def _in_range(name, t, lo, hi, what):
     """Values of t in [lo, hi) when they may be read."""
     if t.numel() and _read_values(t):
-        low, high = (int(v) for v in torch.aminmax(t))
+        low, high = _min_max(t)
         if low < lo or high >= hi:
             _fail(f"{name}: expected {what} in [{lo}, {hi}), got values in [{low}, {high}]")
 
@@ -208,6 +285,9 @@ def check_compact(h, vis_start, keep_idx, rest_idx, num_merged):
         if not bool(seen.all()):
             _fail(f"keep_idx, rest_idx: expected the slots 0..{M - 1} of each sample's block exactly once "
                   "(a partition, as score_select returns)")
+        for name, t in (("keep_idx", keep_idx), ("rest_idx", rest_idx)):
+            if t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all()):
+                _fail(f"{name}: expected ascending slots in each row (as score_select returns them)")
 
 
 def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
@@ -233,6 +313,8 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
         _fail(f"merged_then: expected shape [{B}, Z, {d}], got {list(merged_then.shape)}")
     if Z == 0 and R > 0:
         _fail("merged_then: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
+    if n_cur == 0 and B and n:
+        _fail("h: expected at least one row to restore from (n' >= 1)")
     _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
     _in_range("inverse", inverse, -1, B * n_cur, "flattened rows of h (or -1)")
     _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")

@@ -19,24 +19,48 @@ def _ids(t):
     return " ".join(str(v) for v in t.tolist())
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m swiftvlm_kernels demo", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="visual tokens per layer on average, merged ones counted (default: N_v / 3)")
-    parser.add_argument("--batch", type=int, default=2, help="samples; odd ones are left-padded")
-    parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens to generate")
+    parser.add_argument("--batch", type=_positive, default=2, help="samples; odd ones are left-padded")
+    parser.add_argument("--new-tokens", type=_positive, default=8, help="greedy tokens to generate")
     parser.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--backend", default=None, help="swiftvlm op backend: auto, torch, triton, cuda")
-    args = parser.parse_args(argv)
+    parser.add_argument("--backend", default=None, choices=("auto", "torch", "cpu", "triton", "cuda"),
+                        help="swiftvlm op backend (default: auto)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def run(args) -> int:
+    from .__main__ import require_backend
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: expected a torch device such as cpu or cuda, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    require_backend(args.backend, device.type)
     threads = torch.get_num_threads()
-    if args.device == "cpu":
+    if device.type == "cpu":
         torch.set_num_threads(1)  # matrices this small only pay the threads' start-up, on a busy CPU a lot
     try:
         return _run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swiftvlm_kernels demo", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def _run(args):

@@ -14,6 +14,7 @@ keyword-only `backend` that runs one call on a named backend (tests and benchmar
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
@@ -125,11 +126,49 @@ def _(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
 
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
 
-def _on(backend: str, op: str, *args):
-    """One call of `op` on the named backend, validated as the registered kernels validate."""
+def _argument_kinds(schema: str):
+    """[(name, kind)] of a schema string: kind is Tensor, Tensor?, SymInt or float."""
+    params = schema[schema.index("(") + 1:schema.rindex(") ->")]
+    return [(p.split()[1].split("=")[0], re.sub(r"\(a!\)", "", p.split()[0])) for p in params.split(", ")]
+
+
+_KINDS = {op: _argument_kinds(schema) for op, (schema, _) in SCHEMAS.items()}
+
+
+def _python_types(op: str, args) -> None:
+    """ValueError naming the argument when a Python value has the wrong type (the dispatcher would
+    raise a RuntimeError, and would take a bool for an int)."""
+    for (name, kind), value in zip(_KINDS[op], args):
+        if kind == "Tensor?" and value is None:
+            continue
+        if kind.startswith("Tensor"):
+            ok, want = isinstance(value, Tensor), "a torch.Tensor" + (" or None" if kind == "Tensor?" else "")
+        elif kind == "SymInt":
+            ok, want = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool), "an int"
+        else:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a float"
+        if not ok:
+            _checks._fail(f"{name}: expected {want}, got {type(value).__name__} {value!r}"[:200])
+
+
+def _call(op: str, backend: Optional[str], *args):
+    """One call of `op`: torch.ops.swiftvlm (the device's default backend) or the named backend,
+    validated as the registered kernels validate."""
+    _python_types(op, args)
+    if backend is None:
+        return getattr(torch.ops.swiftvlm, op)(*args)
     SCHEMAS[op][1](*args)
     device = next(a for a in args if isinstance(a, Tensor)).device
     return getattr(_backend.module(op, device.type, backend), op)(*args)
+
+
+def _scale(q, scale):
+    """The softmax scale: `scale`, else D ** -0.5 (ValueError naming q when it has no head dim)."""
+    if scale is not None:
+        return scale
+    _checks._rank("q", q, 3, "[B, H, D]")
+    _checks._at_least_one("q", q.shape[2], "feature per head (q.shape[2], D)")
+    return q.shape[2] ** -0.5
 
 
 def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: Optional[float] = None,
@@ -154,19 +193,15 @@ def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: Optio
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend is None:
-        return torch.ops.swiftvlm.tv_score(q, k, vis_start, vis_len, scale, key_mask)
-    return _on(backend, "tv_score", q, k, vis_start, vis_len, scale, key_mask)
+    scale = _scale(q, scale)
+    return _call("tv_score", backend, q, k, vis_start, vis_len, scale, key_mask)
 
 
 def topk_select(scores: Tensor, k: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Split indices 0..N-1 of `scores` [B, N] into the k best (keep int64 [B, k]) and the others
     (rest int64 [B, N - k]), both ascending. Larger first; NaN below -inf; ties to the lower index.
     Raises ValueError for a k outside [0, N] or a bad `scores`."""
-    if backend is None:
-        return torch.ops.swiftvlm.topk_select(scores, k)
-    return _on(backend, "topk_select", scores, k)
+    return _call("topk_select", backend, scores, k)
 
 
 def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, keep: int, scale: Optional[float] = None,
@@ -175,38 +210,29 @@ def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, keep: in
     """topk_select(tv_score(...), keep) as one op: (keep_idx int64 [B, keep], rest_idx int64
     [B, vis_len - keep], scores fp32 [B, vis_len]); indices are visual-token indices, ascending.
     Arguments as `tv_score`, plus 0 <= keep <= vis_len. Raises ValueError naming a bad argument."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend is None:
-        return torch.ops.swiftvlm.score_select(q, k, vis_start, vis_len, keep, scale, key_mask)
-    return _on(backend, "score_select", q, k, vis_start, vis_len, keep, scale, key_mask)
+    scale = _scale(q, scale)
+    return _call("score_select", backend, q, k, vis_start, vis_len, keep, scale, key_mask)
 
 
 def group_merge(h: Tensor, num_groups: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Group the rest tokens h [B, R, d] around Z = num_groups targets by cosine similarity and
     average each group (Eq. 10-11): (merged [B, Z, d] in h's dtype, group int64 [B, R], counts
     int32 [B, Z]). Raises ValueError for Z outside [1, R] or a bad `h`."""
-    if backend is None:
-        return torch.ops.swiftvlm.group_merge(h, num_groups)
-    return _on(backend, "group_merge", h, num_groups)
+    return _call("group_merge", backend, h, num_groups)
 
 
 def bypass_align(h_rest: Tensor, group: Tensor, merged_now: Tensor, merged_then: Tensor, *,
                  backend: Optional[str] = None) -> Tensor:
     """Restore bypassed tokens: h_rest + merged_now[group] - merged_then[group] (Eq. 12-13), fp32
     math, [B, R, d] in h_rest's dtype. Raises ValueError naming a bad argument."""
-    if backend is None:
-        return torch.ops.swiftvlm.bypass_align(h_rest, group, merged_now, merged_then)
-    return _on(backend, "bypass_align", h_rest, group, merged_now, merged_then)
+    return _call("bypass_align", backend, h_rest, group, merged_now, merged_then)
 
 
 def bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, merged_now: Tensor,
                       merged_then: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """Write bypass_align(...)[b, i] into dst[b, rows[b, i]] in place; returns dst.
     Raises ValueError naming a bad argument."""
-    if backend is None:
-        torch.ops.swiftvlm.bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then)
-    else:
-        _on(backend, "bypass_align_into", dst, rows, h_rest, group, merged_now, merged_then)
+    _call("bypass_align_into", backend, dst, rows, h_rest, group, merged_now, merged_then)
     return dst
 
 
@@ -220,9 +246,7 @@ def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, nu
     merged_rows int64 [B, Z] flattened rows of the targets in h_new, inverse int64 [B, n] flattened
     new row of each kept / text row, -1 for rest rows). Raises ValueError naming a bad argument.
     """
-    if backend is None:
-        return torch.ops.swiftvlm.compact(h, vis_start, keep_idx, rest_idx, num_merged)
-    return _on(backend, "compact", h, vis_start, keep_idx, rest_idx, num_merged)
+    return _call("compact", backend, h, vis_start, keep_idx, rest_idx, num_merged)
 
 
 def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_rest: Tensor, group: Tensor,
@@ -230,6 +254,4 @@ def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_r
     """Undo `compact` after the layers in between (Eq. 12-13): [B, n, d] with every carried row of h
     back in place and every rest token restored as h_rest + h[merged_rows[group]] -
     merged_then[group] (fp32 math). Raises ValueError naming a bad argument."""
-    if backend is None:
-        return torch.ops.swiftvlm.restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
-    return _on(backend, "restore", h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
+    return _call("restore", backend, h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)

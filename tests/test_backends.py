@@ -599,3 +599,87 @@ def test_cpu_backend_is_bit_equal_to_the_reference(dtype):
     group = torch.randint(0, 31, (2, 700), generator=g)
     now, then = torch.randn(2, 31, 512, generator=g).to(dtype), torch.randn(2, 31, 512, generator=g).to(dtype)
     assert torch.equal(cpu.bypass_align(h, group, now, then), python_ref.bypass_align(h, group, now, then))
+
+
+# ---------------------------------------------------------------- special values (README, Errors)
+
+def _nan_cases():
+    """(name, q, k, key_mask): NaN in a query head, +inf in a key, only -inf logits at the valid keys,
+    fp32 overflow of the logits; every batch also has a sample without a valid key (scores 0)."""
+    g = _gen(50)
+    B, H, Hkv, L, D = 4, 4, 2, 20, 8
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[3] = False
+    mask[0, 3] = False
+    out = []
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    q[1, 2, 3] = float("nan")
+    out.append(("nan in q", q, k, mask))
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    k[2, 1, 5, 0] = float("inf")
+    out.append(("inf in k", q, k, mask))
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, L, D, generator=g).abs().neg()
+    q[0] = float("inf")  # every valid logit of sample 0 is -inf
+    out.append(("only -inf logits", q, k, mask))
+    q, k = torch.randn(B, H, D, generator=g) * 1e20, torch.randn(B, Hkv, L, D, generator=g) * 1e20
+    out.append(("fp32 overflow", q, k, mask))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on inf - inf
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _nan_cases()])
+def test_nan_and_inf_follow_torch_softmax(backend, case):
+    """NaN or inf in q or k: the scores python_ref gives (torch.softmax's: a NaN head makes the sample's
+    scores NaN, a sample without a valid key scores 0), and NaN ranks lowest in the selection."""
+    impl, device = backend
+    _, q, k, mask = _nan_cases()[case]
+    vis_start = torch.tensor([0, 4, 11, 2])
+    want_keep, want_rest, want = python_ref.score_select(q, k, vis_start, 9, 4, 0.3, mask)
+    keep, rest, got = (t.cpu() for t in impl.score_select(*_on(device, q, k, vis_start), 9, 4, 0.3, mask.to(device)))
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(want[3], torch.zeros(9))  # no valid key
+    assert torch.equal(keep, want_keep) and torch.equal(rest, want_rest)
+
+
+def test_debug_mode_names_the_non_finite_tensor(monkeypatch):
+    import swiftvlm_kernels as sk
+
+    monkeypatch.setenv("SWIFTVLM_DEBUG", "1")
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 10, 8)
+    k[1, 0, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match="k: contains NaN or inf"):
+        sk.score_select(q, k, torch.tensor([0, 1]), 5, 2)
+    with pytest.raises(ValueError, match="h: contains NaN or inf"):
+        sk.group_merge(torch.tensor([[[1.0, float("inf")], [0.0, 1.0]]]), 1)
+    monkeypatch.setenv("SWIFTVLM_DEBUG", "0")
+    assert sk.score_select(q, k, torch.tensor([0, 1]), 5, 2)[2][1].isnan().all()
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e-40])
+def test_group_merge_is_scale_safe(backend, scale):
+    """Token magnitudes near fp32's limits (1e30: squares overflow fp32; 1e-30 and subnormal 1e-40:
+    squares underflow) group as at magnitude 1."""
+    impl, device = backend
+    h = torch.randn(2, 40, 33, generator=_gen(60))
+    want = python_ref.group_merge(h, 5)[1]
+    _, group, _ = (t.cpu() for t in impl.group_merge((h * scale).to(device), 5))
+    assert torch.equal(group, want)
+
+
+def test_group_merge_exact_ties_go_to_the_lowest_group(backend):
+    """Parallel vectors are exactly tied in the mathematics: every backend puts them in the lowest group."""
+    impl, device = backend
+    g = _gen(61)
+    base = torch.randn(4, 24, generator=g)
+    # R = 12, Z = 4: targets are rows 0, 3, 6, 9; targets 0 and 2 (rows 0, 6) point the same way
+    h = torch.randn(12, 24, generator=g)
+    h[0], h[6] = base[0], 2.5 * base[0]
+    h[1], h[2], h[4] = 0.7 * base[0], 3.0 * base[0], 1e-3 * base[0]
+    h[3], h[9] = base[1], base[1] * 0.25  # targets 1 and 3 parallel too
+    h[5], h[7] = 8.0 * base[1], -base[0]  # -base[0]: opposite to 0 and 2, tied at -1
+    h = torch.stack([h, h.flip(0)])
+    want = python_ref.group_merge(h, 4)[1]
+    assert want[0, [1, 2, 4]].tolist() == [0, 0, 0] and want[0, 5] == 1
+    _, group, _ = (t.cpu() for t in impl.group_merge(h.to(device), 4))
+    assert torch.equal(group, want)

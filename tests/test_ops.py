@@ -325,3 +325,136 @@ def test_bad_compact_and_restore_input():
             call[1] = value.clamp(max=100)
         with pytest.raises(ValueError, match=message):
             torch.ops.swiftvlm.restore(*call)
+
+
+# ---- in-place writes: refused where they would be wrong (every backend validates alike) ----
+
+@pytest.mark.parametrize("backend", [None, "torch", "cpu"] + (["triton"] if __import__("os").environ.get(
+    "TRITON_INTERPRET") == "1" else []))
+def test_bypass_align_into_refuses_unsafe_destinations(backend):
+    h, group, now, then = merge_inputs()
+    rows = torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)
+    big = torch.zeros(2, 12, 5)
+    cases = {
+        "dst: expected memory that does not overlap h_rest": (torch.cat([h, torch.zeros(2, 5, 5)], 1), h),
+        "dst: expected a tensor without zero strides": (torch.zeros(1, 12, 5).expand(2, 12, 5), h),
+        "dst: expected a tensor that does not require grad": (big.clone().requires_grad_(), h),
+        "dst: expected a tensor whose elements do not overlap": (torch.zeros(200).as_strided((2, 12, 5), (5, 1, 1)), h),
+    }
+    for message, (dst, h_rest) in cases.items():
+        if "overlap h_rest" in message:  # h_rest is a view of dst's memory
+            h_rest = dst[:, :7]
+        with pytest.raises(ValueError, match=message):
+            sk.bypass_align_into(dst, rows, h_rest, group, now, then, backend=backend)
+    base = torch.zeros(2, 12, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="dst: expected a tensor that does not require grad \\(nor its base\\)"):
+        with torch.no_grad():
+            view = base[:, :]
+        sk.bypass_align_into(view, rows, h, group, now, then, backend=backend)
+    with pytest.raises(ValueError, match="dst: expected memory that does not overlap merged_now"):
+        sk.bypass_align_into(big, rows, h, group, big[:, :3], then, backend=backend)
+
+
+def test_bypass_align_into_accepts_separate_strided_destinations():
+    h, group, now, then = merge_inputs()
+    rows = torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)
+    dst = torch.zeros(2, 5, 24).transpose(1, 2)[:, ::2]  # strided, no overlap
+    want = torch.zeros(2, 12, 5)
+    python_ref.bypass_align_into(want, rows, h, group, now, then)
+    sk.bypass_align_into(dst, rows, h, group, now, then)
+    assert torch.equal(dst, want)
+
+
+# ---- empty shapes: an empty result, or a ValueError naming what must not be empty ----
+
+def test_empty_shapes():
+    i64 = dict(dtype=torch.long)
+    ok = {
+        "tv_score B=0": lambda b: sk.tv_score(torch.randn(0, 4, 8), torch.randn(0, 2, 10, 8), torch.zeros(0, **i64), 5,
+                                              backend=b),
+        "tv_score L=0": lambda b: sk.tv_score(torch.randn(2, 4, 8), torch.randn(2, 2, 0, 8), torch.zeros(2, **i64), 0,
+                                              backend=b),
+        "score_select vis_len=0": lambda b: sk.score_select(torch.randn(2, 4, 8), torch.randn(2, 2, 6, 8),
+                                                            torch.zeros(2, **i64), 0, 0, backend=b),
+        "topk_select N=0": lambda b: sk.topk_select(torch.randn(3, 0), 0, backend=b),
+        "topk_select B=0": lambda b: sk.topk_select(torch.randn(0, 5), 2, backend=b),
+        "group_merge B=0": lambda b: sk.group_merge(torch.randn(0, 5, 3), 2, backend=b),
+        "group_merge d=0": lambda b: sk.group_merge(torch.randn(2, 5, 0), 2, backend=b),
+        "bypass_align R=0": lambda b: sk.bypass_align(torch.randn(2, 0, 4), torch.zeros(2, 0, **i64),
+                                                      torch.randn(2, 1, 4), torch.randn(2, 1, 4), backend=b),
+        "compact M=0": lambda b: sk.compact(torch.randn(2, 6, 4), torch.zeros(2, **i64), torch.zeros(2, 0, **i64),
+                                            torch.zeros(2, 0, **i64), 0, backend=b),
+        "compact n=0": lambda b: sk.compact(torch.randn(2, 0, 4), torch.zeros(2, **i64), torch.zeros(2, 0, **i64),
+                                            torch.zeros(2, 0, **i64), 0, backend=b),
+    }
+    for name, call in ok.items():
+        torch.manual_seed(0)
+        got = call(None)
+        torch.manual_seed(0)
+        want = call("torch")
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"q: expected at least one query head"):
+        sk.tv_score(torch.randn(2, 0, 8), torch.randn(2, 1, 10, 8), torch.zeros(2, **i64), 5)
+    with pytest.raises(ValueError, match=r"q: expected at least one feature per head"):
+        sk.tv_score(torch.randn(2, 4, 0), torch.randn(2, 2, 10, 0), torch.zeros(2, **i64), 5)  # default scale: D ** -0.5
+    with pytest.raises(ValueError, match=r"h: expected at least one rest token"):
+        sk.group_merge(torch.randn(2, 0, 4), 1)
+
+
+# ---- Python types: a ValueError naming the argument, not the dispatcher's RuntimeError ----
+
+def test_wrong_python_types_name_the_argument():
+    q, k, vs, vl, mask = inputs()
+    for args, message in (((q.tolist(), k, vs, vl), "q: expected a torch.Tensor"),
+                          ((q, k, vs, 2.0), "vis_len: expected an int, got float"),
+                          ((q, k, vs, True), "vis_len: expected an int, got bool"),
+                          ((q, k, vs, vl, "0.3"), "scale: expected a float, got str"),
+                          ((q, k, vs, vl, 0.3, [1]), "key_mask: expected a torch.Tensor or None")):
+        with pytest.raises(ValueError, match=message):
+            sk.tv_score(*args)
+    with pytest.raises(ValueError, match="k: expected an int, got NoneType"):
+        sk.topk_select(torch.randn(2, 5), None)
+
+
+# ---- torch.compile with dynamic shapes and torch.export ----
+
+def test_compile_dynamic_sizes_vary_between_calls():
+    q, k, vs, vl, mask = inputs()
+
+    def prune(q, k, keep):
+        return torch.ops.swiftvlm.score_select(q, k, vs, vl, keep, 0.3, mask)
+
+    compiled = torch.compile(prune, fullgraph=True, dynamic=True)
+    for keep in (2, 3, 5, 9):
+        for a, b in zip(compiled(q, k, keep), prune(q, k, keep)):
+            assert torch.equal(a, b)
+    s = torch.randn(3, 40)
+    topk = torch.compile(lambda s, k: torch.ops.swiftvlm.topk_select(s, k), fullgraph=True, dynamic=True)
+    for n, kk in ((40, 7), (25, 11), (33, 0)):
+        for a, b in zip(topk(s[:, :n], kk), python_ref.topk_select(s[:, :n], kk)):
+            assert torch.equal(a, b)
+    h = torch.randn(2, 30, 8)
+    merge = torch.compile(lambda h, z: torch.ops.swiftvlm.group_merge(h, z), fullgraph=True, dynamic=True)
+    for R, Z in ((30, 4), (17, 3), (9, 9)):
+        for a, b in zip(merge(h[:, :R], Z), python_ref.group_merge(h[:, :R], Z)):
+            assert torch.equal(a, b)
+
+
+def test_export_with_a_dynamic_dimension():
+    class Prune(torch.nn.Module):
+        def forward(self, q, k, vis_start):
+            keep_idx, rest_idx, scores = torch.ops.swiftvlm.score_select(q, k, vis_start, 9, 4, 0.3)
+            return keep_idx, scores
+
+    q, k, vs, vl, mask = inputs()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    length = torch.export.Dim("length", min=10, max=4096)
+    ep = torch.export.export(Prune(), (q, k, vs), dynamic_shapes={"q": {0: batch}, "k": {0: batch, 2: length},
+                                                                 "vis_start": {0: batch}})
+    for B, L in ((3, 20), (2, 31)):
+        g = torch.Generator().manual_seed(B + L)
+        q2, k2 = torch.randn(B, 4, 8, generator=g), torch.randn(B, 2, L, 8, generator=g)
+        vs2 = torch.arange(B) % 3
+        for a, b in zip(ep.module()(q2, k2, vs2), Prune()(q2, k2, vs2)):
+            assert torch.equal(a, b)

@@ -10,7 +10,7 @@ def bypass_align(h_rest, group, merged_now, merged_then):
     B, Z, d = merged_now.shape
     R = h_rest.shape[1]
     drift = (merged_now.float() - merged_then.float()).reshape(B * Z, d)  # (Eq. 12)
-    ids = (group.to(torch.long).clamp(0, Z - 1) + torch.arange(0, B * Z, Z)[:, None]).reshape(-1)  # clamped, as the reference
+    ids = (group.to(torch.long).clamp(0, Z - 1) + torch.arange(B)[:, None] * Z).reshape(-1)  # clamped, as the reference
     out = torch.empty(B * R, d, dtype=h_rest.dtype)
     rows = h_rest.reshape(B * R, d)
     for lo, hi in row_chunks(B * R, d):
@@ -20,8 +20,8 @@ def bypass_align(h_rest, group, merged_now, merged_then):
 
 def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
     """dst[b, rows[b, i]] = bypass_align(...)[b, i], in place. Returns None."""
-    out = bypass_align(h_rest, group, merged_now, merged_then).to(dst.dtype).reshape(-1, dst.shape[-1])
     B, M, d = dst.shape
+    out = bypass_align(h_rest, group, merged_now, merged_then).to(dst.dtype).reshape(B * h_rest.shape[1], d)
     rows = rows.to(torch.long)
     flat = (rows + torch.arange(B, device=rows.device)[:, None] * M).reshape(-1)
     inside = ((rows >= 0) & (rows < M)).reshape(-1)

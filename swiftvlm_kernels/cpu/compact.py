@@ -31,9 +31,10 @@ def compact(h, vis_start, keep_idx, rest_idx, num_merged: int):
     start = vis_start.long()[:, None]
     j = torch.arange(n_new)
     rel = j - start
-    row = torch.where(rel < 0, j, torch.where(rel < m_new, start + block.gather(1, rel.clamp(0, max(m_new - 1, 0))),
-                                              j - m_new + M))
-    base_old, base_new = torch.arange(0, B * n, n)[:, None], torch.arange(0, B * n_new, n_new)[:, None]
+    after = j - m_new + M
+    row = torch.where(rel < 0, j, torch.where(rel < m_new, start + block.gather(1, rel.clamp(0, m_new - 1)), after)
+                      if m_new else after)
+    base_old, base_new = torch.arange(B)[:, None] * n, torch.arange(B)[:, None] * n_new
     src = row + base_old
     flat = h.reshape(B * n, d)
     h_new = flat.index_select(0, src.view(-1)).view(B, n_new, d)

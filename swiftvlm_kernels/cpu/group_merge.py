@@ -14,26 +14,26 @@ def _targets(R: int, Z: int):
 
 
 def _unit(x):
-    xf = x.float()
-    return xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    xd = x.double()
+    return xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 def group_merge(h, num_groups: int):
-    """python_ref.group_merge's arithmetic a chunk of tokens at a time: each token's fp32 unit vector and
-    its cosine to the Z targets (Eq. 10), then the group sums by index_add_ (members added in index
-    order, as the reference's scatter_add_, without an expanded [B, R, d] index)."""
+    """python_ref.group_merge's arithmetic a chunk of tokens at a time: each token's fp64 unit vector and
+    its cosine to the Z targets rounded to fp32 (Eq. 10), then the group sums by index_add_ (members
+    added in index order, as the reference's scatter_add_, without an expanded [B, R, d] index)."""
     B, R, d = h.shape
     Z = num_groups
     t, ids = _targets(R, Z)
     targets = _unit(h[:, t]).transpose(1, 2)  # [B, d, Z]
     group = torch.empty(B, R, dtype=torch.long)
     for b in range(B):
-        for lo, hi in row_chunks(R, d):
-            sim = torch.matmul(_unit(h[b, lo:hi]), targets[b])  # [rows, Z]  (Eq. 10)
+        for lo, hi in row_chunks(R, 2 * d):  # fp64 rows count twice
+            sim = torch.matmul(_unit(h[b, lo:hi]), targets[b]).float()  # [rows, Z]  (Eq. 10)
             group[b, lo:hi] = sim.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).argmax(-1)
     flat_h = h.reshape(B * R, d)
     group[:, t] = ids  # a target always leads its own group; ties -> lowest z (first maximum)
-    flat = (group + torch.arange(0, B * Z, Z)[:, None]).reshape(-1)
+    flat = (group + torch.arange(B)[:, None] * Z).reshape(-1)
     counts = torch.bincount(flat, minlength=B * Z)
     sums = torch.zeros(B * Z, d)
     for lo, hi in row_chunks(B * R, d):

@@ -10,6 +10,6 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
     flat = h.reshape(B * n_cur, d)
     out = flat.index_select(0, inverse.clamp_min(0).view(-1))  # rest rows: overwritten below
     merged_now = flat.index_select(0, merged_rows.reshape(-1)).view(merged_then.shape)
-    rows = vis_start.long()[:, None] + rest_idx.long() + torch.arange(0, B * n, n)[:, None]
-    out.index_copy_(0, rows.view(-1), bypass_align(h_rest, group, merged_now, merged_then).view(-1, d))
+    rows = vis_start.long()[:, None] + rest_idx.long() + torch.arange(B)[:, None] * n
+    out.index_copy_(0, rows.view(-1), bypass_align(h_rest, group, merged_now, merged_then).view(B * rest_idx.shape[1], d))
     return out.view(B, n, d)

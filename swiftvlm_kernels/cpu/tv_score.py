@@ -16,9 +16,13 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
         logits = torch.cat([torch.matmul(qf[:, h:h + step], k[:, h:h + step].float().transpose(-1, -2))
                             for h in range(0, Hkv, step)], 1)
     logits = logits * scale
+    probs = None
     if key_mask is not None:
         logits = logits.masked_fill_(key_mask.logical_not().view(B, 1, 1, L), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)  # all keys masked -> zeros, as the reference
+        if not bool(key_mask.any(-1).all()):  # a sample without a valid key scores 0, as the reference
+            probs = torch.where(key_mask.any(-1)[:, None, None, None], torch.softmax(logits, dim=-1), 0.0)
+    if probs is None:
+        probs = torch.softmax(logits, dim=-1)
     mean = probs.view(B, H, L).mean(dim=1)  # [B, L]
     starts = vis_start.tolist()
     if B == 1 and 0 <= starts[0] <= L - vis_len:

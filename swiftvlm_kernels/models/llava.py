@@ -158,22 +158,30 @@ class DecoderLayer(nn.Module):
 
 class KVCache:
     """One layer's keys / values: the tokens it ran on in the prefill, then the generated ones, in
-    buffers [B, capacity, Hkv, D] allocated once. valid [B, capacity]: True where a slot holds a key."""
+    buffers [B, capacity, Hkv, D] that grow with the tokens produced (GROWTH slots at a time; the
+    prefill's tokens are not copied until the first new token needs room). valid [B, size]: True
+    where a slot holds a key."""
 
-    def __init__(self, k, v, key_mask, new_tokens):
+    GROWTH = 64
+
+    def __init__(self, k, v, key_mask):
         B, n = k.shape[:2]
-        self.k = torch.cat([k, k.new_zeros(B, new_tokens, *k.shape[2:])], 1)
-        self.v = torch.cat([v, v.new_zeros(B, new_tokens, *v.shape[2:])], 1)
-        valid = torch.ones(B, n, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
-        self.valid = torch.cat([valid, valid.new_zeros(B, new_tokens)], 1)
+        self.k, self.v = k, v
+        self.valid = torch.ones(B, n, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
         self.size = n
 
     def append(self, k, v):
-        """Write one token's k / v [B, 1, Hkv, D]; returns the buffers and the attention mask."""
+        """Write one token's k / v [B, 1, Hkv, D]; returns the keys, values and attention mask so far."""
+        if self.size == self.k.shape[1]:
+            grow = max(self.GROWTH, self.size // 4)
+            self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], grow, *self.k.shape[2:])], 1)
+            self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], grow, *self.v.shape[2:])], 1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], grow)], 1)
         self.k[:, self.size], self.v[:, self.size] = k[:, 0], v[:, 0]
         self.valid[:, self.size] = True
         self.size += 1
-        return self.k, self.v, self.valid[:, None, None, :]
+        n = self.size
+        return self.k[:, :n], self.v[:, :n], self.valid[:, None, None, :n]
 
 
 @dataclass
@@ -206,15 +214,9 @@ class LlavaForward(nn.Module):
         self.config = dict(config)
         llava, vision, text = checkpoint.parse_config(config)
         self.text_config = text  # with the defaults filled in (prefill_flops reads it)
-        layers = llava.vision_feature_layer
-        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
-        depth = vision.num_hidden_layers + 1  # hidden states: embeddings + one per layer
-        if not self.feature_layers or any(not -depth <= i < depth for i in self.feature_layers):
-            raise ValueError(f"config.vision_feature_layer: expected indices in [{-depth}, {depth - 1}], "
-                             f"got {layers!r}")
-        self.feature_layers = [i % depth for i in self.feature_layers]
+        self.feature_layers = llava.feature_layers
         self.keep_cls = llava.vision_feature_select_strategy == "full"
-        self.image_token_id = llava.image_token_index
+        self.image_token_id = int(llava.image_token_index)
         self.image_size, self.num_channels = vision.image_size, vision.num_channels
         self.num_visual_tokens = (vision.image_size // vision.patch_size) ** 2 + self.keep_cls
         self.num_layers, self.head_dim = text.num_hidden_layers, text.head_dim
@@ -238,45 +240,70 @@ class LlavaForward(nn.Module):
         """An uninitialised model (weights to be loaded) in `dtype` on `device`."""
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype).to_empty(device=device)
+        return model._materialize(dtype, device)
+
+    def _materialize(self, dtype, device) -> "LlavaForward":
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"dtype: expected torch.float32, float16, bfloat16 or float64, got {dtype!r}")
+        model = self.to(dtype).to_empty(device=device)
         model.inv_freq = model.inv_freq.to(device)
         return model.eval()
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "LlavaForward":
         """Load an HF-format LLaVA checkpoint directory: config.json + *.safetensors (sharded with
-        model.safetensors.index.json or not). Tensors are read with safetensors only."""
-        model = cls.from_config(checkpoint.read_config(Path(path)), dtype, device)
-        model.load_tensors(checkpoint.SafetensorsCheckpoint(Path(path)))
+        model.safetensors.index.json or not). Tensors are read with safetensors only. The config's
+        fields, the index's shard names and every tensor's shape and dtype (from the safetensors
+        headers) are checked before the model is allocated."""
+        path = Path(path)
+        config = checkpoint.read_config(path)
+        source = str(path / "config.json")
+        checkpoint.parse_config(config, source)
+        tensors = checkpoint.SafetensorsCheckpoint(path)
+        checkpoint.check_against_config(tensors, config, source)
+        with torch.device("meta"):
+            model = cls(config)
+        model._match(tensors)  # every shape and dtype, still on the meta device
+        model = model._materialize(dtype, device)
+        model.load_tensors(tensors)
         return model
+
+    def _match(self, tensors: Mapping) -> dict:
+        """{parameter name: checkpoint key} for `tensors`, every needed tensor present with the
+        parameter's shape and a floating-point dtype (ValueError naming it otherwise)."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        keys = {name: key for name, key in checkpoint.canonical_keys(tensors).items() if name in params}
+        if self.tied and "lm_head.weight" not in keys and "language_model.embed_tokens.weight" in keys:
+            keys["lm_head.weight"] = keys["language_model.embed_tokens.weight"]
+        if not keys:
+            raise ValueError("checkpoint: no LLaVA tensor found (expected keys like "
+                             "'language_model.model.layers.0.self_attn.q_proj.weight')")
+        missing = sorted(set(params) - set(keys))
+        if missing:
+            raise ValueError(f"checkpoint: {len(missing)} tensors missing: {', '.join(missing[:8])}"
+                             + (", ..." if len(missing) > 8 else ""))
+        for name, key in keys.items():
+            shape = tensors.shape(key) if hasattr(tensors, "shape") else tuple(getattr(tensors[key], "shape", ()))
+            if tuple(shape) != tuple(params[name].shape):
+                raise ValueError(f"checkpoint tensor {key}: shape {tuple(shape)} does not match the config "
+                                 f"({tuple(params[name].shape)})")
+            checkpoint.check_tensor_dtype(tensors, key)
+        return keys
 
     def load_tensors(self, tensors: Mapping):
         """Copy checkpoint tensors (any llava-hf key layout, see `checkpoint.canonical_name`) into the
         model. Unused tensors (vision layers past the feature layer, post_layernorm) are ignored; a
-        missing or mis-shaped tensor is a ValueError naming it."""
+        missing, mis-shaped or non-floating tensor, or one weight under two keys, is a ValueError
+        naming it, raised before anything is copied."""
+        keys = self._match(tensors)
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
         with torch.no_grad():
-            for key in tensors:
-                name = checkpoint.canonical_name(key)
-                if name not in params:
+            for name, key in keys.items():
+                if name == "lm_head.weight" and self.tied and key == keys.get("language_model.embed_tokens.weight"):
                     continue
-                t = tensors[key]
-                if tuple(t.shape) != tuple(params[name].shape):
-                    raise ValueError(f"checkpoint tensor {key}: shape {tuple(t.shape)} does not match the config "
-                                     f"({tuple(params[name].shape)})")
-                params[name].copy_(t)
-                loaded.add(name)
-        if self.tied and "lm_head.weight" not in loaded and "language_model.embed_tokens.weight" in loaded:
+                params[name].copy_(tensors[key])
+        if self.tied and keys.get("lm_head.weight") == keys.get("language_model.embed_tokens.weight"):
             self.lm_head.weight = self.language_model.embed_tokens.weight
-            loaded.add("lm_head.weight")
-        missing = sorted(set(params) - loaded)
-        if len(missing) == len(params):
-            raise ValueError("checkpoint: no LLaVA tensor found (expected keys like "
-                             "'language_model.model.layers.0.self_attn.q_proj.weight')")
-        if missing:
-            raise ValueError(f"checkpoint: {len(missing)} tensors missing: {', '.join(missing[:8])}"
-                             + (", ..." if len(missing) > 8 else ""))
 
     # -- input checks (the only place that reads tensor values on the host) ----------------------
 
@@ -284,6 +311,12 @@ class LlavaForward(nn.Module):
         """The PruningPlan this model executes for `pruning` (None, a pruning object or a plan)."""
         if pruning is None:
             return None
+        if not isinstance(pruning, PruningPlan) and not callable(getattr(pruning, "plan", None)):
+            raise ValueError(f"pruning: expected None, a PruningPlan or a pruning method such as SwiftVLM(), FastV() "
+                             f"or PDrop(), got {type(pruning).__name__} {pruning!r}")
+        if self.lm_head.weight.dtype == torch.float64:
+            raise ValueError("pruning: the swiftvlm ops take float32, float16 or bfloat16 hidden states; this model "
+                             "is float64 (load it in float32 to prune)")
         plan = pruning if isinstance(pruning, PruningPlan) else pruning.plan(self.num_visual_tokens, self.num_layers)
         if (plan.n_vis, plan.num_layers) != (self.num_visual_tokens, self.num_layers):
             raise ValueError(f"pruning: the plan is for n_vis = {plan.n_vis}, num_layers = {plan.num_layers}; "
@@ -293,17 +326,29 @@ class LlavaForward(nn.Module):
     def _check_inputs(self, input_ids, pixel_values, attention_mask, plan):
         """Validated inputs on the model's device; attention_mask None when nothing is padding."""
         device = self.lm_head.weight.device
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError("input_ids: expected an integer tensor [B, L], "
-                             f"got {getattr(input_ids, 'shape', input_ids)}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("input_ids: expected an int64 or int32 tensor [B, L], got "
+                             + (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                                else type(input_ids).__name__))
         B, L = input_ids.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"input_ids: expected at least one sample of at least one token, got shape [{B}, {L}]")
         size = (B, self.num_channels, self.image_size, self.image_size)
-        if not isinstance(pixel_values, Tensor) or tuple(pixel_values.shape) != size:
-            raise ValueError(f"pixel_values: expected shape {list(size)} (one image per sample), "
-                             f"got {list(getattr(pixel_values, 'shape', []))}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
-            raise ValueError(f"attention_mask: expected shape [{B}, {L}], got {list(attention_mask.shape)}")
+        if not isinstance(pixel_values, Tensor) or tuple(pixel_values.shape) != size \
+                or not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values: expected a float tensor of shape {list(size)} (one image per sample), "
+                             f"got {list(getattr(pixel_values, 'shape', []))} {getattr(pixel_values, 'dtype', '')}")
+        if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                           or tuple(attention_mask.shape) != (B, L)):
+            raise ValueError(f"attention_mask: expected a tensor of shape [{B}, {L}], got "
+                             f"{list(getattr(attention_mask, 'shape', [])) or type(attention_mask).__name__}")
         ids = input_ids.cpu()
+        vocab = self.text_config.vocab_size
+        outside = ((ids < 0) | (ids >= vocab)) & (ids != self.image_token_id)
+        if outside.any():
+            bad = ids[outside]
+            raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the vocabulary) or the image token "
+                             f"{self.image_token_id}, got values in [{int(bad.min())}, {int(bad.max())}]")
         valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.cpu()
         if not ((valid == 0) | (valid == 1)).all():
             raise ValueError("attention_mask: expected 0 / 1 values")
@@ -361,12 +406,12 @@ class LlavaForward(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=key_mask.device).tril_()
         return ((causal & key_mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_mask.device))[:, None]
 
-    def prefill(self, input_ids, pixel_values, attention_mask, plan, *, cache_tokens=None, hidden=None,
+    def prefill(self, input_ids, pixel_values, attention_mask, plan, *, caching=False, hidden=None,
                 scores=None, stage_scores=None):
         """The decoder layers over a sequence that the plan's stages shorten. Returns the final
-        sequence (its h after the last norm) and, with cache_tokens, per-layer KV caches with room
-        for that many new tokens. hidden / scores: lists that receive each layer's input (with its
-        input positions) / each layer's T-V scores."""
+        sequence (its h after the last norm) and, with caching, the per-layer KV caches.
+        hidden / scores: lists that receive each layer's input (with its input positions) / each
+        layer's T-V scores."""
         B, L = input_ids.shape
         n_vis, scale = self.num_visual_tokens, self.head_dim ** -0.5
         vis_start = (input_ids == self.image_token_id).int().argmax(1)
@@ -390,8 +435,8 @@ class LlavaForward(nn.Module):
                 hidden.append((seq.h, seq.index))
             cos, sin = seq.carry["rope"].unbind(2)
             seq.h, q, k, v = layer(seq.h, cos, sin, mask, x=x, k=k)
-            if cache_tokens is not None:
-                caches.append(KVCache(k, v, seq.key_mask, cache_tokens))
+            if caching:
+                caches.append(KVCache(k, v, seq.key_mask))
             if scores is not None:
                 scores.append(self._layer_scores(seq, q, k))
             s = plan.stage_after(i) if plan is not None else None
@@ -421,6 +466,32 @@ class LlavaForward(nn.Module):
         return ops.tv_score(q[:, -1], k.transpose(1, 2), seq.vis_start, seq.vis_len, self.head_dim ** -0.5, seq.key_mask,
                         backend=self.backend)
 
+    def _stage_scores(self, stage_scores, plan, B):
+        """stage_scores checked against the plan: one entry per stage, each None or fp32-able [B, M_s]
+        scores of the visual tokens that stage scores (on the model's device)."""
+        if stage_scores is None:
+            return None
+        if plan is None:
+            raise ValueError("stage_scores: given without pruning (there is no stage to score)")
+        if not isinstance(stage_scores, (list, tuple)) or len(stage_scores) != len(plan.stages):
+            raise ValueError(f"stage_scores: expected a list of {len(plan.stages)} entries (one per stage, each a "
+                             f"tensor or None), got {type(stage_scores).__name__} of length "
+                             f"{len(stage_scores) if isinstance(stage_scores, (list, tuple)) else '-'}")
+        device = self.lm_head.weight.device
+        out = []
+        for s, scores in enumerate(stage_scores):
+            if scores is None:
+                out.append(None)
+                continue
+            want = (B, plan.scored_tokens(s))
+            if not isinstance(scores, Tensor) or not scores.is_floating_point() or tuple(scores.shape) != want:
+                raise ValueError(f"stage_scores[{s}]: expected a float tensor of shape {list(want)} (batch, the "
+                                 f"visual tokens stage {s + 1} scores), got "
+                                 f"{list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+                                 f"{'' if not isinstance(scores, Tensor) else ' ' + str(scores.dtype)}")
+            out.append(scores.to(device))
+        return out
+
     @staticmethod
     def _scores(stage_scores, s):
         return None if stage_scores is None or stage_scores[s] is None else stage_scores[s].float()
@@ -439,8 +510,9 @@ class LlavaForward(nn.Module):
         """
         plan = self.plan_for(pruning)
         hidden, scores = ([] if output_hidden_states else None), ([] if output_scores else None)
-        seq, _ = self.prefill(*self._check_inputs(input_ids, pixel_values, attention_mask, plan), plan,
-                              hidden=hidden, scores=scores, stage_scores=stage_scores)
+        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, plan)
+        seq, _ = self.prefill(*inputs, plan, hidden=hidden, scores=scores,
+                              stage_scores=self._stage_scores(stage_scores, plan, inputs[0].shape[0]))
         logits = self.lm_head(seq.h if all_logits else seq.h[:, -1:])
         return LlavaOutput(logits, logits[:, -1], seq.kept, seq,
                            [h for h, _ in hidden] if hidden is not None else None,
@@ -458,8 +530,13 @@ class LlavaForward(nn.Module):
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         plan = self.plan_for(pruning)
         input_ids, pixel_values, mask = self._check_inputs(input_ids, pixel_values, attention_mask, plan)
-        seq, caches = self.prefill(input_ids, pixel_values, mask, plan, cache_tokens=max_new_tokens - 1,
-                                   stage_scores=stage_scores)
+        limit = self.text_config.max_position_embeddings
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens: the prompt's {input_ids.shape[1]} tokens and {max_new_tokens} new ones "
+                             f"exceed max_position_embeddings = {limit} of the config; expected at most "
+                             f"{max(0, limit - input_ids.shape[1])}")
+        seq, caches = self.prefill(input_ids, pixel_values, mask, plan, caching=True,
+                                   stage_scores=self._stage_scores(stage_scores, plan, input_ids.shape[0]))
         token = self.lm_head(seq.h[:, -1]).argmax(-1)
         tokens = [token]
         prompt_len = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(1)

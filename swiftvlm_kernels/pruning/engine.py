@@ -156,7 +156,8 @@ class PruningEngine:
         new.carry = {name: new.take(x) for name, x in seq.carry.items()}
         if stage.merge:
             merged, group, _ = ops.group_merge(rest_h, stage.merge, backend=backend)  # Eq. 10-11
-            h.view(-1, h.shape[-1]).index_copy_(0, merged_rows.view(-1), merged.view(-1, h.shape[-1]))
+            B, n, d = h.shape
+            h.view(B * n, d).index_copy_(0, merged_rows.view(-1), merged.view(B * stage.merge, d))
             new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
         return new
 

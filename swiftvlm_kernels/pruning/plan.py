@@ -187,6 +187,11 @@ class PruningPlan:
         """First 1-indexed layer that runs on stage s's tokens."""
         return self.stages[s].layer + (0 if self.acts_before(s) else 1)
 
+    def scored_tokens(self, s: int) -> int:
+        """The visual tokens stage s scores: all n_vis at the first stage and at every SwiftVLM stage
+        (the bypassed tokens are restored first), the previous stage's survivors otherwise."""
+        return self.n_vis if s == 0 or self.bypass else self.stages[s - 1].keep + self.stages[s - 1].merge
+
     def stage_before(self, layer: int) -> Optional[int]:
         """The stage that acts before 1-indexed `layer`, or None."""
         return self._at.get((layer, True))

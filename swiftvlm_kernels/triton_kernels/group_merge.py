@@ -3,8 +3,9 @@
 Two launches, deterministic (no atomics; a fixed summation order, so equal input gives bit-equal
 output on every run):
   1. _assign_kernel, grid (B, cdiv(R, BLOCK_R)): cosine similarity of a tile of tokens to all Z
-     targets t_z = floor(z * R / Z) (fp32 dot products), argmax with ties to the lowest z and NaN
-     lowest; a target always joins its own group.
+     targets t_z = floor(z * R / Z) in fp64, rounded once to fp32 as the reference does (scale-safe,
+     and exact ties such as parallel vectors go to the lowest z on every backend), argmax with ties
+     to the lowest z and NaN lowest; a target always joins its own group.
   2. _group_mean_kernel, grid (B * Z, cdiv(d, BLOCK_D)): one program per group and feature block
      sums the group's members in index order in fp32 and divides by their count.
 """
@@ -30,22 +31,22 @@ def _assign_kernel(h_ptr, group_ptr, R, Z, d, stride_hb, stride_hr, stride_hd,
         z = z0 + tl.arange(0, BLOCK_Z)
         z_ok = z < Z
         target = (z.to(tl.int64) * R) // Z
-        dots = tl.zeros([BLOCK_R, BLOCK_Z], dtype=tl.float32)
-        token_sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        target_sq = tl.zeros([BLOCK_Z], dtype=tl.float32)
+        dots = tl.zeros([BLOCK_R, BLOCK_Z], dtype=tl.float64)
+        token_sq = tl.zeros([BLOCK_R], dtype=tl.float64)
+        target_sq = tl.zeros([BLOCK_Z], dtype=tl.float64)
         for d0 in range(0, d, BLOCK_D):
             col = d0 + dd
             col_ok = col < d
             x = tl.load(h_base + r[:, None] * stride_hr + col[None, :] * stride_hd,
-                        mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float64)
             t = tl.load(h_base + target[:, None] * stride_hr + col[None, :] * stride_hd,
-                        mask=z_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            dots += tl.dot(x, tl.trans(t), input_precision="ieee")
+                        mask=z_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float64)
+            dots += tl.dot(x, tl.trans(t))
             token_sq += tl.sum(x * x, axis=1)
             target_sq += tl.sum(t * t, axis=1)
-        inv_token = 1.0 / tl.maximum(tl.sqrt(token_sq), 1e-12)
-        inv_target = 1.0 / tl.maximum(tl.sqrt(target_sq), 1e-12)
-        sim = dots * inv_token[:, None] * inv_target[None, :]  # Eq. 10: cosine similarity
+        inv_token = 1.0 / tl.maximum(tl.sqrt(token_sq), 1e-300)
+        inv_target = 1.0 / tl.maximum(tl.sqrt(target_sq), 1e-300)
+        sim = (dots * inv_token[:, None] * inv_target[None, :]).to(tl.float32)  # Eq. 10: cosine, fp64 -> fp32
         sim = tl.where(z_ok[None, :] & (sim == sim), sim, float("-inf"))  # NaN ranks lowest
         chunk_best = tl.max(sim, axis=1)
         chunk_z = z0 + tl.argmax(sim, axis=1, tie_break_left=True)
@@ -103,7 +104,7 @@ def group_merge(h, num_groups: int):
         return merged, group, counts
     block_r = 16  # small token tiles: more programs for the few hundred rest tokens of one image
     block_z = min(max(pow2(Z), 16), 64)  # tl.dot needs every tile dimension >= 16
-    block_d = 2048 // block_z  # a [BLOCK_Z, BLOCK_D] fp32 target tile of 8 KiB keeps ~128 registers
+    block_d = 1024 // block_z  # a [BLOCK_Z, BLOCK_D] fp64 target tile of 8 KiB keeps ~128 registers
     block_dm = min(pow2(d), 256)
     with on_device(h):
         _assign_kernel[(B, triton.cdiv(R, block_r))](

@@ -3,12 +3,15 @@
 Two launches, split over the key axis (split-K) and never materialising per-head probabilities:
   1. _split_stats_kernel, grid (B * Hkv, num_splits): one program takes the G = H / Hkv query heads
      of one KV head over one key range, so the G heads share every key load; it writes the running
-     max and sum of exp of each head's logits over the valid keys of its range.
+     max and sum of exp of each head's logits over the valid keys of its range, and (KV head 0)
+     the number of valid keys in the range.
   2. _visual_scores_kernel, grid (B, cdiv(vis_len, BLOCK_V)): one program takes a tile of visual
      keys and all H heads; it merges the split statistics into each head's softmax normaliser,
      recomputes the logits of its keys, and writes the head mean of the probabilities.
 Logits are kept in base 2 (the dot products times scale * log2(e)) so the kernels use exp2.
-fp32 accumulation for fp32 / fp16 / bf16 input.
+fp32 accumulation for fp32 / fp16 / bf16 input. Special values follow torch.softmax: a NaN or +inf
+logit, or valid keys whose logits are all -inf, make the head's probabilities NaN; a sample without a
+valid key scores 0 (the valid-key count tells the two apart).
 """
 import math
 
@@ -45,7 +48,7 @@ def _logits_base2(q_ptrs, q_mask, k_ptrs, k_mask, D, stride_qd, stride_kd, qk_sc
 
 
 @triton.jit
-def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr,
+def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr, cnt_ptr,
                         Hkv, L, D, G, split_len, num_splits, qk_scale,
                         stride_qb, stride_qh, stride_qd,
                         stride_kb, stride_kh, stride_kl, stride_kd,
@@ -63,6 +66,7 @@ def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr,
 
     run_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+    valid_keys = tl.zeros([BLOCK_L], dtype=tl.int32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, L)
     for l0 in range(lo, hi, BLOCK_L):
@@ -73,6 +77,7 @@ def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr,
         logits = _logits_base2(q_ptrs, g_ok[:, None], k_base + keys[None, :] * stride_kl, key_ok[None, :],
                                D, stride_qd, stride_kd, qk_scale, BLOCK_D)
         logits = tl.where(key_ok[None, :], logits, float("-inf"))
+        valid_keys += key_ok.to(tl.int32)
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: avoid -inf - -inf
         run_sum = run_sum * tl.exp2(run_max - shift) + tl.sum(tl.exp2(logits - shift[:, None]), axis=1)
@@ -81,10 +86,11 @@ def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, max_ptr, sum_ptr,
     stat = (b * Hkv * G + kv_head * G + g) * num_splits + split
     tl.store(max_ptr + stat, run_max, mask=g_ok)
     tl.store(sum_ptr + stat, run_sum, mask=g_ok)
+    tl.store(cnt_ptr + b * num_splits + split, tl.sum(valid_keys, axis=0), mask=kv_head == 0)
 
 
 @triton.jit
-def _visual_scores_kernel(q_ptr, k_ptr, mask_ptr, vis_ptr, max_ptr, sum_ptr, out_ptr,
+def _visual_scores_kernel(q_ptr, k_ptr, mask_ptr, vis_ptr, max_ptr, sum_ptr, cnt_ptr, out_ptr,
                           H, L, D, G, vis_len, num_splits, qk_scale,
                           stride_qb, stride_qh, stride_qd,
                           stride_kb, stride_kh, stride_kl, stride_kd,
@@ -94,10 +100,11 @@ def _visual_scores_kernel(q_ptr, k_ptr, mask_ptr, vis_ptr, max_ptr, sum_ptr, out
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     pos = tl.load(vis_ptr + b * stride_vis).to(tl.int64) + i
-    key_ok = (i < vis_len) & (pos >= 0) & (pos < L)  # positions outside [0, L) score 0
-    pos = tl.where(key_ok, pos, 0)
+    in_seq = (i < vis_len) & (pos >= 0) & (pos < L)  # positions outside [0, L) score 0
+    pos = tl.where(in_seq, pos, 0)
+    key_ok = in_seq
     if HAS_MASK:
-        key_ok = key_ok & tl.load(mask_ptr + b * stride_mb + pos * stride_ml, mask=key_ok, other=0) != 0
+        key_ok = key_ok & tl.load(mask_ptr + b * stride_mb + pos * stride_ml, mask=in_seq, other=0) != 0
 
     # Each head's softmax normaliser over all valid keys, from the per-split statistics.
     h = tl.arange(0, BLOCK_H)
@@ -110,14 +117,19 @@ def _visual_scores_kernel(q_ptr, k_ptr, mask_ptr, vis_ptr, max_ptr, sum_ptr, out
     shift = tl.where(head_max == float("-inf"), 0.0, head_max)
     head_sum = tl.sum(tl.load(sum_ptr + stat, mask=stat_ok, other=0.0) * tl.exp2(split_max - shift[:, None]),
                       axis=1)
-    inv_sum = 1.0 / tl.where(head_sum > 0.0, head_sum, float("inf"))  # a sample without valid keys scores 0
+    # a sample without a valid key scores 0; valid keys whose logits are all -inf give NaN (as
+    # torch.softmax); a NaN sum (NaN or +inf logits) stays NaN
+    any_valid = tl.sum(tl.load(cnt_ptr + b * num_splits + s, mask=s < num_splits, other=0), axis=0) > 0
+    inv_sum = tl.where(head_sum == 0.0, tl.where(any_valid, float("nan"), 0.0), 1.0 / head_sum)
 
     q_ptrs = q_ptr + b * stride_qb + h[:, None] * stride_qh
     # query head h reads KV head h // G: the G heads of one KV head load the same addresses together
     k_ptrs = k_ptr + b * stride_kb + (h // G)[:, None] * stride_kh + pos[None, :] * stride_kl
     tile_ok = h_ok[:, None] & key_ok[None, :]
     logits = _logits_base2(q_ptrs, h_ok[:, None], k_ptrs, tile_ok, D, stride_qd, stride_kd, qk_scale, BLOCK_D)
-    probs = tl.where(tile_ok, tl.exp2(logits - shift[:, None]) * inv_sum[:, None], 0.0)  # Eq. 2 softmax
+    # Eq. 2 softmax; a masked key has probability 0 (0 * inv_sum: NaN in a NaN head, as torch.softmax)
+    probs = tl.where(tile_ok, tl.exp2(logits - shift[:, None]) * inv_sum[:, None],
+                     tl.where(h_ok[:, None] & in_seq[None, :], 0.0 * inv_sum[:, None], 0.0))
     tl.store(out_ptr + b * vis_len + i, tl.sum(probs, axis=0) / H, mask=i < vis_len)  # head mean
 
 
@@ -151,6 +163,7 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     num_splits = max(1, triton.cdiv(L, split_len))
     split_max = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
     split_sum = torch.empty_like(split_max)
+    split_cnt = torch.empty(B, num_splits, dtype=torch.int32, device=q.device)
 
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask else out  # placeholder pointer, never read
@@ -159,13 +172,13 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     common = dict(HAS_MASK=has_mask, num_warps=NUM_WARPS)
     with on_device(q):
         _split_stats_kernel[(B * Hkv, num_splits)](
-            q, k, mask, split_max, split_sum, Hkv, L, D, G, split_len, num_splits, qk_scale,
+            q, k, mask, split_max, split_sum, split_cnt, Hkv, L, D, G, split_len, num_splits, qk_scale,
             *q.stride(), *k.stride(), *mask_strides,
             BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_D=block_d, **common)
         block_h = pow2(H)
         block_dv, block_v = _tile(block_h, D, 32)
         _visual_scores_kernel[(B, triton.cdiv(vis_len, block_v))](
-            q, k, mask, vis_start, split_max, split_sum, out, H, L, D, G, vis_len, num_splits, qk_scale,
+            q, k, mask, vis_start, split_max, split_sum, split_cnt, out, H, L, D, G, vis_len, num_splits, qk_scale,
             *q.stride(), *k.stride(), *mask_strides, vis_start.stride(0),
             BLOCK_H=block_h, BLOCK_V=block_v, BLOCK_D=block_dv, BLOCK_S=pow2(num_splits), **common)
     return out
