@@ -49,7 +49,8 @@ cudaError_t launch_bypass_align(const BypassArgs& a, cudaStream_t stream) {
   const int64_t total = a.B * a.R * (a.d / W);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kBypassThreads), INT32_MAX);
-  bypass_align_kernel<T, W><<<static_cast<unsigned>(blocks), kBypassThreads, 0, stream>>>(a);
+  auto* kernel = bypass_align_kernel<T, W>;
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kBypassThreads, 0, stream, a);
   return cudaGetLastError();
 }
 

@@ -11,6 +11,14 @@
 
 #include "swiftvlm.cuh"
 
+// The two seams of the CPU emulation (tests/cuda_emu), which defines them its own way: a kernel's
+// dynamic shared memory, and a launch (the kernel as a variable: a template's commas would split
+// the macro's arguments).
+#ifndef SWIFTVLM_LAUNCH
+#define SWIFTVLM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define SWIFTVLM_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
 namespace swiftvlm {
 
 constexpr unsigned kFullMask = 0xffffffffu;

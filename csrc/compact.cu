@@ -90,7 +90,8 @@ cudaError_t launch_compact(const CompactArgs& a, cudaStream_t stream) {
   const int64_t total = a.B * a.n * std::max<int64_t>(a.d / W, 1);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kCompactThreads), INT32_MAX);
-  compact_kernel<T, W><<<static_cast<unsigned>(blocks), kCompactThreads, 0, stream>>>(a);
+  auto* kernel = compact_kernel<T, W>;
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kCompactThreads, 0, stream, a);
   return cudaGetLastError();
 }
 

@@ -139,12 +139,14 @@ cudaError_t launch_group_merge(const T* h, int64_t h_sb, int64_t h_sr, int64_t B
   const int64_t col_tiles = std::max<int64_t>(1, ceil_div(d / W, kMeanThreads));  // d == 0 still counts
   const int64_t mean_blocks = B * Z * col_tiles;
   if (assign_blocks > INT32_MAX || mean_blocks > INT32_MAX || R > INT32_MAX) return cudaErrorInvalidConfiguration;
-  group_assign_kernel<T, W><<<static_cast<unsigned>(assign_blocks), kAssignThreads, 0, stream>>>(h, h_sb, h_sr, R, d,
-                                                                                               Z, group);
+  auto* assign = group_assign_kernel<T, W>;
+  SWIFTVLM_LAUNCH(assign, static_cast<unsigned>(assign_blocks), kAssignThreads, 0, stream, h, h_sb, h_sr, R, d, Z,
+                  group);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  group_mean_kernel<T, W><<<static_cast<unsigned>(mean_blocks), kMeanThreads, 0, stream>>>(
-      h, h_sb, h_sr, group, R, d, Z, col_tiles, merged, counts);
+  auto* mean = group_mean_kernel<T, W>;
+  SWIFTVLM_LAUNCH(mean, static_cast<unsigned>(mean_blocks), kMeanThreads, 0, stream, h, h_sb, h_sr, group, R, d, Z,
+                  col_tiles, merged, counts);
   return cudaGetLastError();
 }
 

@@ -59,7 +59,8 @@ cudaError_t launch_restore(const RestoreArgs& a, cudaStream_t stream) {
   const int64_t total = a.B * (a.n + a.R) * (a.d / W);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kRestoreThreads), INT32_MAX);
-  restore_kernel<T, W><<<static_cast<unsigned>(blocks), kRestoreThreads, 0, stream>>>(a);
+  auto* kernel = restore_kernel<T, W>;
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kRestoreThreads, 0, stream, a);
   return cudaGetLastError();
 }
 

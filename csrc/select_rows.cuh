@@ -33,7 +33,7 @@ __device__ __forceinline__ uint32_t order_key(float s) {
 template <bool KEYS_IN_SMEM, typename Source>
 __global__ void __launch_bounds__(kSelectThreads)
     select_rows_kernel(Source src, int N, int k, int64_t* __restrict__ keep, int64_t* __restrict__ rest) {
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  SWIFTVLM_DYNAMIC_SMEM(dyn_smem);
   __shared__ int hist[kRadixBins];
   __shared__ int scan_scratch[kScanScratch];
   __shared__ uint32_t chosen_bin;
@@ -171,8 +171,8 @@ cudaError_t launch_select_rows(const Source& src, size_t extra_smem, int64_t row
   const size_t smem = with_keys <= limit ? with_keys : extra_smem;
   err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(rows), kSelectThreads, smem, stream>>>(src, static_cast<int>(N), static_cast<int>(k),
-                                                                       keep, rest);
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(rows), kSelectThreads, smem, stream, src, static_cast<int>(N),
+                  static_cast<int>(k), keep, rest);
   return cudaGetLastError();
 }
 

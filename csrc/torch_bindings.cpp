@@ -3,8 +3,9 @@
 // serves torch 2.10 and later; nothing here waits for the GPU or reads device values.
 
 // The C shim declares its CUDA entry points (the current stream) only under USE_CUDA; this file is
-// built only when torch has CUDA.
-#ifndef USE_CUDA
+// built only when torch has CUDA, or for the CPU emulation of the kernels (tests/cuda_emu, which
+// defines SWIFTVLM_EMULATION: the ops then take CPU tensors, on the CPU dispatch key).
+#if !defined(USE_CUDA) && !defined(SWIFTVLM_EMULATION)
 #define USE_CUDA
 #endif
 
@@ -29,13 +30,24 @@ namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-using DeviceGuard = torch::stable::accelerator::DeviceGuard;
 
+#ifdef SWIFTVLM_EMULATION
+#define SWIFTVLM_DEVICE_KEY CPU
+struct DeviceGuard {
+  explicit DeviceGuard(int) {}
+};
+cudaStream_t current_stream(const Tensor&) { return nullptr; }
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+#else
+#define SWIFTVLM_DEVICE_KEY CUDA
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 }
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+#endif
 
 void check_launch(cudaError_t err, const char* op) {
   const char* hint = err == cudaErrorInvalidConfiguration
@@ -45,7 +57,7 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 void check_cuda(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor");
+  STD_TORCH_CHECK(on_device(t), name, ": expected a CUDA tensor");
 }
 
 // t is a CUDA tensor of `rank` dimensions on ref's device.
@@ -369,7 +381,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
       " Tensor merged_rows, Tensor merged_then) -> Tensor");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(swiftvlm, CUDA, m) {
+STABLE_TORCH_LIBRARY_IMPL(swiftvlm, SWIFTVLM_DEVICE_KEY, m) {
   m.impl("tv_score_cuda", TORCH_BOX(&tv_score_cuda));
   m.impl("topk_select_cuda", TORCH_BOX(&topk_select_cuda));
   m.impl("score_select_cuda", TORCH_BOX(&score_select_cuda));

@@ -40,7 +40,7 @@ __device__ __forceinline__ int64_t load_vis_start(const ScoreArgs& a, int64_t b)
 
 template <typename T, int W>
 __global__ void __launch_bounds__(kScoreThreads) score_partial_kernel(ScoreArgs a, ScorePartials part) {
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  SWIFTVLM_DYNAMIC_SMEM(dyn_smem);
   const int G = static_cast<int>(a.H / a.Hkv);
   const int D = static_cast<int>(a.D);
   float* q_s = reinterpret_cast<float*>(dyn_smem);  // [G, D] scaled queries
@@ -181,7 +181,7 @@ struct VisualScores {
 };
 
 __global__ void __launch_bounds__(kMergeThreads) merge_scores_kernel(VisualScores src, int64_t blocks_per_row) {
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  SWIFTVLM_DYNAMIC_SMEM(dyn_smem);
   const int row = static_cast<int>(blockIdx.x / blocks_per_row);
   const int64_t i = (blockIdx.x % blocks_per_row) * kMergeThreads + threadIdx.x;
   const VisualScores::Row scores = src.prepare(row, reinterpret_cast<float*>(dyn_smem));
@@ -197,7 +197,7 @@ cudaError_t launch_score_partial(const ScoreArgs& a, const ScorePartials& part, 
   if (err != cudaSuccess) return err;
   const int64_t blocks = a.B * a.Hkv * num_tiles(a.L);
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  if (blocks > 0) kernel<<<static_cast<unsigned>(blocks), kScoreThreads, smem, stream>>>(a, part);
+  if (blocks > 0) SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kScoreThreads, smem, stream, a, part);
   return cudaGetLastError();
 }
 
@@ -229,7 +229,8 @@ cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaSt
   const size_t smem = VisualScores::smem_bytes(a.H);
   err = allow_dynamic_smem(merge_scores_kernel, smem);
   if (err != cudaSuccess) return err;
-  merge_scores_kernel<<<static_cast<unsigned>(blocks), kMergeThreads, smem, stream>>>(src, blocks_per_row);
+  auto* merge = merge_scores_kernel;
+  SWIFTVLM_LAUNCH(merge, static_cast<unsigned>(blocks), kMergeThreads, smem, stream, src, blocks_per_row);
   return cudaGetLastError();
 }
 

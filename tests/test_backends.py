@@ -47,11 +47,21 @@ def _cuda_backend():
     return module, why
 
 
+def _emulator_reason():
+    """Why the CUDA kernels cannot run on the CPU emulation here (None: they can)."""
+    import shutil
+
+    return None if shutil.which("g++") else "g++ is not installed (the CUDA emulation compiles csrc/ with it)"
+
+
 def _backend_params():
     triton_mod, triton_why = _import_or_reason("swiftvlm_kernels.triton_kernels")
     cuda_mod, cuda_why = _cuda_backend()
+    emu_why = _emulator_reason()
     return [
         pytest.param(("cpu", "cpu"), id="cpu"),
+        pytest.param(("cuda-emu", "cpu"), id="cuda-emu", marks=pytest.mark.skipif(emu_why is not None,
+                                                                                   reason=emu_why or "")),
         pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.skipif(
             triton_mod is None or not INTERPRET, reason=triton_why or NO_INTERPRETER)),
         pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -63,8 +73,13 @@ def _backend_params():
 
 @pytest.fixture(params=_backend_params())
 def backend(request):
-    """(backend module, device) for one backend of the protocol."""
+    """(backend module, device) for one backend of the protocol. cuda-emu: the CUDA kernels of csrc/
+    compiled for the CPU emulation (tests/cuda_emulator.py), on CPU tensors."""
     name, device = request.param
+    if name == "cuda-emu":
+        import cuda_emulator
+
+        return cuda_emulator.backend(), device
     module = importlib.import_module({"cpu": "swiftvlm_kernels.cpu", "triton": "swiftvlm_kernels.triton_kernels",
                                       "cuda": "swiftvlm_kernels.cuda_backend"}[name])
     return module, device

@@ -1,0 +1,166 @@
+"""The CUDA backend on the CPU: csrc/ compiled as host C++ against tests/cuda_emu (a fiber-per-thread
+CUDA emulation, see emu.h), loaded into torch as the same `swiftvlm::<op>_cuda` ops for CPU tensors.
+
+    emu = cuda_emulator.backend()        # builds once per source change (g++, about a minute on 2 cores)
+    emu.score_select(q, k, ...)          # the cuda backend's functions, on CPU tensors
+    with cuda_emulator.schedule("reverse"): ...   # thread order of the launches inside
+
+SWIFTVLM_EMU_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer instead (the
+process must preload libasan: `python tests/cuda_emulator.py --sanitize` runs the emulated backend
+tests that way, CI included).
+The real build for a GPU (setup.py, CMakeLists.txt) does not use any of this.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CSRC = os.path.join(ROOT, "csrc")
+BUILD = os.environ.get("SWIFTVLM_EMU_BUILD", os.path.join(ROOT, "build", "cuda_emu"))
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2, "warps": 3}
+
+
+def _sources(csrc=CSRC):
+    return sorted(glob.glob(os.path.join(csrc, "*.cu")) + glob.glob(os.path.join(csrc, "*.cpp"))) + [
+        os.path.join(EMU, "emu.cpp")]
+
+
+def _flags(sanitize: bool):
+    import torch.utils.cpp_extension as ext
+
+    flags = ["-std=c++17", "-fPIC", "-DSWIFTVLM_EMULATION", "-DTORCH_TARGET_VERSION=0x020a000000000000",
+             f"-I{EMU}", f"-I{CSRC}", *(f"-I{p}" for p in ext.include_paths()), "-Wall", "-Wno-unused-function"]
+    if sanitize:
+        flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer"]
+    else:
+        flags += ["-O1", "-g0"]
+    return flags
+
+
+def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "") -> str:
+    """Compile csrc/*.cu and the bindings with the emulation into a shared library (cached by the
+    sources' and flags' hash); returns its path."""
+    import torch
+
+    sanitize = os.environ.get("SWIFTVLM_EMU_SANITIZE") == "1" if sanitize is None else sanitize
+    sources = _sources(csrc)
+    flags = _flags(sanitize)
+    digest = hashlib.sha256()
+    for path in sources + sorted(glob.glob(os.path.join(csrc, "*.cuh"))) + sorted(glob.glob(os.path.join(EMU, "*.h"))):
+        with open(path, "rb") as f:
+            digest.update(path.encode() + f.read())
+    digest.update(" ".join(flags).encode() + torch.__version__.encode())
+    out_dir = os.path.join(BUILD, f"{tag}{digest.hexdigest()[:16]}{'-san' if sanitize else ''}")
+    lib = os.path.join(out_dir, "swiftvlm_emu.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    objects, procs = [], []
+    for src in sources:
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        objects.append(obj)
+        procs.append((src, subprocess.Popen(["g++", "-x", "c++", "-c", src, "-o", obj, *flags],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        if len([p for _, p in procs if p.poll() is None]) >= (os.cpu_count() or 2):
+            procs[0][1].wait()
+    errors = []
+    for src, proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            errors.append(f"{os.path.relpath(src, ROOT)}:\n{out.decode()[-4000:]}")
+    if errors:
+        raise RuntimeError("cuda emulation: compile failed\n" + "\n".join(errors))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    link = ["g++", "-shared", "-o", lib + ".tmp", *objects, f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10",
+            f"-Wl,-rpath,{torch_lib}"]
+    if sanitize:
+        link += ["-fsanitize=address,undefined"]
+    run = subprocess.run(link, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"cuda emulation: link failed\n{run.stdout}{run.stderr}")
+    os.replace(lib + ".tmp", lib)
+    return lib
+
+
+def build_selftest() -> str:
+    """The emulator's own test kernels (tests/cuda_emu/selftest.cu) as a plain shared library."""
+    out_dir = os.path.join(BUILD, "selftest")
+    lib = os.path.join(out_dir, "selftest.so")
+    sources = [os.path.join(EMU, "selftest.cu"), os.path.join(EMU, "emu.cpp")]
+    stamp = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources + [os.path.join(EMU, "emu.h")])).hexdigest()
+    if os.path.exists(lib) and open(lib + ".hash").read() == stamp:
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    run = subprocess.run(["g++", "-x", "c++", "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{EMU}", f"-I{CSRC}",
+                          "-DSWIFTVLM_EMULATION", "-include", os.path.join(EMU, "emu.h"), *sources, "-o", lib],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"cuda emulation self-test: compile failed\n{run.stdout}{run.stderr}")
+    with open(lib + ".hash", "w") as f:
+        f.write(stamp)
+    return lib
+
+
+_loaded: dict = {}
+
+
+def load(lib: str):
+    """Load a built library into torch (registers the ops; once per path)."""
+    import torch
+
+    if lib not in _loaded:
+        torch.ops.load_library(lib)
+        _loaded[lib] = ctypes.CDLL(lib)
+    return _loaded[lib]
+
+
+@contextlib.contextmanager
+def schedule(name: str, seed: int = 1):
+    """Launches inside run their threads in this order: forward, reverse, random or warps."""
+    handles = list(_loaded.values())
+    for h in handles:
+        h.swiftvlm_emu_set_schedule(SCHEDULES[name], seed)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.swiftvlm_emu_set_schedule(0, 1)
+
+
+def backend(lib: str | None = None):
+    """The cuda backend's functions (swiftvlm_kernels/cuda_backend.py) bound to the emulated ops."""
+    import torch
+
+    from swiftvlm_kernels import cuda_backend
+
+    load(lib or build())
+    module = types.ModuleType("swiftvlm_cuda_emulated")
+    env = dict(vars(cuda_backend), _ops=lambda: torch.ops.swiftvlm)
+    for name in cuda_backend.__all__:
+        fn = getattr(cuda_backend, name)
+        if isinstance(fn, types.FunctionType) and name not in ("available",):
+            setattr(module, name, types.FunctionType(fn.__code__, env, name, fn.__defaults__))
+    return module
+
+
+if __name__ == "__main__":
+    if "--sanitize" in sys.argv:  # the backend tests on the sanitizer build, libasan preloaded
+        asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+        env = dict(os.environ, SWIFTVLM_EMU_SANITIZE="1", LD_PRELOAD=asan,
+                   ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
+                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+        tests = [os.path.join(ROOT, "tests", f) for f in ("test_cuda_emulated.py", "test_backends.py")]
+        sys.exit(subprocess.call([sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
+                                  "-k", "(cuda-emu or cuda_emulated) and not removing",
+                                  *[a for a in sys.argv[1:] if a != "--sanitize"]], env=env))
+    print(build())
