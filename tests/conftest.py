@@ -14,6 +14,11 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 import torch
 
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SWIFTVLM_TRITON_GPU_MATH") == "1":
+    import triton_gpu_math  # the interpreter computes fp32 exp2, division and sqrt as the GPU does
+
+    triton_gpu_math.install()
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if not torch.cuda.is_available():
