@@ -145,11 +145,12 @@ def bytes_moved(op, case, elem):
         return B * (case.rest * case.d + case.merge * case.d) * elem + B * case.rest * 8 + B * case.merge * 4
     if op in ("bypass_align", "bypass_align_into"):
         return B * (2 * case.rest * case.d + 2 * case.merge * case.d) * elem + B * case.rest * 8 * (1 + (op != "bypass_align"))
-    if op == "compact":  # read every surviving row and the rest once, write them once, plus the indices
+    if op == "compact":  # read every row once; write the new sequence (with the Z target rows) and the rest
         n_new = case.L - case.rest + case.merge
-        return B * (n_new + case.rest) * case.d * elem * 2 + B * (n_new + case.merge + case.L + case.n_vis) * 8
-    if op == "restore":
-        return B * (2 * case.L * case.d + case.rest * case.d + 2 * case.merge * case.d) * elem + B * (
+        return B * (case.L + n_new + case.rest) * case.d * elem + B * (n_new + case.merge + case.L + case.n_vis) * 8
+    if op == "restore":  # read the new sequence, the rest and merged_then once; write all L rows
+        n_new = case.L - case.rest + case.merge
+        return B * (n_new + case.rest + case.merge + case.L) * case.d * elem + B * (
             case.L + 2 * case.rest + case.merge) * 8
     raise ValueError(op)
 
