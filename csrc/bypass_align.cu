@@ -1,5 +1,6 @@
 // bypass_align: restore the bypassed tokens with their group's drift, h + (now - then)
-// (Eq. 12-13), in one gather-add pass; the into-form scatters the rows into dst.
+// (Eq. 12-13), in one gather-add pass; the into-form scatters the rows into dst. A row whose group
+// id is negative (-1 pads a ragged batch) gets no drift: copied, or, into dst, not written.
 // A thread handles one W-column chunk of one row: 16-byte loads and stores when every tensor allows
 // them, else one element (any strides).
 #include <algorithm>
@@ -24,22 +25,25 @@ __global__ void __launch_bounds__(kBypassThreads) bypass_align_kernel(BypassArgs
     const int64_t col = (idx % nchunks) * W;
     const int64_t i = (idx / nchunks) % a.R;
     const int64_t b = idx / (nchunks * a.R);
+    // A negative group id (-1: ragged padding) has no drift: the row is copied, or, into dst, skipped.
+    const int64_t g_raw = load_index(a.group, b, i);
     int64_t row = i;
     if (a.rows.ptr != nullptr) {
       row = load_index(a.rows, b, i);
-      if (row < 0 || row >= a.M) continue;  // no such destination row: nothing is written
+      if (row < 0 || row >= a.M || g_raw < 0) continue;  // no such destination row: nothing is written
     }
-    // Out-of-range group ids are clamped, as the reference does.
-    const int64_t g_raw = load_index(a.group, b, i);
-    const int64_t g = g_raw < 0 ? 0 : (g_raw >= a.Z ? a.Z - 1 : g_raw);
+    // Ids past the last group are clamped, as the reference does.
+    const int64_t g = g_raw >= a.Z ? a.Z - 1 : g_raw;
     float x[W];
-    float x_now[W];
-    float x_then[W];
     load_chunk<T, W>(h_rest + b * a.h_rest.sb + i * a.h_rest.sr + col * a.h_rest.sd, x);
-    load_chunk<T, W>(now + b * a.merged_now.sb + g * a.merged_now.sr + col * a.merged_now.sd, x_now);
-    load_chunk<T, W>(then + b * a.merged_then.sb + g * a.merged_then.sr + col * a.merged_then.sd, x_then);
+    if (g >= 0) {
+      float x_now[W];
+      float x_then[W];
+      load_chunk<T, W>(now + b * a.merged_now.sb + g * a.merged_now.sr + col * a.merged_now.sd, x_now);
+      load_chunk<T, W>(then + b * a.merged_then.sb + g * a.merged_then.sr + col * a.merged_then.sd, x_then);
 #pragma unroll
-    for (int w = 0; w < W; ++w) x[w] = x[w] + (x_now[w] - x_then[w]);  // Eq. 12-13
+      for (int w = 0; w < W; ++w) x[w] = x[w] + (x_now[w] - x_then[w]);  // Eq. 12-13
+    }
     store_chunk<T, W>(out + b * a.out_sb + row * a.out_sr + col * a.out_sd, x);
   }
 }
@@ -66,7 +70,6 @@ bool vector_ok(const BypassArgs& a, size_t elem_size, int vec) {
 }  // namespace
 
 cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream) {
-  if (a.Z < 1 && a.B * a.R > 0) return cudaErrorInvalidValue;  // no merged token to align with
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     return vector_ok(a, sizeof(T), kVec<T>) ? launch_bypass_align<T, kVec<T>>(a, stream)

@@ -1,10 +1,18 @@
+import torch
+
 from .topk_select import topk_select
 from .tv_score import tv_score
 
 
-def score_select(q, k, vis_start, vis_len: int, keep: int, scale: float, key_mask=None):
+def score_select(q, k, vis_start, vis_len, keep, scale: float, key_mask=None, max_vis_len=None, max_keep=None):
     """topk_select(tv_score(...), keep): returns (keep_idx [B, keep], rest_idx [B, vis_len - keep],
-    scores fp32 [B, vis_len]). Indices are visual-token indices 0..vis_len-1 (Eq. 1-2 then top-k)."""
-    scores = tv_score(q, k, vis_start, vis_len, scale, key_mask)
-    keep_idx, rest_idx = topk_select(scores, keep)
+    scores fp32 [B, vis_len]). Indices are visual-token indices 0..vis_len-1 (Eq. 1-2 then top-k).
+
+    Ragged batches: vis_len and keep integer tensors [B]; then keep_idx [B, max_keep], rest_idx and
+    scores [B, max_vis_len], each row's indices ascending then -1, scores 0 past vis_len[b]."""
+    scores = tv_score(q, k, vis_start, vis_len, scale, key_mask, max_vis_len)
+    if isinstance(vis_len, torch.Tensor) or isinstance(keep, torch.Tensor):
+        keep_idx, rest_idx = topk_select(scores, keep, vis_len if isinstance(vis_len, torch.Tensor) else None, max_keep)
+    else:
+        keep_idx, rest_idx = topk_select(scores, keep)
     return keep_idx, rest_idx, scores

@@ -89,7 +89,8 @@ def _finite(name, t):
               "rules of the README's Errors section)")
 
 
-def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
+def _check_scores_common(q, k, vis_start, scale, key_mask):
+    """q, k, vis_start, scale and key_mask of tv_score / score_select; returns (B, L)."""
     _rank("q", q, 3, "[B, H, D]")
     _float("q", q)
     _rank("k", k, 4, "[B, Hkv, L, D]")
@@ -110,7 +111,6 @@ def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
     _same("vis_start", vis_start, "q", q, dtype=False)
     if vis_start.shape[0] != B:
         _fail(f"vis_start: expected shape [{B}] (one start per sample), got {tuple(vis_start.shape)}")
-    _int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
         _fail(f"scale: expected a finite float, got {scale!r}")
     if key_mask is not None:
@@ -120,13 +120,19 @@ def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
         _same("key_mask", key_mask, "q", q, dtype=False)
         if tuple(key_mask.shape) != (B, L):
             _fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
+    _finite("q", q)
+    _finite("k", k)
+    return B, L
+
+
+def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
+    B, L = _check_scores_common(q, k, vis_start, scale, key_mask)
+    _int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + vis_len > L:
             _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
                   f"(vis_len = {vis_len}), got values in [{lo}, {hi}]")
-    _finite("q", q)
-    _finite("k", k)
 
 
 def check_topk_select(scores, k):
@@ -140,6 +146,100 @@ def check_score_select(q, k, vis_start, vis_len, keep, scale, key_mask=None):
     _int("keep", keep, 0, vis_len, "the number of visual tokens to keep, in [0, vis_len]")
 
 
+# ---- ragged batches: per-sample counts as int tensors [B] with the padded width as an int ----
+
+def _counts(name, t, B, ref_name, ref, what):
+    """An int32 / int64 tensor [B] of per-sample counts on ref's device."""
+    _index(name, t, ref_name, ref, (B,), f"([B], {what} of each sample)")
+
+
+def _width_int(name, value, lo, hi, what):
+    if value is None:
+        _fail(f"{name}: expected the padded width (an int), got None")
+    _int(name, value, lo, hi, what)
+
+
+def _per_sample(name, t, lo, hi, what):
+    """lo[b] <= t[b] <= hi[b] (ints or tensors [B]) when the values may be read."""
+    if not t.numel() or not _read_values(t):
+        return
+    v = t.to(torch.long).cpu()
+    low = lo.to(torch.long).cpu() if isinstance(lo, torch.Tensor) else torch.full_like(v, lo)
+    high = hi.to(torch.long).cpu() if isinstance(hi, torch.Tensor) else torch.full_like(v, hi)
+    bad = ((v < low) | (v > high)).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        _fail(f"{name}: expected {what} ({int(low[b])} <= {name}[b] <= {int(high[b])}), got {name}[{b}] = {int(v[b])}")
+
+
+def fill_widths(op, args, kwargs):
+    """The arguments of a ragged overload as one positional list (its keyword-only ones appended in
+    schema order) with the padded widths (max_*) filled: a width left out is computed from the counts
+    on CPU tensors; on other devices it must be given (reading the counts would synchronise with the
+    host, like FlashAttention's max_seqlen)."""
+    keywords, widths = RAGGED[op]
+    positional = RAGGED_POSITIONAL[op]  # the optional trailing positional ones default to None
+    args = list(args) + [None] * (positional - len(args)) + [kwargs.get(name) for name in keywords]
+    for name, counts_at in widths.items():
+        i = len(args) - len(keywords) + keywords.index(name)
+        if args[i] is not None:
+            continue
+        counts = args[counts_at]
+        if isinstance(counts, torch.Tensor) and _readable(counts) and counts.device.type == "cpu":
+            args[i] = int(counts.max()) if counts.numel() else 0
+        else:
+            where = f"{counts.device.type} tensors" if isinstance(counts, torch.Tensor) else "these inputs"
+            _fail(f"{name}: expected the padded width (an int) for {where}: it is computed only from CPU counts "
+                  f"(reading {RAGGED_COUNT_NAMES[op][counts_at]} on a device would synchronise with the host)")
+    return args
+
+
+# ragged overload -> (its keyword-only arguments in schema order, {padded width: position of its counts})
+RAGGED = {
+    "tv_score.ragged": (("max_vis_len",), {"max_vis_len": 3}),
+    "topk_select.ragged": (("lengths", "max_k"), {"max_k": 1}),
+    "score_select.ragged": (("max_vis_len", "max_keep"), {"max_vis_len": 3, "max_keep": 4}),
+    "group_merge.ragged": (("lengths", "max_groups"), {"max_groups": 1}),
+}
+RAGGED_POSITIONAL = {"tv_score.ragged": 6, "topk_select.ragged": 2, "score_select.ragged": 7, "group_merge.ragged": 2}
+RAGGED_COUNT_NAMES = {"tv_score.ragged": {3: "vis_len"}, "topk_select.ragged": {1: "k"},
+                      "score_select.ragged": {3: "vis_len", 4: "keep"}, "group_merge.ragged": {1: "num_groups"}}
+
+
+def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    B, L = _check_scores_common(q, k, vis_start, scale, key_mask)
+    _counts("vis_len", vis_len, B, "q", q, "the number of visual tokens")
+    _width_int("max_vis_len", max_vis_len, 0, L, "the padded width of the visual spans, at most L")
+    _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")
+    if B and _read_values(vis_start) and _read_values(vis_len):
+        _per_sample("vis_start", vis_start, 0, L - vis_len.to(torch.long).cpu(),
+                    f"a visual span inside the sequence: vis_start[b] + vis_len[b] <= L = {L}")
+
+
+def check_topk_select_ragged(scores, k, lengths=None, max_k=None):
+    _rank("scores", scores, 2, "[B, N]")
+    _float("scores", scores)
+    B, N = scores.shape
+    _counts("k", k, B, "scores", scores, "the number of indices to keep")
+    if lengths is not None:
+        _counts("lengths", lengths, B, "scores", scores, "the number of scores (the rest of the row is padding)")
+        _per_sample("lengths", lengths, 0, N, "at most N")
+    _width_int("max_k", max_k, 0, N, "the padded width of keep, in [0, N]")
+    if lengths is not None and _read_values(lengths):
+        _per_sample("k", k, 0, lengths, "at most the sample's lengths[b]")
+    _per_sample("k", k, 0, max_k, "at most max_k")
+
+
+def check_score_select_ragged(q, k, vis_start, vis_len, keep, scale, key_mask=None, max_vis_len=None,
+                              max_keep=None):
+    check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask, max_vis_len)
+    _counts("keep", keep, q.shape[0], "q", q, "the number of visual tokens to keep")
+    _width_int("max_keep", max_keep, 0, max_vis_len, "the padded width of keep_idx, in [0, max_vis_len]")
+    if _read_values(vis_len):
+        _per_sample("keep", keep, 0, vis_len, "at most the sample's vis_len[b]")
+    _per_sample("keep", keep, 0, max_keep, "at most max_keep")
+
+
 def check_group_merge(h, num_groups):
     _rank("h", h, 3, "[B, R, d]")
     _float("h", h)
@@ -147,6 +247,24 @@ def check_group_merge(h, num_groups):
     if R == 0:
         _fail("h: expected at least one rest token (R >= 1), got R = 0")
     _int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
+    _finite("h", h)
+
+
+def check_group_merge_ragged(h, num_groups, lengths=None, max_groups=None):
+    _rank("h", h, 3, "[B, R, d]")
+    _float("h", h)
+    B, R, _ = h.shape
+    _counts("num_groups", num_groups, B, "h", h, "the number of groups")
+    if lengths is not None:
+        _counts("lengths", lengths, B, "h", h, "the number of rest tokens (the rows after them are padding)")
+        _per_sample("lengths", lengths, 0, R, "at most R = h.shape[1]")
+    _width_int("max_groups", max_groups, 0, R, "the padded width of merged and counts, in [0, R]")
+    n = lengths if lengths is not None else torch.full((B,), R, dtype=torch.long)
+    if _read_values(num_groups) and _read_values(n):
+        n_cpu = n.to(torch.long).cpu()
+        _per_sample("num_groups", num_groups, n_cpu.clamp(max=1), n_cpu,
+                    "1 <= num_groups[b] <= lengths[b] (0 for a sample without rows)")
+    _per_sample("num_groups", num_groups, 0, max_groups, "at most max_groups")
     _finite("h", h)
 
 
@@ -167,13 +285,12 @@ def check_bypass_align(h_rest, group, merged_now, merged_then):
             _fail(f"{name}: expected shape [{B}, Z, {d}], got {tuple(m.shape)}")
     if merged_now.shape != merged_then.shape:
         _fail(f"merged_then: expected the shape of merged_now {tuple(merged_now.shape)}, got {tuple(merged_then.shape)}")
-    Z = merged_now.shape[1]
-    if Z == 0 and R > 0:
-        _fail("merged_now: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
+    Z = merged_now.shape[1]  # Z = 0 leaves every row's group -1 (a ragged batch without merged tokens)
     if group.numel() and _read_values(group):
         lo, hi = _min_max(group)
-        if lo < 0 or hi >= Z:
-            _fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]), got values in [{lo}, {hi}]")
+        if lo < -1 or hi >= Z:
+            _fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]) or -1 (a padding row, left "
+                  f"unchanged), got values in [{lo}, {hi}]")
 
 
 def _byte_span(t):
@@ -236,8 +353,9 @@ def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
                            ("merged_then", merged_then)))
     if rows.numel() and _read_values(rows):
         lo, hi = _min_max(rows)
-        if lo < 0 or hi >= dst.shape[1]:
-            _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]), got values in [{lo}, {hi}]")
+        if lo < -1 or hi >= dst.shape[1]:
+            _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]) or -1 (nothing written), "
+                  f"got values in [{lo}, {hi}]")
 
 
 def _index(name, t, ref_name, ref, shape, layout):

@@ -15,7 +15,7 @@ keyword-only `backend` that runs one call on a named backend (tests and benchmar
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -40,22 +40,42 @@ SCHEMAS = {
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _checks.check_compact),
     "restore": ("restore(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, "
                 "Tensor group, Tensor merged_rows, Tensor merged_then) -> Tensor", _checks.check_restore),
+    # Ragged batches (per-sample counts as int tensors [B]): overloads of the same ops, chosen by
+    # torch.ops.swiftvlm.<op>(...) when a count is a tensor. The padded widths (max_*) are keyword-only.
+    "tv_score.ragged": ("tv_score.ragged(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, float scale, "
+                        "Tensor? key_mask=None, *, SymInt? max_vis_len=None) -> Tensor",
+                        _checks.check_tv_score_ragged),
+    "topk_select.ragged": ("topk_select.ragged(Tensor scores, Tensor k, *, Tensor? lengths=None, "
+                           "SymInt? max_k=None) -> (Tensor, Tensor)", _checks.check_topk_select_ragged),
+    "score_select.ragged": ("score_select.ragged(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, Tensor keep, "
+                            "float scale, Tensor? key_mask=None, *, SymInt? max_vis_len=None, "
+                            "SymInt? max_keep=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select_ragged),
+    "group_merge.ragged": ("group_merge.ragged(Tensor h, Tensor num_groups, *, Tensor? lengths=None, "
+                           "SymInt? max_groups=None) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge_ragged),
 }
 
 
 def _kernel(op: str, check: Callable, device_type: Optional[str]) -> Callable:
-    """The kernel of `op` for one device key: validate, then the resolved backend function.
+    """The kernel of `op` for one device key: validate, then the resolved backend function (a ragged
+    overload runs the op's backend function with the padded widths filled in, as trailing arguments).
     device_type None: the catch-all key of the remaining devices, resolved per device."""
-    key, resolved, default = (device_type, op), _backend._resolved, _backend.default
+    base = op.split(".")[0]
+    key, resolved, default = (device_type, base), _backend._resolved, _backend.default
 
     def kernel(*args):
         check(*args)
-        return (resolved.get(key) or default(op, device_type))(*args)
+        return (resolved.get(key) or default(base, device_type))(*args)
 
     def any_device(*args):
         check(*args)
-        return default(op, next(a for a in args if isinstance(a, Tensor)).device.type)(*args)
+        return default(base, next(a for a in args if isinstance(a, Tensor)).device.type)(*args)
 
+    def ragged(*args, **kwargs):
+        args = _checks.fill_widths(op, args, kwargs)
+        return (kernel if device_type else any_device)(*args)
+
+    if op in _checks.RAGGED:
+        return ragged
     return kernel if device_type else any_device
 
 
@@ -124,12 +144,53 @@ def _(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
     return h.new_empty((h.shape[0], inverse.shape[1], h.shape[2]))
 
 
+def _fake_args(op, args, kwargs):
+    """A ragged fake's arguments, checked: the padded widths must be given (under tracing the counts
+    have no values)."""
+    for name in _checks.RAGGED[op][1]:
+        if kwargs.get(name) is None and not all(_checks._readable(a) for a in args if isinstance(a, Tensor)):
+            _checks._fail(f"{name}: expected the padded width (an int) when tracing (torch.compile, export, "
+                          "meta tensors): the counts have no values then")
+    full = _checks.fill_widths(op, args, kwargs)
+    SCHEMAS[op][1](*full)
+    return full
+
+
+@torch.library.register_fake("swiftvlm::tv_score.ragged")
+def _(*args, **kwargs):
+    q, *_, width = _fake_args("tv_score.ragged", args, kwargs)
+    return q.new_empty((q.shape[0], width), dtype=torch.float32)
+
+
+@torch.library.register_fake("swiftvlm::topk_select.ragged")
+def _(*args, **kwargs):
+    scores, *_, width = _fake_args("topk_select.ragged", args, kwargs)
+    B, N = scores.shape
+    return scores.new_empty((B, width), dtype=torch.int64), scores.new_empty((B, N), dtype=torch.int64)
+
+
+@torch.library.register_fake("swiftvlm::score_select.ragged")
+def _(*args, **kwargs):
+    q, *_, W, K = _fake_args("score_select.ragged", args, kwargs)
+    B = q.shape[0]
+    return (q.new_empty((B, K), dtype=torch.int64), q.new_empty((B, W), dtype=torch.int64),
+            q.new_empty((B, W), dtype=torch.float32))
+
+
+@torch.library.register_fake("swiftvlm::group_merge.ragged")
+def _(*args, **kwargs):
+    h, *_, Z = _fake_args("group_merge.ragged", args, kwargs)
+    B, R, d = h.shape
+    return (h.new_empty((B, Z, d)), h.new_empty((B, R), dtype=torch.int64), h.new_empty((B, Z), dtype=torch.int32))
+
+
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
 
 def _argument_kinds(schema: str):
-    """[(name, kind)] of a schema string: kind is Tensor, Tensor?, SymInt or float."""
+    """[(name, kind)] of a schema string (keyword-only ones included, in order): kind is Tensor, Tensor?,
+    SymInt, SymInt? or float."""
     params = schema[schema.index("(") + 1:schema.rindex(") ->")]
-    return [(p.split()[1].split("=")[0], re.sub(r"\(a!\)", "", p.split()[0])) for p in params.split(", ")]
+    return [(p.split()[1].split("=")[0], re.sub(r"\(a!\)", "", p.split()[0])) for p in params.split(", ") if p != "*"]
 
 
 _KINDS = {op: _argument_kinds(schema) for op, (schema, _) in SCHEMAS.items()}
@@ -139,11 +200,11 @@ def _python_types(op: str, args) -> None:
     """ValueError naming the argument when a Python value has the wrong type (the dispatcher would
     raise a RuntimeError, and would take a bool for an int)."""
     for (name, kind), value in zip(_KINDS[op], args):
-        if kind == "Tensor?" and value is None:
+        if kind.endswith("?") and value is None:
             continue
         if kind.startswith("Tensor"):
             ok, want = isinstance(value, Tensor), "a torch.Tensor" + (" or None" if kind == "Tensor?" else "")
-        elif kind == "SymInt":
+        elif kind.startswith("SymInt"):
             ok, want = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool), "an int"
         else:
             ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a float"
@@ -151,15 +212,27 @@ def _python_types(op: str, args) -> None:
             _checks._fail(f"{name}: expected {want}, got {type(value).__name__} {value!r}"[:200])
 
 
-def _call(op: str, backend: Optional[str], *args):
-    """One call of `op`: torch.ops.swiftvlm (the device's default backend) or the named backend,
-    validated as the registered kernels validate."""
-    _python_types(op, args)
+def _call(op: str, backend: Optional[str], *args, **kwargs):
+    """One call of `op` (an overload name such as "tv_score.ragged" included; keyword-only arguments
+    in kwargs): torch.ops.swiftvlm (the device's default backend) or the named backend, validated as
+    the registered kernels validate."""
+    keywords = _checks.RAGGED[op][0] if op in _checks.RAGGED else ()
+    _python_types(op, tuple(args) + tuple(kwargs.get(n) for n in keywords))
     if backend is None:
-        return getattr(torch.ops.swiftvlm, op)(*args)
+        base, _, overload = op.partition(".")
+        return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")(*args, **kwargs)
+    if keywords:
+        args = _checks.fill_widths(op, args, kwargs)
     SCHEMAS[op][1](*args)
+    base = op.split(".")[0]
     device = next(a for a in args if isinstance(a, Tensor)).device
-    return getattr(_backend.module(op, device.type, backend), op)(*args)
+    return getattr(_backend.module(base, device.type, backend), base)(*args)
+
+
+def _no_width(name, value, counts):
+    if value is not None:
+        _checks._fail(f"{name}: a padded width goes with per-sample counts ({counts} as an int tensor [B]), "
+                      f"got {name}={value!r} with an int {counts}")
 
 
 def _scale(q, scale):
@@ -171,8 +244,9 @@ def _scale(q, scale):
     return q.shape[2] ** -0.5
 
 
-def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: Optional[float] = None,
-             key_mask: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor], scale: Optional[float] = None,
+             key_mask: Optional[Tensor] = None, *, max_vis_len: Optional[int] = None,
+             backend: Optional[str] = None) -> Tensor:
     """Last-token attention to each visual token, averaged over heads (Eq. 1-2).
 
     Parameters
@@ -180,44 +254,98 @@ def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, scale: Optio
     q : [B, H, D] query of the last token, after RoPE (fp32, fp16 or bf16).
     k : [B, Hkv, L, D] keys of all tokens, after RoPE; H % Hkv == 0 (GQA).
     vis_start : int32/int64 [B], where each sample's visual span starts.
-    vis_len : the number of visual tokens (at most L).
+    vis_len : the number of visual tokens (at most L); or, for a ragged batch, an int tensor [B] of
+        each sample's count.
     scale : softmax scale, default D ** -0.5.
     key_mask : bool [B, L], True = valid key; None = all valid.
+    max_vis_len : with a tensor vis_len, the padded width of the result (required for GPU tensors,
+        computed from vis_len for CPU tensors).
     backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
 
     Returns
     -------
-    fp32 [B, vis_len].
+    fp32 [B, vis_len], or [B, max_vis_len] with zeros past each sample's vis_len[b].
 
     Raises
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
     scale = _scale(q, scale)
+    if isinstance(vis_len, Tensor):
+        return _call("tv_score.ragged", backend, q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len)
+    _no_width("max_vis_len", max_vis_len, "vis_len")
     return _call("tv_score", backend, q, k, vis_start, vis_len, scale, key_mask)
 
 
-def topk_select(scores: Tensor, k: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def topk_select(scores: Tensor, k: Union[int, Tensor], *, lengths: Optional[Tensor] = None,
+                max_k: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Split indices 0..N-1 of `scores` [B, N] into the k best (keep int64 [B, k]) and the others
     (rest int64 [B, N - k]), both ascending. Larger first; NaN below -inf; ties to the lower index.
+
+    Ragged rows: k an int tensor [B] and/or `lengths` [B] (the number of scores of each row; the
+    entries after them are padding and never chosen). keep is then [B, max_k] (max_k required for
+    GPU tensors) and rest [B, N], each row's indices ascending, then -1.
     Raises ValueError for a k outside [0, N] or a bad `scores`."""
+    if isinstance(k, Tensor) or lengths is not None:
+        if not isinstance(k, Tensor):
+            _checks._int("k", k, 0, scores.shape[1] if isinstance(scores, Tensor) and scores.dim() == 2 else k,
+                         "the number of indices to keep")
+            max_k = k if max_k is None else max_k
+            k = torch.full((scores.shape[0],), k, dtype=torch.int64, device=scores.device)
+        return _call("topk_select.ragged", backend, scores, k, lengths=lengths, max_k=max_k)
+    _no_width("max_k", max_k, "k")
     return _call("topk_select", backend, scores, k)
 
 
-def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: int, keep: int, scale: Optional[float] = None,
-                 key_mask: Optional[Tensor] = None, *, backend: Optional[str] = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor], keep: Union[int, Tensor],
+                 scale: Optional[float] = None, key_mask: Optional[Tensor] = None, *,
+                 max_vis_len: Optional[int] = None, max_keep: Optional[int] = None,
+                 backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """topk_select(tv_score(...), keep) as one op: (keep_idx int64 [B, keep], rest_idx int64
     [B, vis_len - keep], scores fp32 [B, vis_len]); indices are visual-token indices, ascending.
-    Arguments as `tv_score`, plus 0 <= keep <= vis_len. Raises ValueError naming a bad argument."""
+    Arguments as `tv_score`, plus 0 <= keep <= vis_len.
+
+    Ragged batches: vis_len and/or keep int tensors [B] (an int is the same for every sample), with
+    the padded widths max_vis_len and max_keep (required for GPU tensors): keep_idx [B, max_keep],
+    rest_idx and scores [B, max_vis_len]; each row's indices ascending then -1, scores 0 past
+    vis_len[b]. Raises ValueError naming a bad argument."""
     scale = _scale(q, scale)
+    if isinstance(vis_len, Tensor) or isinstance(keep, Tensor):
+        B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0
+        device = q.device if isinstance(q, Tensor) else None
+        if not isinstance(vis_len, Tensor):
+            _checks._int("vis_len", vis_len, 0, vis_len, "the number of visual tokens")
+            max_vis_len = vis_len if max_vis_len is None else max_vis_len
+            vis_len = torch.full((B,), vis_len, dtype=torch.int64, device=device)
+        if not isinstance(keep, Tensor):
+            _checks._int("keep", keep, 0, keep, "the number of visual tokens to keep")
+            max_keep = keep if max_keep is None else max_keep
+            keep = torch.full((B,), keep, dtype=torch.int64, device=device)
+        return _call("score_select.ragged", backend, q, k, vis_start, vis_len, keep, scale, key_mask,
+                     max_vis_len=max_vis_len, max_keep=max_keep)
+    _no_width("max_vis_len", max_vis_len, "vis_len")
+    _no_width("max_keep", max_keep, "keep")
     return _call("score_select", backend, q, k, vis_start, vis_len, keep, scale, key_mask)
 
 
-def group_merge(h: Tensor, num_groups: int, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+def group_merge(h: Tensor, num_groups: Union[int, Tensor], *, lengths: Optional[Tensor] = None,
+                max_groups: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Group the rest tokens h [B, R, d] around Z = num_groups targets by cosine similarity and
     average each group (Eq. 10-11): (merged [B, Z, d] in h's dtype, group int64 [B, R], counts
-    int32 [B, Z]). Raises ValueError for Z outside [1, R] or a bad `h`."""
+    int32 [B, Z]).
+
+    Ragged batches: `lengths` [B] rest tokens of each sample (the rows after them are padding) and
+    num_groups an int tensor [B] (1 <= Z_b <= lengths[b]; 0 for an empty sample), with the padded
+    width max_groups (required for GPU tensors): merged [B, max_groups, d] and counts zero past Z_b,
+    group -1 past lengths[b]. Raises ValueError for Z outside [1, R] or a bad `h`."""
+    if isinstance(num_groups, Tensor) or lengths is not None:
+        if not isinstance(num_groups, Tensor):
+            _checks._int("num_groups", num_groups, 0, num_groups, "the number of groups")
+            max_groups = num_groups if max_groups is None else max_groups
+            num_groups = torch.full((h.shape[0] if isinstance(h, Tensor) and h.dim() == 3 else 0,), num_groups,
+                                    dtype=torch.int64, device=h.device if isinstance(h, Tensor) else None)
+        return _call("group_merge.ragged", backend, h, num_groups, lengths=lengths, max_groups=max_groups)
+    _no_width("max_groups", max_groups, "num_groups")
     return _call("group_merge", backend, h, num_groups)
 
 

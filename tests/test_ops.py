@@ -76,7 +76,7 @@ def restore_inputs():
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case):
     op = getattr(torch.ops.swiftvlm, case.replace("_nomask", "").replace("_one_sample", "").replace("_drop", ""))
-    torch.library.opcheck(op, OPCHECK_CASES[case]())
+    torch.library.opcheck(op.default, OPCHECK_CASES[case]())
 
 
 def test_compile_fullgraph_matches_eager():

@@ -6,11 +6,14 @@ from ._chunks import row_chunks
 def bypass_align(h_rest, group, merged_now, merged_then):
     """h_rest + merged_now[group] - merged_then[group] (Eq. 12-13), fp32 math, h_rest's dtype. The drift
     now - then is taken once per group (the same fp32 subtraction the reference does per token), then
-    gathered per token with index_select, a chunk of rows at a time."""
+    gathered per token with index_select, a chunk of rows at a time. Group -1 (ragged padding) reads a
+    zero drift row: the token is copied unchanged."""
     B, Z, d = merged_now.shape
     R = h_rest.shape[1]
-    drift = (merged_now.float() - merged_then.float()).reshape(B * Z, d)  # (Eq. 12)
-    ids = (group.to(torch.long).clamp(0, Z - 1) + torch.arange(B)[:, None] * Z).reshape(-1)  # clamped, as the reference
+    drift = torch.cat([(merged_now.float() - merged_then.float()).reshape(B * Z, d), torch.zeros(1, d)])  # (Eq. 12)
+    group = group.to(torch.long)
+    ids = (group.clamp(0, max(Z - 1, 0)) + torch.arange(B)[:, None] * Z)  # clamped, as the reference
+    ids = torch.where(group >= 0, ids, B * Z).reshape(-1)
     out = torch.empty(B * R, d, dtype=h_rest.dtype)
     rows = h_rest.reshape(B * R, d)
     for lo, hi in row_chunks(B * R, d):
@@ -19,12 +22,13 @@ def bypass_align(h_rest, group, merged_now, merged_then):
 
 
 def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
-    """dst[b, rows[b, i]] = bypass_align(...)[b, i], in place. Returns None."""
+    """dst[b, rows[b, i]] = bypass_align(...)[b, i], in place; rows whose destination or group is -1
+    write nothing. Returns None."""
     B, M, d = dst.shape
     out = bypass_align(h_rest, group, merged_now, merged_then).to(dst.dtype).reshape(B * h_rest.shape[1], d)
     rows = rows.to(torch.long)
     flat = (rows + torch.arange(B, device=rows.device)[:, None] * M).reshape(-1)
-    inside = ((rows >= 0) & (rows < M)).reshape(-1)
+    inside = ((rows >= 0) & (rows < M) & (group >= 0)).reshape(-1)
     if not bool(inside.all()):  # rows outside dst write nothing (a CPU tensor: reading it is free)
         flat, out = flat[inside], out[inside]
     try:

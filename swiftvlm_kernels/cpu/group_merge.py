@@ -18,10 +18,14 @@ def _unit(x):
     return xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
-def group_merge(h, num_groups: int):
+def group_merge(h, num_groups, lengths=None, max_groups=None):
     """python_ref.group_merge's arithmetic a chunk of tokens at a time: each token's fp64 unit vector and
     its cosine to the Z targets rounded to fp32 (Eq. 10), then the group sums by index_add_ (members
     added in index order, as the reference's scatter_add_, without an expanded [B, R, d] index)."""
+    if isinstance(num_groups, torch.Tensor) or lengths is not None:  # ragged samples: the reference
+        import python_ref
+
+        return python_ref.group_merge(h, num_groups, lengths, max_groups)
     B, R, d = h.shape
     Z = num_groups
     t, ids = _targets(R, Z)

@@ -3,9 +3,10 @@ import torch
 from ._chunks import CHUNK_FLOATS
 
 
-def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
+def tv_score(q, k, vis_start, vis_len, scale: float, key_mask=None, max_vis_len=None):
     """fp32 [B, vis_len]: python_ref.tv_score's arithmetic, with K converted to fp32 a few KV heads at
-    a time (_chunks.py) and each sample's visual span sliced on the host (vis_start is a CPU tensor)."""
+    a time (_chunks.py) and each sample's visual span sliced on the host (vis_start is a CPU tensor).
+    A ragged vis_len (tensor [B]) gives [B, max_vis_len], zero past each sample's count."""
     B, H, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     qf = (q if q.dtype == torch.float32 else q.float()).reshape(B, Hkv, H // Hkv, D)
@@ -24,6 +25,11 @@ def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
     if probs is None:
         probs = torch.softmax(logits, dim=-1)
     mean = probs.view(B, H, L).mean(dim=1)  # [B, L]
+    if isinstance(vis_len, torch.Tensor):
+        i = torch.arange(max_vis_len)
+        pos = vis_start.to(torch.long)[:, None] + i
+        inside = (pos >= 0) & (pos < L) & (i < vis_len.to(torch.long)[:, None])
+        return torch.where(inside, mean.gather(1, pos.clamp(0, max(L - 1, 0))), 0.0)
     starts = vis_start.tolist()
     if B == 1 and 0 <= starts[0] <= L - vis_len:
         return mean.narrow(1, starts[0], vis_len).clone()  # a fresh tensor, as the fake one

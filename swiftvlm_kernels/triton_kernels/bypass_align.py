@@ -1,9 +1,10 @@
 """bypass_align: restore bypassed tokens with their group's drift, h_i + merged_now[g_i] - merged_then[g_i].
 
 One gather-add launch, grid (B * R, cdiv(d, BLOCK_D)), fp32 math. The same kernel writes either a
-fresh [B, R, d] output or rows of an existing dst (bypass_align_into). Group ids outside [0, Z) are
-clamped into it and destination rows outside [0, M) are skipped, so bad values never touch memory
-out of bounds.
+fresh [B, R, d] output or rows of an existing dst (bypass_align_into). A negative group id (-1: the
+padding of a ragged batch) means no drift: bypass_align copies the row, bypass_align_into writes
+nothing. Ids >= Z are clamped to Z - 1 and destination rows outside [0, M) are skipped, so bad values
+never touch memory out of bounds.
 """
 import torch
 import triton
@@ -23,17 +24,19 @@ def _bypass_align_kernel(dst_ptr, rows_ptr, h_ptr, group_ptr, now_ptr, then_ptr,
     i = pid % R
     col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = col < d
-    g = tl.load(group_ptr + b * stride_gb + i * stride_gr).to(tl.int64)
-    g = tl.minimum(tl.maximum(g, 0), Z - 1)
+    g_raw = tl.load(group_ptr + b * stride_gb + i * stride_gr).to(tl.int64)
+    g = tl.minimum(tl.maximum(g_raw, 0), Z - 1)
     if HAS_ROWS:
         row = tl.load(rows_ptr + b * stride_rb + i * stride_rr).to(tl.int64)
+        store_cols = tl.where((row >= 0) & (row < M) & (g_raw >= 0), d, 0)  # nothing written for these
     else:
         row = i
-    store_cols = tl.where((row >= 0) & (row < M), d, 0)  # a row outside dst writes nothing
+        store_cols = d
+    drift_cols = tl.where((g_raw < 0) | (g < 0), 0, d)  # a negative group id (or Z = 0): no drift
 
     x = tl.load(h_ptr + b * stride_hb + i * stride_hr + col * stride_hd, mask=col_ok, other=0.0)
-    now = tl.load(now_ptr + b * stride_nb + g * stride_nz + col * stride_nd, mask=col_ok, other=0.0)
-    then = tl.load(then_ptr + b * stride_tb + g * stride_tz + col * stride_td, mask=col_ok, other=0.0)
+    now = tl.load(now_ptr + b * stride_nb + g * stride_nz + col * stride_nd, mask=col < drift_cols, other=0.0)
+    then = tl.load(then_ptr + b * stride_tb + g * stride_tz + col * stride_td, mask=col < drift_cols, other=0.0)
     drift = now.to(tl.float32) - then.to(tl.float32)  # Eq. 12
     out = x.to(tl.float32) + drift  # Eq. 13
     tl.store(dst_ptr + b * stride_db + row * stride_dm + col * stride_dd,
