@@ -11,6 +11,7 @@ from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
+from .varlen import score_select_varlen, tv_score_varlen
 
 __all__ = [
     "tv_score",
@@ -22,4 +23,6 @@ __all__ = [
     "bypass_align_into",
     "compact",
     "restore",
+    "tv_score_varlen",
+    "score_select_varlen",
 ]

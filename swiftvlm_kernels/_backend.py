@@ -27,7 +27,7 @@ from typing import Optional
 log = logging.getLogger("swiftvlm_kernels")
 
 OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-       "restore")
+       "restore", "tv_score_varlen", "score_select_varlen")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 # Preference per op on CUDA tensors; an unavailable backend is skipped with one log line.

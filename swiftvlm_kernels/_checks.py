@@ -200,10 +200,15 @@ RAGGED = {
     "topk_select.ragged": (("lengths", "max_k"), {"max_k": 1}),
     "score_select.ragged": (("max_vis_len", "max_keep"), {"max_vis_len": 3, "max_keep": 4}),
     "group_merge.ragged": (("lengths", "max_groups"), {"max_groups": 1}),
+    # max_seqlen only sizes the kernels' grids: left out, they cover all `total` packed keys
+    "tv_score_varlen": (("max_vis_len", "max_seqlen"), {"max_vis_len": 4}),
+    "score_select_varlen": (("max_vis_len", "max_keep", "max_seqlen"), {"max_vis_len": 4, "max_keep": 5}),
 }
-RAGGED_POSITIONAL = {"tv_score.ragged": 6, "topk_select.ragged": 2, "score_select.ragged": 7, "group_merge.ragged": 2}
+RAGGED_POSITIONAL = {"tv_score.ragged": 6, "topk_select.ragged": 2, "score_select.ragged": 7, "group_merge.ragged": 2,
+                     "tv_score_varlen": 6, "score_select_varlen": 7}
 RAGGED_COUNT_NAMES = {"tv_score.ragged": {3: "vis_len"}, "topk_select.ragged": {1: "k"},
-                      "score_select.ragged": {3: "vis_len", 4: "keep"}, "group_merge.ragged": {1: "num_groups"}}
+                      "score_select.ragged": {3: "vis_len", 4: "keep"}, "group_merge.ragged": {1: "num_groups"},
+                      "tv_score_varlen": {4: "vis_len"}, "score_select_varlen": {4: "vis_len", 5: "keep"}}
 
 
 def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
@@ -214,6 +219,53 @@ def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vi
     if B and _read_values(vis_start) and _read_values(vis_len):
         _per_sample("vis_start", vis_start, 0, L - vis_len.to(torch.long).cpu(),
                     f"a visual span inside the sequence: vis_start[b] + vis_len[b] <= L = {L}")
+
+
+def check_tv_score_varlen(q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len=None, max_seqlen=None):
+    _rank("q", q, 3, "[B, H, D]")
+    _float("q", q)
+    _rank("k", k, 3, "[total, Hkv, D] (packed keys)")
+    _same("k", k, "q", q)
+    B, H, D = q.shape
+    total, Hkv, Dk = k.shape
+    _at_least_one("q", H, "query head (q.shape[1])")
+    _at_least_one("q", D, "feature per head (q.shape[2], D)")
+    if Dk != D:
+        _fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
+    if Hkv == 0 or H % Hkv != 0:
+        _fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
+    _index("cu_seqlens", cu_seqlens, "q", q, (B + 1,), "([B + 1], each sample's first packed row, then total)")
+    _index("vis_start", vis_start, "q", q, (B,), "([B], each span's start within its sample)")
+    _counts("vis_len", vis_len, B, "q", q, "the number of visual tokens")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+        _fail(f"scale: expected a finite float, got {scale!r}")
+    if max_seqlen is not None:
+        _int("max_seqlen", max_seqlen, 0, total, "the longest sample, at most total = k.shape[0]")
+    _width_int("max_vis_len", max_vis_len, 0, total if max_seqlen is None else max_seqlen,
+               "the padded width of the visual spans, at most the longest sample")
+    _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")
+    if _read_values(cu_seqlens):
+        cu = cu_seqlens.to(torch.long).cpu()
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            _fail(f"cu_seqlens: expected ascending offsets from 0 to total = {total} (k.shape[0]), got {cu.tolist()[:8]}")
+        lengths = cu[1:] - cu[:-1]
+        if max_seqlen is not None and B and int(lengths.max()) > max_seqlen:
+            _fail(f"max_seqlen: expected at least the longest sample ({int(lengths.max())} keys), got {max_seqlen}")
+        if _read_values(vis_start) and _read_values(vis_len):
+            _per_sample("vis_start", vis_start, 0, lengths - vis_len.to(torch.long).cpu(),
+                        "a visual span inside its sample: vis_start[b] + vis_len[b] <= its length")
+    _finite("q", q)
+    _finite("k", k)
+
+
+def check_score_select_varlen(q, k, cu_seqlens, vis_start, vis_len, keep, scale, max_vis_len=None, max_keep=None,
+                              max_seqlen=None):
+    check_tv_score_varlen(q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len, max_seqlen)
+    _counts("keep", keep, q.shape[0], "q", q, "the number of visual tokens to keep")
+    _width_int("max_keep", max_keep, 0, max_vis_len, "the padded width of keep_idx, in [0, max_vis_len]")
+    if _read_values(vis_len):
+        _per_sample("keep", keep, 0, vis_len, "at most the sample's vis_len[b]")
+    _per_sample("keep", keep, 0, max_keep, "at most max_keep")
 
 
 def check_topk_select_ragged(scores, k, lengths=None, max_k=None):

@@ -52,6 +52,14 @@ SCHEMAS = {
                             "SymInt? max_keep=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select_ragged),
     "group_merge.ragged": ("group_merge.ragged(Tensor h, Tensor num_groups, *, Tensor? lengths=None, "
                            "SymInt? max_groups=None) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge_ragged),
+    # Packed batches (FlashAttention varlen / vLLM layout): keys [total, Hkv, D] and cu_seqlens [B + 1].
+    "tv_score_varlen": ("tv_score_varlen(Tensor q, Tensor k, Tensor cu_seqlens, Tensor vis_start, Tensor vis_len, "
+                        "float scale, *, SymInt? max_vis_len=None, SymInt? max_seqlen=None) -> Tensor",
+                        _checks.check_tv_score_varlen),
+    "score_select_varlen": ("score_select_varlen(Tensor q, Tensor k, Tensor cu_seqlens, Tensor vis_start, "
+                            "Tensor vis_len, Tensor keep, float scale, *, SymInt? max_vis_len=None, "
+                            "SymInt? max_keep=None, SymInt? max_seqlen=None) -> (Tensor, Tensor, Tensor)",
+                            _checks.check_score_select_varlen),
 }
 
 
@@ -184,6 +192,20 @@ def _(*args, **kwargs):
     return (h.new_empty((B, Z, d)), h.new_empty((B, R), dtype=torch.int64), h.new_empty((B, Z), dtype=torch.int32))
 
 
+@torch.library.register_fake("swiftvlm::tv_score_varlen")
+def _(*args, **kwargs):
+    q, *_, width, _ = _fake_args("tv_score_varlen", args, kwargs)
+    return q.new_empty((q.shape[0], width), dtype=torch.float32)
+
+
+@torch.library.register_fake("swiftvlm::score_select_varlen")
+def _(*args, **kwargs):
+    q, *_, W, K, _ = _fake_args("score_select_varlen", args, kwargs)
+    B = q.shape[0]
+    return (q.new_empty((B, K), dtype=torch.int64), q.new_empty((B, W), dtype=torch.int64),
+            q.new_empty((B, W), dtype=torch.float32))
+
+
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
 
 def _argument_kinds(schema: str):
@@ -227,6 +249,15 @@ def _call(op: str, backend: Optional[str], *args, **kwargs):
     base = op.split(".")[0]
     device = next(a for a in args if isinstance(a, Tensor)).device
     return getattr(_backend.module(base, device.type, backend), base)(*args)
+
+
+def _per_sample_counts(name, value, q):
+    """An int count as an int tensor [B] on q's device (the varlen and ragged ops take tensors)."""
+    if isinstance(value, Tensor):
+        return value
+    _checks._int(name, value, 0, value if isinstance(value, int) and value >= 0 else 0, f"a count ({name})")
+    return torch.full((q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0,), value, dtype=torch.int64,
+                      device=q.device if isinstance(q, Tensor) else None)
 
 
 def _no_width(name, value, counts):
@@ -383,3 +414,39 @@ def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_r
     back in place and every rest token restored as h_rest + h[merged_rows[group]] -
     merged_then[group] (fp32 math). Raises ValueError naming a bad argument."""
     return _call("restore", backend, h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
+
+
+def tv_score_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor],
+                    scale: Optional[float] = None, *, max_vis_len: Optional[int] = None,
+                    max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    """tv_score on a packed batch (FlashAttention varlen / vLLM layout, no padding).
+
+    q: [B, H, D] each sample's last-token query; k: [total, Hkv, D] the keys of all samples
+    concatenated; cu_seqlens: int [B + 1], sample b's keys are rows cu_seqlens[b] .. cu_seqlens[b+1]-1;
+    vis_start: [B] each visual span's start within its sample; vis_len: int or int tensor [B];
+    max_vis_len: the padded width (required for GPU tensors with a tensor vis_len); max_seqlen: the
+    longest sample (optional: it only sizes the kernels' grids). Returns fp32 [B, max_vis_len],
+    equal to tv_score on the same samples padded, scores 0 past vis_len[b]."""
+    scale = _scale(q, scale)
+    if not isinstance(vis_len, Tensor):
+        max_vis_len = vis_len if max_vis_len is None else max_vis_len
+    vis_len = _per_sample_counts("vis_len", vis_len, q)
+    return _call("tv_score_varlen", backend, q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len=max_vis_len,
+                 max_seqlen=max_seqlen)
+
+
+def score_select_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor],
+                        keep: Union[int, Tensor], scale: Optional[float] = None, *, max_vis_len: Optional[int] = None,
+                        max_keep: Optional[int] = None, max_seqlen: Optional[int] = None,
+                        backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """score_select on a packed batch (arguments as tv_score_varlen, keep an int or int tensor [B]):
+    (keep_idx [B, max_keep], rest_idx [B, max_vis_len], scores fp32 [B, max_vis_len]), each row's
+    indices ascending then -1, equal to the padded ragged form on the same samples."""
+    scale = _scale(q, scale)
+    if not isinstance(vis_len, Tensor):
+        max_vis_len = vis_len if max_vis_len is None else max_vis_len
+    if not isinstance(keep, Tensor):
+        max_keep = keep if max_keep is None else max_keep
+    vis_len, keep = _per_sample_counts("vis_len", vis_len, q), _per_sample_counts("keep", keep, q)
+    return _call("score_select_varlen", backend, q, k, cu_seqlens, vis_start, vis_len, keep, scale,
+                 max_vis_len=max_vis_len, max_keep=max_keep, max_seqlen=max_seqlen)

@@ -9,6 +9,7 @@ the selection depends on it, so its selections equal the reference's (tests/test
   - group_merge sums the groups with index_add_ (the same order as the reference's scatter_add_,
     without its expanded index);
   - bypass_align(_into) gather and write rows with index_select / index_copy_;
+  - the packed (varlen) ops unpack the keys to the padded ragged form (python_ref.varlen);
   - compact places rows by arithmetic (no sort) and, like restore, moves them with index_select /
     index_copy_ on flattened rows.
 `auto` runs it for CPU tensors; it also runs on any other device (it is plain PyTorch).
@@ -20,6 +21,7 @@ from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
+from .varlen import score_select_varlen, tv_score_varlen
 
 __all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-           "restore"]
+           "restore", "tv_score_varlen", "score_select_varlen"]
