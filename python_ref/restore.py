@@ -14,12 +14,19 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
     tokens sit in h, flattened; merged_then [B, Z, d]: the merged tokens when made.
     Returns [B, n, d] in h's dtype: h[inverse] on carried rows, and on rest rows
     h_rest + h[merged_rows[group]] - merged_then[group] in fp32 math.
+
+    Ragged batches (compact_ragged's outputs): rest entries whose slot or group is -1 restore nothing;
+    rows neither carried nor restored (the padding rows of a sample's block) are zero.
     """
     B, n_cur, d = h.shape
     n = inverse.shape[1]
     flat = h.reshape(B * n_cur, d)
     out = flat[inverse.clamp_min(0).reshape(-1)].reshape(B, n, d)
+    out = torch.where((inverse >= 0)[:, :, None], out, 0)
     merged_now = flat[merged_rows.reshape(-1)].reshape(merged_then.shape)
     rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
+    write = (rest_idx >= 0) & (group >= 0)
+    rows = torch.where(write, rows, n)  # skipped entries land in an extra row, dropped below
+    out = torch.cat([out, out.new_zeros(B, 1, d)], 1)
     out.scatter_(1, rows[:, :, None].expand(-1, -1, d), bypass_align(h_rest, group, merged_now, merged_then))
-    return out
+    return out[:, :n].contiguous()

@@ -200,15 +200,17 @@ RAGGED = {
     "topk_select.ragged": (("lengths", "max_k"), {"max_k": 1}),
     "score_select.ragged": (("max_vis_len", "max_keep"), {"max_vis_len": 3, "max_keep": 4}),
     "group_merge.ragged": (("lengths", "max_groups"), {"max_groups": 1}),
+    "compact.ragged": (("max_merged",), {"max_merged": 4}),
     # max_seqlen only sizes the kernels' grids: left out, they cover all `total` packed keys
     "tv_score_varlen": (("max_vis_len", "max_seqlen"), {"max_vis_len": 4}),
     "score_select_varlen": (("max_vis_len", "max_keep", "max_seqlen"), {"max_vis_len": 4, "max_keep": 5}),
 }
 RAGGED_POSITIONAL = {"tv_score.ragged": 6, "topk_select.ragged": 2, "score_select.ragged": 7, "group_merge.ragged": 2,
-                     "tv_score_varlen": 6, "score_select_varlen": 7}
+                     "tv_score_varlen": 6, "score_select_varlen": 7, "compact.ragged": 5}
 RAGGED_COUNT_NAMES = {"tv_score.ragged": {3: "vis_len"}, "topk_select.ragged": {1: "k"},
                       "score_select.ragged": {3: "vis_len", 4: "keep"}, "group_merge.ragged": {1: "num_groups"},
-                      "tv_score_varlen": {4: "vis_len"}, "score_select_varlen": {4: "vis_len", 5: "keep"}}
+                      "tv_score_varlen": {4: "vis_len"}, "score_select_varlen": {4: "vis_len", 5: "keep"},
+                      "compact.ragged": {4: "num_merged"}}
 
 
 def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
@@ -460,6 +462,43 @@ def check_compact(h, vis_start, keep_idx, rest_idx, num_merged):
                 _fail(f"{name}: expected ascending slots in each row (as score_select returns them)")
 
 
+def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
+    _rank("h", h, 3, "[B, n, d]")
+    _float("h", h)
+    B, n, _ = h.shape
+    _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
+    _rank("keep_idx", keep_idx, 2, "[B, K]")
+    _rank("rest_idx", rest_idx, 2, "[B, M]")
+    K, M = keep_idx.shape[1], rest_idx.shape[1]
+    _index("keep_idx", keep_idx, "h", h, (B, K), "([B, K], kept block slots, then -1)")
+    _index("rest_idx", rest_idx, "h", h, (B, M), "([B, M], rest block slots, then -1; M: the block's width)")
+    if K > M or M > n:
+        _fail(f"keep_idx, rest_idx: expected K <= M <= n = {n} (rest_idx is as wide as the visual block, as "
+              f"score_select.ragged returns it), got K = {K}, M = {M}")
+    _counts("num_merged", num_merged, B, "h", h, "the number of merged tokens")
+    _width_int("max_merged", max_merged, 0, M, "the padded width of merged_rows, in [0, M]")
+    _per_sample("num_merged", num_merged, 0, max_merged, "at most max_merged")
+    if B and _read_values(vis_start):
+        lo, hi = _min_max(vis_start)
+        if lo < 0 or hi + M > n:
+            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + M <= n = {n} (M = {M}), "
+                  f"got values in [{lo}, {hi}]")
+    if B and M and _read_values(keep_idx) and _read_values(rest_idx):
+        keep, rest = keep_idx.to(torch.long).cpu(), rest_idx.to(torch.long).cpu()
+        for name, t in (("keep_idx", keep), ("rest_idx", rest)):
+            _in_range(name, t, -1, M, "block slots (-1: padding)")
+            valid = t >= 0
+            if t.shape[1] > 1 and not bool(((t[:, 1:] > t[:, :-1]) | ~valid[:, 1:]).all() and
+                                             (valid[:, :-1] | ~valid[:, 1:]).all()):
+                _fail(f"{name}: expected each row's slots ascending, then -1 (as score_select.ragged returns them)")
+        seen = torch.zeros(B, M + 1, dtype=torch.long)
+        seen.scatter_add_(1, torch.cat([keep, rest], 1).clamp_min(-1) % (M + 1), torch.ones(B, K + M, dtype=torch.long))
+        if bool((seen[:, :M] > 1).any()):
+            _fail("keep_idx, rest_idx: expected each block slot at most once in a sample (kept or rest)")
+        if _read_values(num_merged):
+            _per_sample("num_merged", num_merged, 0, (rest >= 0).sum(1), "at most the sample's rest tokens")
+
+
 def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
     _rank("h", h, 3, "[B, n', d]")
     _float("h", h)
@@ -481,18 +520,17 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
     Z = merged_then.shape[1]
     if merged_then.shape[0] != B or merged_then.shape[2] != d:
         _fail(f"merged_then: expected shape [{B}, Z, {d}], got {list(merged_then.shape)}")
-    if Z == 0 and R > 0:
-        _fail("merged_then: expected at least one merged token (Z >= 1) for R > 0 rest tokens")
     if n_cur == 0 and B and n:
         _fail("h: expected at least one row to restore from (n' >= 1)")
     _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
     _in_range("inverse", inverse, -1, B * n_cur, "flattened rows of h (or -1)")
     _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")
-    _in_range("group", group, 0, Z, "group ids (Z = merged_then.shape[1])")
+    _in_range("group", group, -1, Z, "group ids (Z = merged_then.shape[1]; -1: ragged padding)")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0:
             _fail(f"vis_start: expected values >= 0, got values in [{lo}, {hi}]")
         if R:
             rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
-            _in_range("rest_idx", rows, 0, n, "rows vis_start[b] + rest_idx[b, i] of the restored sequence")
+            _in_range("rest_idx", torch.where(rest_idx >= 0, rows, torch.where(rest_idx == -1, 0, -1)), 0, n,
+                      "rows vis_start[b] + rest_idx[b, i] of the restored sequence (rest_idx -1: ragged padding)")

@@ -52,6 +52,9 @@ SCHEMAS = {
                             "SymInt? max_keep=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select_ragged),
     "group_merge.ragged": ("group_merge.ragged(Tensor h, Tensor num_groups, *, Tensor? lengths=None, "
                            "SymInt? max_groups=None) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge_ragged),
+    "compact.ragged": ("compact.ragged(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, "
+                       "Tensor num_merged, *, SymInt? max_merged=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       _checks.check_compact_ragged),
     # Packed batches (FlashAttention varlen / vLLM layout): keys [total, Hkv, D] and cu_seqlens [B + 1].
     "tv_score_varlen": ("tv_score_varlen(Tensor q, Tensor k, Tensor cu_seqlens, Tensor vis_start, Tensor vis_len, "
                         "float scale, *, SymInt? max_vis_len=None, SymInt? max_seqlen=None) -> Tensor",
@@ -190,6 +193,16 @@ def _(*args, **kwargs):
     h, *_, Z = _fake_args("group_merge.ragged", args, kwargs)
     B, R, d = h.shape
     return (h.new_empty((B, Z, d)), h.new_empty((B, R), dtype=torch.int64), h.new_empty((B, Z), dtype=torch.int32))
+
+
+@torch.library.register_fake("swiftvlm::compact.ragged")
+def _(*args, **kwargs):
+    h, vis_start, keep_idx, rest_idx, _, Zw = _fake_args("compact.ragged", args, kwargs)
+    B, n, d = h.shape
+    K, M = keep_idx.shape[1], rest_idx.shape[1]
+    n_new = n - M + K + Zw
+    return (h.new_empty((B, n_new, d)), h.new_empty((B, n_new), dtype=torch.int64), h.new_empty((B, M, d)),
+            h.new_empty((B, Zw), dtype=torch.int64), h.new_empty((B, n), dtype=torch.int64))
 
 
 @torch.library.register_fake("swiftvlm::tv_score_varlen")
@@ -395,8 +408,9 @@ def bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, 
     return dst
 
 
-def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, num_merged: int, *,
-            backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, num_merged: Union[int, Tensor], *,
+            max_merged: Optional[int] = None, backend: Optional[str] = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Rebuild a sequence after a pruning stage in one pass (python_ref/compact.py has the exact
     contract): the visual block of h [B, n, d] at vis_start keeps the kept slots and one row per
     group target of the rest (num_merged targets; 0 drops the rest), in position order.
@@ -404,7 +418,14 @@ def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, nu
     Returns (h_new [B, n - R + Z, d], src int64 [B, n'] flattened source rows, rest_h [B, R, d],
     merged_rows int64 [B, Z] flattened rows of the targets in h_new, inverse int64 [B, n] flattened
     new row of each kept / text row, -1 for rest rows). Raises ValueError naming a bad argument.
+
+    Ragged batches (score_select.ragged's keep_idx [B, K] and rest_idx [B, M], -1 padded): num_merged
+    an int tensor [B] with the padded width max_merged; each sample's new block is its kept and
+    target rows, then zero padding rows up to K + max_merged (python_ref.compact_ragged).
     """
+    if isinstance(num_merged, Tensor):
+        return _call("compact.ragged", backend, h, vis_start, keep_idx, rest_idx, num_merged, max_merged=max_merged)
+    _no_width("max_merged", max_merged, "num_merged")
     return _call("compact", backend, h, vis_start, keep_idx, rest_idx, num_merged)
 
 

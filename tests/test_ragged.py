@@ -217,3 +217,52 @@ def test_packed_equals_padded(backend, dtype, data):
         assert torch.equal(got, want)
     tv = sk.tv_score_varlen(q, k, cu, vis_start, vis_len, max_vis_len=W, backend=backend)
     assert torch.equal(tv, packed[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_compact_and_restore_ragged_equal_each_sample_alone(backend, dtype, data):
+    """A ragged stage: each sample's block holds its own kept and target rows, then zero padding rows;
+    restoring gives back each sample's sequence (its block's padding rows zero)."""
+    B = data.draw(st.integers(1, 4))
+    M = data.draw(st.integers(0, 12))
+    pre, post = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 3))  # the last token is text
+    n, d = pre + M + post, data.draw(st.sampled_from([1, 6]))
+    vis_len = torch.tensor([data.draw(st.integers(0, M)) for _ in range(B)])
+    keep = torch.tensor([data.draw(st.integers(0, int(v))) for v in vis_len])
+    merge = torch.tensor([data.draw(st.integers(min(1, int(v - kb)), int(v - kb))) for v, kb in zip(vis_len, keep)])
+    K, Zw = int(keep.max()), int(merge.max()) + data.draw(st.integers(0, 1))
+    Zw = min(Zw, M)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 999)))
+    h = torch.randn(B, n, d, generator=g).to(dtype)
+    vis_start = torch.full((B,), pre)
+    keep_idx, rest_idx = python_ref.topk_select(torch.randn(B, M, generator=g), keep, vis_len, K)
+    h_new, src, rest_h, merged_rows, inverse = sk.compact(h, vis_start, keep_idx, rest_idx, merge, max_merged=Zw,
+                                                          backend=backend)
+    n_new = n - M + K + Zw
+    assert h_new.shape == (B, n_new, d) and rest_h.shape == (B, M, d) and merged_rows.shape == (B, Zw)
+    # a later layer's states: every row changed, then restored with a drift for each group
+    h_later = (h_new.float() * 1.5 + 0.25).to(dtype)
+    group = torch.stack([torch.where(torch.arange(M) < v - kb, torch.arange(M) % max(int(z), 1), -1)
+                         for v, kb, z in zip(vis_len, keep, merge)])
+    group = torch.where(merge[:, None] > 0, group, -1)
+    merged_then = torch.randn(B, Zw, d, generator=g).to(dtype)
+    restored = sk.restore(h_later, inverse, vis_start, rest_idx, rest_h, group, merged_rows, merged_then,
+                          backend=backend)
+    for b in range(B):
+        v, kb, zb, rb = int(vis_len[b]), int(keep[b]), int(merge[b]), int(vis_len[b] - keep[b])
+        rows = list(range(pre + v)) + list(range(pre + M, n))  # the sample without its block padding
+        one = sk.compact(h[b:b + 1, rows], vis_start[b:b + 1], keep_idx[b:b + 1, :kb], rest_idx[b:b + 1, :rb], zb,
+                         backend=backend)
+        new_rows = list(range(pre + kb + zb)) + list(range(pre + K + Zw, n_new))
+        pad_rows = list(range(pre + kb + zb, pre + K + Zw))
+        assert torch.equal(h_new[b, new_rows], one[0][0]) and not h_new[b, pad_rows].any()
+        assert torch.equal(rest_h[b, :rb], one[2][0]) and not rest_h[b, rb:].any()
+        assert torch.equal(merged_rows[b, :zb] - b * n_new, one[3][0])
+        assert torch.equal(merged_rows[b, zb:] - b * n_new, pre + K + torch.arange(zb, Zw))  # padding rows
+        one_back = sk.restore(h_later[b:b + 1, new_rows], one[4], vis_start[b:b + 1], rest_idx[b:b + 1, :rb],
+                              one[2], group[b:b + 1, :rb], one[3], merged_then[b:b + 1, :zb], backend=backend)
+        assert torch.equal(restored[b, rows], one_back[0])
+        assert not restored[b, pre + v:pre + M].any()  # the block's padding rows

@@ -10,10 +10,12 @@ def _targets(R: int, Z: int):
     return group_targets(R, Z), torch.arange(Z)
 
 
-def compact(h, vis_start, keep_idx, rest_idx, num_merged: int):
+def compact(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
     """python_ref.compact's outputs, placed by arithmetic (no sort) and moved with index_select:
     kept #q at slot s goes to block position q + ceil((s - q) Z / R), target z at slot s to
     z + (s - floor(z R / Z))."""
+    if isinstance(num_merged, torch.Tensor):  # a ragged batch
+        return compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged)
     B, n, d = h.shape
     k, R, Z = keep_idx.shape[1], rest_idx.shape[1], num_merged
     M, m_new = k + R, k + Z
@@ -45,3 +47,10 @@ def compact(h, vis_start, keep_idx, rest_idx, num_merged: int):
     inverse.view(-1).index_copy_(0, src[text], (j + base_new)[text])  # text rows (CPU: boolean masks are free)
     inverse.view(-1).index_copy_(0, (start + keep + base_old).view(-1), (start + kept_pos + base_new).reshape(-1))
     return h_new, src, rest_h, merged_rows, inverse
+
+
+def compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
+    """python_ref.compact_ragged (ragged batches; see there)."""
+    from python_ref.compact import compact_ragged as reference
+
+    return reference(h, vis_start, keep_idx, rest_idx, num_merged, max_merged)
