@@ -285,3 +285,79 @@ def test_cuda_bfloat16_keep_all_equals_vanilla(inputs, pruning):
     torch.testing.assert_close(pruned.logits, vanilla.logits, atol=0, rtol=0)
     assert torch.equal(model.generate(**on_gpu, pruning=pruning, max_new_tokens=4),
                        model.generate(**on_gpu, max_new_tokens=4))
+
+
+# ---- ragged batches: samples with their own number of images (one pool of visual tokens each) ----
+
+def ragged_inputs(images=(1, 2, 1, 3), text=(7, 5, 9, 4), seed=3):
+    """Samples with images[b] images side by side after a few text tokens, left-padded to one length;
+    and each sample alone (no padding)."""
+    from swiftvlm_kernels.models.checkpoint import parse_config
+    from swiftvlm_kernels.models.tiny import tiny_llava_config
+    llava, vision, _ = parse_config(tiny_llava_config())
+    gen = torch.Generator().manual_seed(seed)
+    alone = []
+    for b, (n_img, n_text) in enumerate(zip(images, text)):
+        words = torch.randint(3, 200, (n_text,), generator=gen)
+        before = 1 + b % (n_text - 1)
+        ids = torch.cat([words[:before], torch.full((n_img * N_V,), llava.image_token_index), words[before:]])
+        pixels = torch.randn(n_img, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
+        alone.append({"input_ids": ids[None], "pixel_values": pixels})
+    L = max(a["input_ids"].shape[1] for a in alone)
+    input_ids = torch.zeros(len(alone), L, dtype=torch.long)
+    mask = torch.zeros(len(alone), L, dtype=torch.long)
+    for b, a in enumerate(alone):
+        n = a["input_ids"].shape[1]
+        input_ids[b, L - n:], mask[b, L - n:] = a["input_ids"][0], 1
+    batch = {"input_ids": input_ids, "pixel_values": torch.cat([a["pixel_values"] for a in alone]),
+             "attention_mask": mask}
+    return batch, alone
+
+
+RAGGED = {
+    "swiftvlm": SwiftVLM(),  # T = n_vis / 3 of each sample's own visual tokens
+    "swiftvlm_ratio": SwiftVLM(layers=(4, 9, 16), budget_ratio=0.4),
+    "fastv": FastV(budget_ratio=0.3),
+    "pdrop": PDrop(layers=(3, 8, 12)),
+}
+
+
+@pytest.mark.parametrize("name", list(RAGGED))
+def test_ragged_batch_equals_each_sample_alone(model, name):
+    """Samples of 1 to 3 images (36 to 108 visual tokens) in one batch: each sample's plan, kept
+    tokens, logits and generated ids are those it gets alone (SPEC property 2 across samples)."""
+    batch_inputs, alone = ragged_inputs()
+    pruning = RAGGED[name]
+    batch = model(**batch_inputs, pruning=pruning)
+    tokens = model.generate(**batch_inputs, pruning=pruning, max_new_tokens=4)
+    for b, single_inputs in enumerate(alone):
+        n_vis = single_inputs["pixel_values"].shape[0] * N_V
+        single = model(**single_inputs, pruning=pruning)
+        plan = model.plan_for(pruning, n_vis)
+        assert [k.shape[1] for k in single.kept] == [st.keep for st in plan.stages]
+        for a, k in zip(batch.kept, single.kept):
+            kb = a[b][a[b] >= 0]
+            assert torch.equal(kb, k[0]), (b, kb, k[0])
+            assert (a[b][len(kb):] == -1).all()
+        torch.testing.assert_close(batch.last_logits[b], single.last_logits[0], atol=1e-5, rtol=0)
+        assert torch.equal(tokens[b:b + 1], model.generate(**single_inputs, pruning=pruning, max_new_tokens=4))
+
+
+def test_ragged_batch_keep_all_equals_vanilla(model):
+    batch_inputs, _ = ragged_inputs()
+    vanilla = model(**batch_inputs)
+    kept = model(**batch_inputs, pruning=FastV(budget_ratio=1.0))
+    torch.testing.assert_close(kept.last_logits, vanilla.last_logits, atol=1e-5, rtol=0)
+
+
+def test_ragged_plan_errors(model):
+    from swiftvlm_kernels.pruning import RaggedPlan
+    batch_inputs, _ = ragged_inputs()
+    with pytest.raises(ValueError, match="plans: sample 1's plan"):
+        RaggedPlan((SwiftVLM().plan(36, 16), FastV().plan(72, 16)))
+    with pytest.raises(ValueError, match="pruning: the plan is for n_vis = 36"):
+        model(**batch_inputs, pruning=SwiftVLM().plan(36, 16))
+    with pytest.raises(ValueError, match="budget, budget_ratio: expected at most one"):
+        SwiftVLM(budget=10, budget_ratio=0.3)
+    with pytest.raises(ValueError, match="pixel_values: the image tokens of input_ids ask for 7 images"):
+        model(**dict(batch_inputs, pixel_values=batch_inputs["pixel_values"][:6]))

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..pruning import PruningEngine, PruningPlan, Sequence
+from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence
 from . import checkpoint
 
 
@@ -201,6 +201,25 @@ class LlavaOutput:
         return self.sequence.index
 
 
+class Inputs(NamedTuple):
+    """Checked model inputs on the model's device."""
+    input_ids: Tensor
+    pixel_values: Tensor
+    mask: Optional[Tensor]      # [B, L] valid tokens; None when nothing is padding
+    counts: list                # visual tokens per sample (host ints)
+    layout: Optional["RaggedLayout"]  # a ragged batch's padded layout, else None
+
+
+class RaggedLayout(NamedTuple):
+    """A ragged batch laid out padded: sample b's visual tokens at rows vis_start[b] .. + counts[b] of
+    a block `width` = max(counts) rows wide, then block padding; samples left-padded."""
+    src: Tensor         # int64 [B, L']: each row's flattened input_ids row (b * L + i), -1 for padding
+    vis_start: Tensor   # int32 [B]
+    counts: Tensor      # int64 [B]
+    image_rows: Tensor  # int64 [sum(counts)]: the flattened rows receiving the images' features
+    width: int
+
+
 class LlavaForward(nn.Module):
     """LLaVA (CLIP + MLP projector + LLaMA) with visual-token pruning through the pruning engine.
 
@@ -307,23 +326,36 @@ class LlavaForward(nn.Module):
 
     # -- input checks (the only place that reads tensor values on the host) ----------------------
 
-    def plan_for(self, pruning) -> Optional[PruningPlan]:
-        """The PruningPlan this model executes for `pruning` (None, a pruning object or a plan)."""
+    def plan_for(self, pruning, n_vis=None):
+        """The plan this model executes for `pruning` (None, a pruning object, a PruningPlan or a
+        RaggedPlan) on samples of n_vis visual tokens (default: one image's); n_vis a sequence of
+        per-sample counts that differ gives a RaggedPlan (each sample's plan for its own count)."""
         if pruning is None:
             return None
-        if not isinstance(pruning, PruningPlan) and not callable(getattr(pruning, "plan", None)):
-            raise ValueError(f"pruning: expected None, a PruningPlan or a pruning method such as SwiftVLM(), FastV() "
-                             f"or PDrop(), got {type(pruning).__name__} {pruning!r}")
+        if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
+            raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
+                             f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
         if self.lm_head.weight.dtype == torch.float64:
             raise ValueError("pruning: the swiftvlm ops take float32, float16 or bfloat16 hidden states; this model "
                              "is float64 (load it in float32 to prune)")
-        plan = pruning if isinstance(pruning, PruningPlan) else pruning.plan(self.num_visual_tokens, self.num_layers)
-        if (plan.n_vis, plan.num_layers) != (self.num_visual_tokens, self.num_layers):
-            raise ValueError(f"pruning: the plan is for n_vis = {plan.n_vis}, num_layers = {plan.num_layers}; "
-                             f"this model has {self.num_visual_tokens} visual tokens and {self.num_layers} layers")
+        counts = [self.num_visual_tokens] if n_vis is None else [n_vis] if isinstance(n_vis, int) else list(n_vis)
+        ragged = len(set(counts)) > 1
+        if isinstance(pruning, RaggedPlan):
+            plan, want = pruning, list(pruning.n_vis_per_sample())
+        elif isinstance(pruning, PruningPlan):
+            plan, want = pruning, [pruning.n_vis] * len(counts)
+        else:
+            plan = RaggedPlan.for_counts(pruning, counts, self.num_layers) if ragged else \
+                pruning.plan(counts[0], self.num_layers)
+            want = counts
+        if want != counts or plan.num_layers != self.num_layers:
+            raise ValueError(f"pruning: the plan is for n_vis = {want if len(set(want)) > 1 else want[0]}, "
+                             f"num_layers = {plan.num_layers}; these inputs have "
+                             f"{counts if ragged else counts[0]} visual tokens per sample and the model "
+                             f"{self.num_layers} layers")
         return plan
 
-    def _check_inputs(self, input_ids, pixel_values, attention_mask, plan):
+    def _check_inputs(self, input_ids, pixel_values, attention_mask, pruning) -> "Inputs":
         """Validated inputs on the model's device; attention_mask None when nothing is padding."""
         device = self.lm_head.weight.device
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -333,11 +365,12 @@ class LlavaForward(nn.Module):
         B, L = input_ids.shape
         if B == 0 or L == 0:
             raise ValueError(f"input_ids: expected at least one sample of at least one token, got shape [{B}, {L}]")
-        size = (B, self.num_channels, self.image_size, self.image_size)
-        if not isinstance(pixel_values, Tensor) or tuple(pixel_values.shape) != size \
-                or not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values: expected a float tensor of shape {list(size)} (one image per sample), "
-                             f"got {list(getattr(pixel_values, 'shape', []))} {getattr(pixel_values, 'dtype', '')}")
+        size = (self.num_channels, self.image_size, self.image_size)
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != size \
+                or not pixel_values.is_floating_point() or pixel_values.shape[0] < B:
+            raise ValueError(f"pixel_values: expected a float tensor of shape [I, {', '.join(map(str, size))}] with "
+                             f"I >= {B} images (the samples' images in order, at least one per sample), got "
+                             f"{list(getattr(pixel_values, 'shape', []))} {getattr(pixel_values, 'dtype', '')}")
         if attention_mask is not None and (not isinstance(attention_mask, Tensor)
                                            or tuple(attention_mask.shape) != (B, L)):
             raise ValueError(f"attention_mask: expected a tensor of shape [{B}, {L}], got "
@@ -356,22 +389,53 @@ class LlavaForward(nn.Module):
         if (valid[:, :-1] & ~valid[:, 1:]).any() or not valid[:, -1].all():
             raise ValueError("attention_mask: only left padding is supported (each row 0...0 1...1, "
                              "the last token valid)")
-        n_vis = self.num_visual_tokens
+        per_image, I = self.num_visual_tokens, pixel_values.shape[0]
         is_image = ids == self.image_token_id
+        counts, starts = [], []
         for b in range(B):
             where = is_image[b].nonzero().flatten().tolist()
-            if len(where) != n_vis:
-                raise ValueError(f"input_ids: sample {b} has {len(where)} image tokens (id {self.image_token_id}), "
-                                 f"the image gives {n_vis} features")
-            if where[-1] - where[0] + 1 != n_vis:
-                raise ValueError(f"input_ids: sample {b}: the {n_vis} image tokens are not contiguous")
+            if not where or len(where) % per_image:
+                raise ValueError(f"input_ids: sample {b} has {len(where)} image tokens (id {self.image_token_id}); "
+                                 f"expected a positive multiple of {per_image}, the features of one image")
+            if where[-1] - where[0] + 1 != len(where):
+                raise ValueError(f"input_ids: sample {b}: the {len(where)} image tokens are not contiguous (a "
+                                 "sample's images sit side by side, one pool of visual tokens)")
             if not valid[b, where[0]]:
                 raise ValueError(f"input_ids: sample {b}: image tokens fall in the padding")
-            if plan is not None and where[-1] == L - 1:
+            if pruning and where[-1] == L - 1:
                 raise ValueError(f"input_ids: sample {b} ends with the image; pruning scores visual tokens "
                                  "with the last text token's query, so a text token must follow the image")
+            counts.append(len(where))
+            starts.append(where[0])
+        if sum(counts) != I * per_image:
+            raise ValueError(f"pixel_values: the image tokens of input_ids ask for {sum(counts) // per_image} images "
+                             f"({per_image} tokens each), got {I}")
         mask = None if valid.all() else valid.to(device)
-        return input_ids.to(device), pixel_values.to(device), mask
+        layout = self._ragged_layout(valid, counts, starts, device) if len(set(counts)) > 1 else None
+        return Inputs(input_ids.to(device), pixel_values.to(device), mask, counts, layout)
+
+    @staticmethod
+    def _ragged_layout(valid, counts, starts, device) -> "RaggedLayout":
+        """The padded layout of a ragged batch (host-side, from the checked inputs): each sample's
+        visual tokens followed by max(counts) - counts[b] padding rows, the samples left-padded to a
+        common length again."""
+        B, L = valid.shape
+        M = max(counts)
+        lengths = [int(valid[b].sum()) + M - counts[b] for b in range(B)]
+        width = max(lengths)
+        src = torch.full((B, width), -1, dtype=torch.long)
+        vis_start, image_rows = [], []
+        for b in range(B):
+            pad, lead = width - lengths[b], L - int(valid[b].sum())
+            start = pad + starts[b] - lead
+            rows = torch.arange(lead, L)  # the sample's valid tokens, in order
+            new = torch.arange(pad, pad + len(rows))
+            new = torch.where(rows >= starts[b] + counts[b], new + M - counts[b], new)
+            src[b, new] = b * L + rows
+            vis_start.append(start)
+            image_rows.append(b * width + start + torch.arange(counts[b]))
+        return RaggedLayout(src.to(device), torch.tensor(vis_start, device=device, dtype=torch.int32),
+                            torch.tensor(counts, device=device), torch.cat(image_rows).to(device), M)
 
     # -- the prefill --------------------------------------------------------------------------------
 
@@ -381,10 +445,19 @@ class LlavaForward(nn.Module):
         features = torch.cat([states[i] for i in self.feature_layers], -1)
         return self.multi_modal_projector(features if self.keep_cls else features[:, 1:])
 
-    def embed(self, input_ids, pixel_values, vis_start):
-        """Token embeddings with the image features written over the image tokens' span."""
+    def embed(self, input_ids, pixel_values, vis_start, layout=None):
+        """Token embeddings with the image features written over the image tokens' span (a sample's
+        images in order, side by side); a ragged batch's in its padded layout (padding rows zero)."""
+        B = input_ids.shape[0]
+        image = self.image_features(pixel_values)
+        if layout is not None:
+            ids = input_ids.reshape(-1)[layout.src.clamp_min(0)]
+            text = self.language_model.embed_tokens(torch.where(ids == self.image_token_id, 0, ids))
+            text = torch.where((layout.src >= 0)[..., None], text, 0)
+            d = text.shape[-1]
+            return text.view(-1, d).index_copy_(0, layout.image_rows, image.reshape(-1, d).to(text.dtype)).view_as(text)
         text = self.language_model.embed_tokens(torch.where(input_ids == self.image_token_id, 0, input_ids))
-        image = self.image_features(pixel_values).to(text.dtype)
+        image = image.reshape(B, -1, image.shape[-1]).to(text.dtype)
         rows = vis_start[:, None] + torch.arange(image.shape[1], device=text.device)
         return text.scatter(1, rows[..., None].expand(-1, -1, text.shape[-1]), image)
 
@@ -407,19 +480,24 @@ class LlavaForward(nn.Module):
         return ((causal & key_mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_mask.device))[:, None]
 
     def prefill(self, input_ids, pixel_values, attention_mask, plan, *, caching=False, hidden=None,
-                scores=None, stage_scores=None):
+                scores=None, stage_scores=None, layout=None):
         """The decoder layers over a sequence that the plan's stages shorten. Returns the final
         sequence (its h after the last norm) and, with caching, the per-layer KV caches.
         hidden / scores: lists that receive each layer's input (with its input positions) / each
         layer's T-V scores."""
         B, L = input_ids.shape
-        n_vis, scale = self.num_visual_tokens, self.head_dim ** -0.5
-        vis_start = (input_ids == self.image_token_id).int().argmax(1)
-        h = self.embed(input_ids, pixel_values, vis_start)
+        scale = self.head_dim ** -0.5
+        if layout is not None:  # a ragged batch: its padded layout, the block padding invalid keys
+            vis_start, n_vis, attention_mask = layout.vis_start, layout.width, layout.src >= 0
+            L = attention_mask.shape[1]
+        else:
+            vis_start = (input_ids == self.image_token_id).int().argmax(1)
+            n_vis = pixel_values.shape[0] // B * self.num_visual_tokens
+        h = self.embed(input_ids, pixel_values, vis_start, layout)
         positions = torch.arange(L, device=h.device).expand(B, L) if attention_mask is None else \
             (attention_mask.long().cumsum(1) - 1).clamp_min(0)
         seq = Sequence.begin(h, vis_start, n_vis, attention_mask, carry={"rope": self.rope_table(positions, h.dtype)},
-                             left_padded=True)
+                             left_padded=layout is None, vis_counts=None if layout is None else layout.counts)
         engine = PruningEngine(plan, scale, self.backend) if plan is not None else None
         full_mask, caches = self.attention_mask(attention_mask), []
         mask = full_mask
@@ -456,17 +534,20 @@ class LlavaForward(nn.Module):
         k = layer.self_attn.keys(x, cos, sin)
         return x, k, layer.self_attn.query(x[:, -1:], cos[:, -1:], sin[:, -1:])[:, 0]
 
-    @staticmethod
-    def _corner(full_mask, seq):
-        """The attention mask of a pruned left-padded sequence: the input mask's [:n, :n] corner."""
+    def _corner(self, full_mask, seq):
+        """The attention mask of a pruned left-padded sequence: the input mask's [:n, :n] corner (a
+        ragged batch's, whose block padding rows move: rebuilt from the key mask)."""
+        if not seq.left_padded and seq.key_mask is not None:
+            return self.attention_mask(seq.key_mask)
         n = seq.h.shape[1]
         return None if full_mask is None else full_mask[:, :, :n, :n]
 
     def _layer_scores(self, seq, q, k):
-        return ops.tv_score(q[:, -1], k.transpose(1, 2), seq.vis_start, seq.vis_len, self.head_dim ** -0.5, seq.key_mask,
-                        backend=self.backend)
+        vis_len, width = (seq.vis_len, None) if seq.vis_counts is None else (seq.vis_counts, seq.vis_len)
+        return ops.tv_score(q[:, -1], k.transpose(1, 2), seq.vis_start, vis_len, self.head_dim ** -0.5, seq.key_mask,
+                            max_vis_len=width, backend=self.backend)
 
-    def _stage_scores(self, stage_scores, plan, B):
+    def _stage_scores(self, stage_scores, plan, B):  # noqa: C901
         """stage_scores checked against the plan: one entry per stage, each None or fp32-able [B, M_s]
         scores of the visual tokens that stage scores (on the model's device)."""
         if stage_scores is None:
@@ -483,7 +564,7 @@ class LlavaForward(nn.Module):
             if scores is None:
                 out.append(None)
                 continue
-            want = (B, plan.scored_tokens(s))
+            want = (B, plan.scored_widths(s) if isinstance(plan, RaggedPlan) else plan.scored_tokens(s))
             if not isinstance(scores, Tensor) or not scores.is_floating_point() or tuple(scores.shape) != want:
                 raise ValueError(f"stage_scores[{s}]: expected a float tensor of shape {list(want)} (batch, the "
                                  f"visual tokens stage {s + 1} scores), got "
@@ -508,11 +589,13 @@ class LlavaForward(nn.Module):
         output_scores (each layer's T-V scores of its visual tokens), stage_scores (per stage, fp32
         [B, M] scores of the stage's current visual tokens that replace the model's own, or None).
         """
-        plan = self.plan_for(pruning)
+        self.plan_for(pruning)  # the pruning argument checked before the inputs
         hidden, scores = ([] if output_hidden_states else None), ([] if output_scores else None)
-        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, plan)
-        seq, _ = self.prefill(*inputs, plan, hidden=hidden, scores=scores,
-                              stage_scores=self._stage_scores(stage_scores, plan, inputs[0].shape[0]))
+        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, pruning is not None)
+        plan = self.plan_for(pruning, inputs.counts)
+        seq, _ = self.prefill(inputs.input_ids, inputs.pixel_values, inputs.mask, plan, hidden=hidden, scores=scores,
+                              stage_scores=self._stage_scores(stage_scores, plan, inputs.input_ids.shape[0]),
+                              layout=inputs.layout)
         logits = self.lm_head(seq.h if all_logits else seq.h[:, -1:])
         return LlavaOutput(logits, logits[:, -1], seq.kept, seq,
                            [h for h, _ in hidden] if hidden is not None else None,
@@ -528,14 +611,18 @@ class LlavaForward(nn.Module):
         each sample's unpadded prompt length (SPEC property 5). No early stop at EOS."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        plan = self.plan_for(pruning)
-        input_ids, pixel_values, mask = self._check_inputs(input_ids, pixel_values, attention_mask, plan)
+        self.plan_for(pruning)
+        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, pruning is not None)
+        plan = self.plan_for(pruning, inputs.counts)
+        input_ids, pixel_values, mask, layout = inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.layout
+        if layout is not None:
+            mask = layout.src >= 0
         limit = self.text_config.max_position_embeddings
         if input_ids.shape[1] + max_new_tokens > limit:
             raise ValueError(f"max_new_tokens: the prompt's {input_ids.shape[1]} tokens and {max_new_tokens} new ones "
                              f"exceed max_position_embeddings = {limit} of the config; expected at most "
                              f"{max(0, limit - input_ids.shape[1])}")
-        seq, caches = self.prefill(input_ids, pixel_values, mask, plan, caching=True,
+        seq, caches = self.prefill(input_ids, pixel_values, inputs.mask, plan, caching=True, layout=layout,
                                    stage_scores=self._stage_scores(stage_scores, plan, input_ids.shape[0]))
         token = self.lm_head(seq.h[:, -1]).argmax(-1)
         tokens = [token]

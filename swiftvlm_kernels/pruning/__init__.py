@@ -3,8 +3,8 @@ runs a plan inside any decoder loop, prefill FLOPs (Eq. 17-19) and pruning-layer
 (Sec. 3.2). Layers are numbered from 1, as in the paper."""
 from .engine import PruningEngine, Sequence
 from .flops import PrefillFlops, layer_flops, prefill_flops
-from .plan import METHODS, FastV, PDrop, PruningPlan, Stage, SwiftVLM
+from .plan import METHODS, FastV, PDrop, PruningPlan, RaggedPlan, Stage, SwiftVLM
 from .selection import layer_profile, select_pruning_layers
 
-__all__ = ["SwiftVLM", "FastV", "PDrop", "PruningPlan", "Stage", "METHODS", "PruningEngine", "Sequence",
+__all__ = ["SwiftVLM", "FastV", "PDrop", "PruningPlan", "RaggedPlan", "Stage", "METHODS", "PruningEngine", "Sequence",
            "prefill_flops", "layer_flops", "PrefillFlops", "layer_profile", "select_pruning_layers"]

@@ -14,7 +14,10 @@ pruning layer, the layer's last-token query and keys; it gets back the new seque
 
 A sequence. Text tokens are never pruned and each sample's visual tokens form one block of M rows
 starting at row vis_start[b], so the batch stays rectangular and every sample keeps its block at
-the same row. Rows stay in position order (the causal mask keeps its meaning); a merged token takes
+the same row. A ragged batch (samples with their own visual-token counts, `vis_counts`, and a
+`RaggedPlan` of per-sample keep and merge counts) pads each sample's block to the widest: its own
+visual rows first, then padding rows, which the key mask marks invalid (they are zero after a
+stage); the ragged forms of the ops (int tensor counts with padded widths) run every stage. Rows stay in position order (the causal mask keeps its meaning); a merged token takes
 its group target's row and position. The client's per-token tensors (RoPE tables, position ids,
 anything [B, n, ...]) ride along in `carry`: each stage moves them with one index_select.
 
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .plan import PruningPlan
+from .plan import PruningPlan, RaggedPlan
 
 
 @dataclass
@@ -62,7 +65,10 @@ class Sequence:
     carry     the client's per-token tensors, [B, n, ...], moved with the tokens.
     src       int64 [B, n], each row's flattened row (b * n_prev + row) in the previous sequence;
               None at the start.
-    kept      per stage so far, int64 [B, k_s]: the visual-token ids (0..N_v-1) kept there.
+    kept      per stage so far, int64 [B, k_s]: the visual-token ids (0..N_v-1) kept there (a ragged
+              batch: each sample's ids ascending, then -1).
+    vis_counts  a ragged batch: int64 [B], each sample's own visual rows at the front of its block
+              (the rest of the block is padding, invalid in key_mask); None: all M rows are visual.
     """
     h: Tensor
     vis_start: Tensor
@@ -72,6 +78,7 @@ class Sequence:
     left_padded: bool = False
     src: Optional[Tensor] = None
     kept: list = field(default_factory=list)
+    vis_counts: Optional[Tensor] = None
     _full: bool = True                    # the block holds every visual token, in id order
     _block_ids: Optional[Tensor] = None   # [B, M] visual ids of the block rows, when known
     _index: Optional[Tensor] = None       # [B, n] each row's input position, made on demand
@@ -80,10 +87,17 @@ class Sequence:
 
     @classmethod
     def begin(cls, h: Tensor, vis_start: Tensor, vis_len: int, key_mask: Optional[Tensor] = None,
-              carry: Optional[dict] = None, left_padded: bool = False) -> "Sequence":
+              carry: Optional[dict] = None, left_padded: bool = False,
+              vis_counts: Optional[Tensor] = None) -> "Sequence":
         """The unpruned input sequence: h [B, L, d] with N_v = vis_len visual tokens per sample from
-        row vis_start[b]; key_mask None when no key is padding."""
-        return cls(h, vis_start, vis_len, key_mask, dict(carry or {}), left_padded)
+        row vis_start[b]; key_mask None when no key is padding. A ragged batch: vis_counts int [B]
+        (each at most vis_len), its block padding rows False in key_mask (then not left_padded)."""
+        if vis_counts is not None:
+            if key_mask is None or left_padded:
+                raise ValueError("key_mask: a ragged batch (vis_counts given) needs a key mask that marks its "
+                                 "block padding rows invalid, and left_padded=False")
+            vis_counts = vis_counts.to(device=h.device, dtype=torch.long)
+        return cls(h, vis_start, vis_len, key_mask, dict(carry or {}), left_padded, vis_counts=vis_counts)
 
     def take(self, x: Tensor) -> Tensor:
         """x [B, n_prev, ...] of the previous sequence, moved to this sequence's rows."""
@@ -128,18 +142,33 @@ class Sequence:
 
 
 class PruningEngine:
-    """Executes one PruningPlan on a batch: `select` at a stage's layer, `restore` before a later
-    SwiftVLM stage. scale: the attention softmax scale (head_dim ** -0.5); backend: None for the
-    device's default kernels, or a backend name for every op (tests, benchmarks)."""
+    """Executes one PruningPlan (or a ragged batch's RaggedPlan) on a batch: `select` at a stage's
+    layer, `restore` before a later SwiftVLM stage. scale: the attention softmax scale
+    (head_dim ** -0.5); backend: None for the device's default kernels, or a backend name for every
+    op (tests, benchmarks)."""
 
-    def __init__(self, plan: PruningPlan, scale: float, backend: Optional[str] = None):
+    def __init__(self, plan, scale: float, backend: Optional[str] = None):
+        if not isinstance(plan, (PruningPlan, RaggedPlan)):
+            raise ValueError(f"plan: expected a PruningPlan or a RaggedPlan, got {type(plan).__name__}")
         self.plan, self.scale, self.backend = plan, scale, backend
+        self._counts: dict = {}  # (stage, device) -> per-sample (keep, merge) int64 tensors
+
+    def stage_counts(self, s: int, device) -> tuple[Tensor, Tensor]:
+        """A RaggedPlan's stage s per-sample keep and merge counts, int64 [B] on `device` (made once)."""
+        key = (s, str(device))
+        if key not in self._counts:
+            keep, merge = self.plan.counts(s)
+            self._counts[key] = (torch.tensor(keep, dtype=torch.long, device=device),
+                                 torch.tensor(merge, dtype=torch.long, device=device))
+        return self._counts[key]
 
     def select(self, seq: Sequence, s: int, q_last: Optional[Tensor], k: Optional[Tensor],
                scores: Optional[Tensor] = None) -> Sequence:
         """Stage s (0-based) on `seq`: score the visual block with q_last [B, H, D] and k [B, Hkv, n, D]
         (after RoPE; any strides), keep k_s tokens, and merge the rest into Z_s bypassing tokens or
         drop it. `scores` fp32 [B, M] replaces the model's own scores (analysis)."""
+        if isinstance(self.plan, RaggedPlan) or seq.vis_counts is not None:
+            return self._select_ragged(seq, s, q_last, k, scores)
         stage, backend = self.plan.stages[s], self.backend
         if scores is None:
             keep_idx, rest_idx, _ = ops.score_select(q_last, k, seq.vis_start, seq.vis_len, stage.keep,  # Eq. 1-2
@@ -158,6 +187,42 @@ class PruningEngine:
             merged, group, _ = ops.group_merge(rest_h, stage.merge, backend=backend)  # Eq. 10-11
             B, n, d = h.shape
             h.view(B * n, d).index_copy_(0, merged_rows.view(-1), merged.view(B * stage.merge, d))
+            new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
+        return new
+
+    def _select_ragged(self, seq: Sequence, s: int, q_last, k, scores) -> Sequence:
+        """select for a ragged batch: per-sample counts as tensors, the padded widths from the plan."""
+        if not isinstance(self.plan, RaggedPlan):
+            raise ValueError("plan: a ragged batch (Sequence.vis_counts given) needs a RaggedPlan of per-sample "
+                             "counts, got a PruningPlan")
+        B, n, d = seq.h.shape
+        if len(self.plan.plans) != B:
+            raise ValueError(f"plan: expected a RaggedPlan of {B} samples (the batch), got {len(self.plan.plans)}")
+        stage, backend, dev = self.plan.stages[s], self.backend, seq.h.device
+        keep_b, merge_b = self.stage_counts(s, dev)
+        counts = seq.vis_counts if seq.vis_counts is not None else torch.full((B,), seq.vis_len, device=dev)
+        K, Z = stage.keep, stage.merge
+        if scores is None:
+            keep_idx, rest_idx, _ = ops.score_select(q_last, k, seq.vis_start, counts, keep_b, self.scale,  # Eq. 1-2
+                                                     seq.key_mask, max_vis_len=seq.vis_len, max_keep=K,
+                                                     backend=backend)
+        else:
+            keep_idx, rest_idx = ops.topk_select(scores, keep_b, lengths=counts, max_k=K, backend=backend)
+        kept = keep_idx if seq._full else torch.where(
+            keep_idx >= 0, seq.block_ids.gather(1, keep_idx.clamp_min(0)), -1)
+        h, src, rest_h, merged_rows, inverse = ops.compact(seq.h, seq.vis_start, keep_idx, rest_idx, merge_b,
+                                                           max_merged=Z, backend=backend)
+        new = Sequence(h, seq.vis_start, K + Z, kept=seq.kept + [kept], src=src, vis_counts=keep_b + merge_b,
+                       _full=False, _block_ids=kept if Z == 0 else None, _parent=seq._metadata())
+        rel = torch.arange(h.shape[1], device=dev)[None, :] - seq.vis_start.to(torch.long)[:, None]
+        padding = (rel >= new.vis_counts[:, None]) & (rel < K + Z)  # the block's padding rows
+        valid = seq.take_rows(seq.key_mask, src) if seq.key_mask is not None else torch.ones_like(padding)
+        new.key_mask = valid & ~padding
+        new.carry = {name: new.take(x) for name, x in seq.carry.items()}
+        if Z:
+            merged, group, _ = ops.group_merge(rest_h, merge_b, lengths=counts - keep_b, max_groups=Z,  # Eq. 10-11
+                                               backend=backend)
+            h.view(B * h.shape[1], d).index_copy_(0, merged_rows.view(-1), merged.view(B * Z, d))
             new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
         return new
 

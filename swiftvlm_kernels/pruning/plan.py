@@ -213,19 +213,28 @@ class PruningPlan:
         return sum(self.visual_tokens_per_layer()) / self.num_layers
 
 
-def _check_budget_or_keep(budget, keep) -> Optional[float]:
-    if budget is not None and keep is not None:
-        raise ValueError("budget, keep: expected at most one of them, got both")
-    if budget is not None:
-        return _as_real(budget, "budget", 0.0, math.inf)
-    return None
+def _check_budget_or_keep(method) -> None:
+    """At most one of budget, budget_ratio and keep; budget / budget_ratio normalised in place."""
+    given = [name for name in ("budget", "budget_ratio", "keep") if getattr(method, name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{', '.join(given)}: expected at most one of budget, budget_ratio and keep, got {len(given)}")
+    if method.budget is not None:
+        object.__setattr__(method, "budget", _as_real(method.budget, "budget", 0.0, math.inf))
+    if method.budget_ratio is not None:
+        object.__setattr__(method, "budget_ratio", _as_real(method.budget_ratio, "budget_ratio", 0.0, 1.0))
+
+
+def _budget(method, n_vis: int) -> Optional[float]:
+    """The budget T for a plan of n_vis visual tokens: budget, or budget_ratio * n_vis (a ragged
+    batch's samples each get their share), or None (T = n_vis / 3)."""
+    return method.budget if method.budget_ratio is None else method.budget_ratio * n_vis
 
 
 def _normalise_stages(method) -> tuple[int, ...]:
     """Validate and normalise a multi-stage method's layers, budget and keep in place; its layers."""
     layers = _as_layers(method.layers)
     object.__setattr__(method, "layers", layers)
-    object.__setattr__(method, "budget", _check_budget_or_keep(method.budget, method.keep))
+    _check_budget_or_keep(method)
     if method.keep is not None:
         object.__setattr__(method, "keep", _as_ints(method.keep, "keep", len(layers)))
     return layers
@@ -266,13 +275,15 @@ class SwiftVLM:
     restore them before the next stage (Eq. 12-13) and re-score all n_vis tokens there.
 
     Give `budget` (T, SPEC point 3), or `keep` (k_s, one per layer) with optional `merge` (Z_s, one
-    per non-final stage; default from merge_ratio), or neither (T = n_vis / 3)."""
+    per non-final stage; default from merge_ratio), or `budget_ratio` (T = budget_ratio * n_vis), or
+    none of them (T = n_vis / 3)."""
 
     layers: tuple[int, ...] = (3, 11, 15)
     budget: Optional[float] = None
     keep: Optional[tuple[int, ...]] = None
     merge: Optional[tuple[int, ...]] = None
     merge_ratio: float = 0.05
+    budget_ratio: Optional[float] = None
 
     def __post_init__(self):
         layers = _normalise_stages(self)
@@ -302,22 +313,24 @@ class SwiftVLM:
                 merge = tuple(self._merge_count(n_vis - k) for k in self.keep[:-1])
             return self._plan(n_vis, num_layers, self.keep, merge)
         stages = len(self.layers)
-        return _fit_budget(self.budget, n_vis, num_layers, lambda k: self._plan(
+        return _fit_budget(_budget(self, n_vis), n_vis, num_layers, lambda k: self._plan(
             n_vis, num_layers, (k,) * stages, (self._merge_count(n_vis - k),) * (stages - 1)))
 
 
 @dataclass(frozen=True)
 class FastV:
     """FastV: one stage; scores at `layer` (default 2), drops all but `keep` visual tokens from
-    layer + 1 on. Give `budget`, `keep`, or neither (T = n_vis / 3)."""
+    layer + 1 on. Give `budget`, `keep`, `budget_ratio` (T = budget_ratio * n_vis), or none
+    (T = n_vis / 3)."""
 
     layer: int = 2
     budget: Optional[float] = None
     keep: Optional[int] = None
+    budget_ratio: Optional[float] = None
 
     def __post_init__(self):
         object.__setattr__(self, "layer", _as_int(self.layer, "layer", 1))
-        object.__setattr__(self, "budget", _check_budget_or_keep(self.budget, self.keep))
+        _check_budget_or_keep(self)
         if self.keep is not None:
             object.__setattr__(self, "keep", _as_int(self.keep, "keep", 0))
 
@@ -329,7 +342,7 @@ class FastV:
         num_layers = _as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
-        return _fit_budget(self.budget, n_vis, num_layers,
+        return _fit_budget(_budget(self, n_vis), n_vis, num_layers,
                            lambda k: self._plan(n_vis, num_layers, k))
 
 
@@ -337,12 +350,13 @@ class FastV:
 class PDrop:
     """PDrop: drop-only stages at `layers` (default 8, 16, 24), survivors re-ranked at each stage.
     Give `budget` (stage s keeps round(k * ratio ** (s - 1))), `keep` (non-increasing, one per
-    layer), or neither (T = n_vis / 3)."""
+    layer), `budget_ratio` (T = budget_ratio * n_vis), or none (T = n_vis / 3)."""
 
     layers: tuple[int, ...] = (8, 16, 24)
     budget: Optional[float] = None
     keep: Optional[tuple[int, ...]] = None
     ratio: float = 0.5
+    budget_ratio: Optional[float] = None
 
     def __post_init__(self):
         _normalise_stages(self)
@@ -357,6 +371,72 @@ class PDrop:
         num_layers = _as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
-        return _fit_budget(self.budget, n_vis, num_layers, lambda k: self._plan(
+        return _fit_budget(_budget(self, n_vis), n_vis, num_layers, lambda k: self._plan(
             n_vis, num_layers,
             tuple(_round_half_up(k * self.ratio ** s) for s in range(len(self.layers)))))
+
+
+@dataclass(frozen=True)
+class RaggedPlan:
+    """The plans of a ragged batch, one PruningPlan per sample (each for its own n_vis), run as one
+    batch: the samples share the method, the layers and so the timing; each stage's keep and merge
+    counts are per sample, and the batch's tensors are padded to the widest (`stages`).
+
+    `RaggedPlan.for_counts(method, n_vis_per_sample, num_layers)` gives every sample the plan the
+    method gives it alone: with `budget_ratio` (or no budget: T = n_vis / 3) each sample keeps its
+    share of its own visual tokens; with `budget` or `keep` every sample gets the same T or k.
+    Or build one from explicit per-sample plans: `RaggedPlan((plan_0, plan_1, ...))`."""
+
+    plans: tuple[PruningPlan, ...]
+
+    def __post_init__(self):
+        plans = tuple(self.plans) if isinstance(self.plans, Sequence) else None
+        if not plans or not all(isinstance(p, PruningPlan) for p in plans):
+            raise ValueError(f"plans: expected a non-empty sequence of PruningPlan (one per sample), got {self.plans!r}")
+        first = plans[0]
+        for b, p in enumerate(plans):
+            if (p.method, p.num_layers, p.layers) != (first.method, first.num_layers, first.layers):
+                raise ValueError(f"plans: sample {b}'s plan ({p.method}, num_layers = {p.num_layers}, layers "
+                                 f"{p.layers}) differs from sample 0's ({first.method}, {first.num_layers}, "
+                                 f"{first.layers}); a ragged batch shares method and layers")
+        object.__setattr__(self, "plans", plans)
+        widths = tuple(Stage(st.layer, max(p.stages[s].keep for p in plans), max(p.stages[s].merge for p in plans))
+                       for s, st in enumerate(first.stages))
+        object.__setattr__(self, "stages", widths)
+
+    @classmethod
+    def for_counts(cls, method, n_vis: Sequence, num_layers: int) -> "RaggedPlan":
+        """Each sample's plan from `method.plan(n_vis[b], num_layers)`."""
+        if isinstance(n_vis, (str, bytes)) or not isinstance(n_vis, Sequence) or not n_vis:
+            raise ValueError(f"n_vis: expected a non-empty sequence of per-sample visual-token counts, got {n_vis!r}")
+        return cls(tuple(method.plan(n, num_layers) for n in n_vis))
+
+    # what the engine and the models read, as of a PruningPlan (stages: the padded widths)
+    method = property(lambda self: self.plans[0].method)
+    bypass = property(lambda self: self.plans[0].bypass)
+    num_layers = property(lambda self: self.plans[0].num_layers)
+    layers = property(lambda self: self.plans[0].layers)
+    n_vis = property(lambda self: max(p.n_vis for p in self.plans))
+
+    def acts_before(self, s: int) -> bool:
+        return self.plans[0].acts_before(s)
+
+    def effective_layer(self, s: int) -> int:
+        return self.plans[0].effective_layer(s)
+
+    def stage_before(self, layer: int) -> Optional[int]:
+        return self.plans[0].stage_before(layer)
+
+    def stage_after(self, layer: int) -> Optional[int]:
+        return self.plans[0].stage_after(layer)
+
+    def n_vis_per_sample(self) -> tuple[int, ...]:
+        return tuple(p.n_vis for p in self.plans)
+
+    def counts(self, s: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Stage s's per-sample (keep counts, merge counts)."""
+        return tuple(p.stages[s].keep for p in self.plans), tuple(p.stages[s].merge for p in self.plans)
+
+    def scored_widths(self, s: int) -> int:
+        """The padded width of the visual tokens stage s scores."""
+        return max(p.scored_tokens(s) for p in self.plans)
