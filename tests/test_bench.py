@@ -108,3 +108,12 @@ def test_a_failing_case_is_reported_not_fatal(monkeypatch):
                      progress=False, dtype=torch.float32)
     assert [("error" in r) for r in rows] == [False, True, False, True]
     assert "FAILED topk_select / compile" in bench.markdown(rows) and "RuntimeError: boom" in bench.markdown(rows)
+
+
+def test_bench_ragged_smoke():
+    """bench.ragged on small counts: the ragged call equals the per-sample calls (checked inside) and
+    issues one call per op where the singles issue one per sample."""
+    from bench import ragged
+    rows = {r["variant"]: r for r in ragged.run(counts=(5, 9, 7), rounds=1)}
+    assert rows["ragged"]["op_calls"] == 2 and rows["singles"]["op_calls"] == 6
+    assert rows["ragged"]["model_bytes"] > rows["singles"]["model_bytes"]  # padded to the longest sample

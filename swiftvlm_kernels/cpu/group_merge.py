@@ -22,10 +22,8 @@ def group_merge(h, num_groups, lengths=None, max_groups=None):
     """python_ref.group_merge's arithmetic a chunk of tokens at a time: each token's fp64 unit vector and
     its cosine to the Z targets rounded to fp32 (Eq. 10), then the group sums by index_add_ (members
     added in index order, as the reference's scatter_add_, without an expanded [B, R, d] index)."""
-    if isinstance(num_groups, torch.Tensor) or lengths is not None:  # ragged samples: the reference
-        import python_ref
-
-        return python_ref.group_merge(h, num_groups, lengths, max_groups)
+    if isinstance(num_groups, torch.Tensor) or lengths is not None:
+        return _ragged(h, num_groups, lengths, max_groups)
     B, R, d = h.shape
     Z = num_groups
     t, ids = _targets(R, Z)
@@ -44,3 +42,20 @@ def group_merge(h, num_groups, lengths=None, max_groups=None):
         sums.index_add_(0, flat[lo:hi], flat_h[lo:hi].float())
     merged = sums / counts[:, None]  # (Eq. 11)
     return merged.reshape(B, Z, d).to(h.dtype), group, counts.reshape(B, Z).int()
+
+
+def _ragged(h, num_groups, lengths, max_groups):
+    """A ragged batch: each sample alone (its own rows and groups) into the padded outputs, which is
+    python_ref's ragged contract (zeros / -1 past a sample's groups / rows)."""
+    B, R, d = h.shape
+    n = lengths.tolist() if lengths is not None else [R] * B
+    Z_b = num_groups.tolist() if isinstance(num_groups, torch.Tensor) else [num_groups] * B
+    Z = max_groups if max_groups is not None else max(Z_b, default=0)
+    merged = h.new_zeros(B, Z, d)
+    group = torch.full((B, R), -1, dtype=torch.long)
+    counts = torch.zeros(B, Z, dtype=torch.int32)
+    for b in range(B):
+        if n[b] and Z_b[b]:
+            merged[b, :Z_b[b]], group[b, :n[b]], counts[b, :Z_b[b]] = (
+                x[0] for x in group_merge(h[b:b + 1, :n[b]], Z_b[b]))
+    return merged, group, counts
