@@ -59,8 +59,8 @@ def compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None
 
     Sample b's new block holds its k_b kept slots and Z_b targets in slot order, then K + Zw - k_b - Z_b
     padding rows of zeros (their src: the block's first row). rest_h rows past r_b are zero;
-    merged_rows of groups z >= Z_b name the padding row at block slot K + z; inverse is -1 for rest and
-    padding rows. Everything else as compact.
+    merged_rows of groups z >= Z_b name the padding row at block slot K + z; inverse is -1 for rest
+    rows and -2 for the block's padding rows (restore zeroes those). Everything else as compact.
     """
     from .tv_score import _width
 
@@ -105,7 +105,10 @@ def compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None
     merged_rows = start + target_pos + torch.arange(B, device=dev)[:, None] * n_new
     carries = (~in_block | ((slot >= 0) & _is_kept(slot, keep))) if m_new else ~in_block
     new_flat = j + torch.arange(B, device=dev)[:, None] * n_new
-    inverse = torch.full((B * n + 1,), -1, dtype=torch.long, device=dev)
+    rest_row = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)  # old rows set aside as rest tokens
+    rest_row.scatter_(1, torch.where(rest >= 0, start + rest.clamp_min(0), n), True)
+    inverse = torch.where(rest_row[:, :n], -1, -2).reshape(-1)
+    inverse = torch.cat([inverse, inverse.new_full((1,), -1)])
     inverse.scatter_(0, torch.where(carries, src, B * n).reshape(-1), new_flat.reshape(-1))
     return h_new, src, rest_h, merged_rows, inverse[:-1].reshape(B, n)
 

@@ -15,8 +15,9 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
     Returns [B, n, d] in h's dtype: h[inverse] on carried rows, and on rest rows
     h_rest + h[merged_rows[group]] - merged_then[group] in fp32 math.
 
-    Ragged batches (compact_ragged's outputs): rest entries whose slot or group is -1 restore nothing;
-    rows neither carried nor restored (the padding rows of a sample's block) are zero.
+    Ragged batches (compact_ragged's outputs): rest entries whose slot is -1 restore nothing; rows
+    whose inverse is -2 (the padding rows of a sample's block) are zero. Every row marked -1 in
+    inverse is restored by exactly one rest entry (checked).
     """
     B, n_cur, d = h.shape
     n = inverse.shape[1]

@@ -12,6 +12,7 @@ import swiftvlm_kernels as sk
 from conftest import DTYPES
 
 BACKENDS = ["torch", "cpu"]
+TRITON = ["triton"] if __import__("os").environ.get("TRITON_INTERPRET") == "1" else []
 # Backends whose per-sample arithmetic cannot depend on the rest of the batch (one program per sample):
 # bit-equal to the sample alone. torch and cpu compute the logits with batched BLAS, whose rounding
 # can depend on the batch and on the memory alignment of a slice: their scores agree within fp32
@@ -219,7 +220,7 @@ def test_packed_equals_padded(backend, dtype, data):
     assert torch.equal(tv, packed[2])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
@@ -243,6 +244,10 @@ def test_compact_and_restore_ragged_equal_each_sample_alone(backend, dtype, data
                                                           backend=backend)
     n_new = n - M + K + Zw
     assert h_new.shape == (B, n_new, d) and rest_h.shape == (B, M, d) and merged_rows.shape == (B, Zw)
+    reference = python_ref.compact(h, vis_start, keep_idx, rest_idx, merge, Zw)
+    for name, got, want in zip(("h_new", "src", "rest_h", "merged_rows", "inverse"),
+                               (h_new, src, rest_h, merged_rows, inverse), reference):
+        assert torch.equal(got, want), name
     # a later layer's states: every row changed, then restored with a drift for each group
     h_later = (h_new.float() * 1.5 + 0.25).to(dtype)
     group = torch.stack([torch.where(torch.arange(M) < v - kb, torch.arange(M) % max(int(z), 1), -1)
@@ -251,6 +256,8 @@ def test_compact_and_restore_ragged_equal_each_sample_alone(backend, dtype, data
     merged_then = torch.randn(B, Zw, d, generator=g).to(dtype)
     restored = sk.restore(h_later, inverse, vis_start, rest_idx, rest_h, group, merged_rows, merged_then,
                           backend=backend)
+    assert torch.equal(restored, python_ref.restore(h_later, inverse, vis_start, rest_idx, rest_h, group, merged_rows,
+                                                    merged_then))
     for b in range(B):
         v, kb, zb, rb = int(vis_len[b]), int(keep[b]), int(merge[b]), int(vis_len[b] - keep[b])
         rows = list(range(pre + v)) + list(range(pre + M, n))  # the sample without its block padding

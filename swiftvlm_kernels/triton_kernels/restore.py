@@ -2,9 +2,11 @@
 contract; Eq. 12-13 for the rest tokens).
 
 Grid (B, cdiv(n + R, BLOCK_R)): one program handles BLOCK_R items of sample b, numbered
-  [0, n)       the rows of the restored sequence that a row of h carries (inverse >= 0): copied,
+  [0, n)       the rows of the restored sequence that a row of h carries (inverse >= 0): copied;
+               a ragged block's padding rows (inverse -2): zero,
   [n, n + R)   the rest tokens: h_rest + h[merged_rows[g]] - merged_then[g] in fp32 (g clamped into
-               [0, Z)), written to row vis_start + rest_idx (skipped outside [0, n)).
+               [0, Z)), written to row vis_start + rest_idx (skipped outside [0, n), and for the
+               ragged padding entries, rest_idx or group -1).
 The two sets of rows are disjoint (compact marks every rest row -1 in inverse).
 """
 import torch
@@ -28,17 +30,18 @@ def _restore_kernel(h_ptr, inv_ptr, vis_ptr, rest_ptr, h_rest_ptr, group_ptr, mr
     # carried rows: the flattened row of h, clamped so a bad id never reads out of bounds
     src = tl.load(inv_ptr + b * stride_ib + i * stride_in, mask=is_row, other=-1).to(tl.int64)
     copies = is_row & (src >= 0)
+    zeros = is_row & (src == -2)
     src = tl.minimum(tl.maximum(src, 0), B * n_cur - 1)
     src_b = src // tl.maximum(n_cur, 1)
     src_r = src % tl.maximum(n_cur, 1)
     # rest tokens
     q = tl.where(is_rest, i - n, 0)
-    row = tl.load(vis_ptr + b * stride_vis).to(tl.int64) + tl.load(rest_ptr + b * stride_rb + q * stride_rr,
-                                                                     mask=is_rest, other=0).to(tl.int64)
-    writes_rest = is_rest & (row >= 0) & (row < n)
+    slot = tl.load(rest_ptr + b * stride_rb + q * stride_rr, mask=is_rest, other=0).to(tl.int64)
+    row = tl.load(vis_ptr + b * stride_vis).to(tl.int64) + slot
     g = tl.load(group_ptr + b * stride_gb + q * stride_gr, mask=is_rest, other=0).to(tl.int64)
+    writes_rest = is_rest & (row >= 0) & (row < n) & (slot >= 0) & (g >= 0)
     g = tl.minimum(tl.maximum(g, 0), tl.maximum(Z - 1, 0))
-    now = tl.load(mrows_ptr + b * stride_mb + g * stride_mz, mask=is_rest, other=0).to(tl.int64)
+    now = tl.load(mrows_ptr + b * stride_mb + g * stride_mz, mask=writes_rest, other=0).to(tl.int64)
     now = tl.minimum(tl.maximum(now, 0), B * n_cur - 1)
     now_b = now // tl.maximum(n_cur, 1)
     now_r = now % tl.maximum(n_cur, 1)
@@ -60,7 +63,7 @@ def _restore_kernel(h_ptr, inv_ptr, vis_ptr, rest_ptr, h_rest_ptr, group_ptr, mr
         aligned = x + (merged_now - merged_then)  # Eq. 12-13
         value = tl.where(is_rest[:, None], cast_rne(aligned, out_ptr.dtype.element_ty), copied)
         tl.store(out_ptr + (b * n + dst)[:, None] * d + col[None, :], value,
-                 mask=(copies | writes_rest)[:, None] & col_ok[None, :])
+                 mask=(copies | zeros | writes_rest)[:, None] & col_ok[None, :])
 
 
 def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
