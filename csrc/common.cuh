@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -62,6 +63,24 @@ __device__ __forceinline__ void load_chunk(const T* p, float (&out)[W]) {
   }
 }
 
+// A chunk as loaded, before conversion: one 16-byte vector (W == kVec<T>) or one element, so that
+// several loads can be in flight before any of them is used.
+template <typename T, int W>
+struct RawChunk {
+  static_assert(W == 1 || W == kVec<T>, "a chunk is one element or one 16-byte vector");
+  using Bits = typename std::conditional<W == 1, T, uint4>::type;
+  Bits bits;
+
+  __device__ __forceinline__ void load(const T* p) { bits = *reinterpret_cast<const Bits*>(p); }
+  __device__ __forceinline__ void clear() { memset(&bits, 0, sizeof(bits)); }
+  __device__ __forceinline__ void to_float(float (&out)[W]) const {
+    T elems[W];
+    memcpy(elems, &bits, sizeof(bits));
+#pragma unroll
+    for (int w = 0; w < W; ++w) out[w] = swiftvlm::to_float(elems[w]);
+  }
+};
+
 template <typename T, int W>
 __device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
   static_assert(W == 1 || W == kVec<T>, "a chunk is one element or one 16-byte vector");
@@ -106,33 +125,35 @@ __device__ __forceinline__ float warp_max(float v) {
 // Scratch of block_exclusive_scan: one slot per warp plus the total.
 constexpr int kScanScratch = kWarp + 1;
 
-// Exclusive prefix sum of one int per thread over the block; *total gets the block sum.
-// Every thread of the block must call it; blockDim.x must be a multiple of 32.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scratch) {
+// Exclusive prefix sum of one value per thread over the block (V: int, or a 64-bit integer that
+// packs two counts); *total gets the block sum. Every thread of the block must call it;
+// blockDim.x must be a multiple of 32.
+template <typename V>
+__device__ __forceinline__ V block_exclusive_scan(V v, V* total, V* scratch) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int num_warps = blockDim.x / kWarp;
-  int incl = v;
+  V incl = v;
 #pragma unroll
   for (int o = 1; o < kWarp; o <<= 1) {
-    const int n = __shfl_up_sync(kFullMask, incl, o);
+    const V n = __shfl_up_sync(kFullMask, incl, o);
     if (lane >= o) incl += n;
   }
   if (lane == kWarp - 1) scratch[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int w = lane < num_warps ? scratch[lane] : 0;
-    int wincl = w;
+    const V w = lane < num_warps ? scratch[lane] : V(0);
+    V wincl = w;
 #pragma unroll
     for (int o = 1; o < kWarp; o <<= 1) {
-      const int n = __shfl_up_sync(kFullMask, wincl, o);
+      const V n = __shfl_up_sync(kFullMask, wincl, o);
       if (lane >= o) wincl += n;
     }
     if (lane < num_warps) scratch[lane] = wincl - w;
     if (lane == kWarp - 1) scratch[kWarp] = wincl;
   }
   __syncthreads();
-  const int excl = scratch[warp] + incl - v;
+  const V excl = scratch[warp] + incl - v;
   *total = scratch[kWarp];
   __syncthreads();  // scratch is reused by the next call
   return excl;

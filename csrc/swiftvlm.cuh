@@ -35,14 +35,17 @@ struct ScoreArgs {
   float scale;
 };
 
-// fp32 scratch that tv_score and score_select need (B * H * (2 * ceil(L / 64) + vis_len) floats).
-size_t score_workspace_floats(int64_t B, int64_t H, int64_t L, int64_t vis_len);
+// 4-byte scratch that tv_score and score_select need: B * H * (2 * tiles + vis_len) + B floats,
+// tiles = ceil(L / key tile) (64 to 512 keys, chosen from the shapes). Its content on entry does not
+// matter: the counters in it are reset by the first launch of the op (CUDA-graph replays reuse it).
+size_t score_workspace_floats(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t vis_len);
 
 // scores: fp32 [B, vis_len] contiguous. Two launches: split-K partial softmax, then merge.
 cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaStream_t stream);
 
-// topk_select(tv_score(a), keep) with the merge fused into the select: two launches.
-// scores fp32 [B, vis_len], keep_idx int64 [B, keep], rest_idx int64 [B, vis_len - keep], contiguous.
+// topk_select(tv_score(a), keep), two launches: split-K partial softmax, then the merge, whose last
+// CTA per row runs the select. scores fp32 [B, vis_len], keep_idx int64 [B, keep], rest_idx int64
+// [B, vis_len - keep], contiguous.
 cudaError_t score_select(const ScoreArgs& a, int64_t keep, float* workspace, float* scores,
                          int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream);
 

@@ -142,17 +142,24 @@ ScoreInputs score_inputs(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   return in;
 }
 
-Tensor score_workspace(const Tensor& q, const swiftvlm::ScoreArgs& a) {
-  const auto floats = static_cast<int64_t>(swiftvlm::score_workspace_floats(a.B, a.H, a.L, a.vis_len));
-  return torch::stable::new_empty(q, {floats}, ScalarType::Float);
+// The scratch of tv_score / score_select: the caller's (any content: the op resets what it counts
+// in), or a fresh one.
+Tensor score_workspace(const Tensor& q, const swiftvlm::ScoreArgs& a, const std::optional<Tensor>& given) {
+  const auto floats = static_cast<int64_t>(swiftvlm::score_workspace_floats(a.B, a.H, a.Hkv, a.L, a.D, a.vis_len));
+  if (!given.has_value()) return torch::stable::new_empty(q, {floats}, ScalarType::Float);
+  const Tensor& w = *given;
+  check_tensor(w, "workspace", 1, q);
+  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float && w.is_contiguous() && w.numel() >= floats,
+                  "workspace: expected a contiguous float32 tensor of at least ", floats, " elements");
+  return w;
 }
 
 Tensor tv_score_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start, int64_t vis_len, double scale,
-                     const std::optional<Tensor>& key_mask) {
+                     const std::optional<Tensor>& key_mask, const std::optional<Tensor>& workspace_in) {
   check_cuda(q, "q");
   const DeviceGuard guard(q.get_device_index());
   const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask);
-  const Tensor workspace = score_workspace(q, in.args);
+  const Tensor workspace = score_workspace(q, in.args, workspace_in);
   Tensor scores = torch::stable::new_empty(q, {in.args.B, vis_len}, ScalarType::Float);
   check_launch(swiftvlm::tv_score(in.args, workspace.mutable_data_ptr<float>(), scores.mutable_data_ptr<float>(),
                                   current_stream(q)),
@@ -162,13 +169,14 @@ Tensor tv_score_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start, 
 
 std::tuple<Tensor, Tensor, Tensor> score_select_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start,
                                                      int64_t vis_len, int64_t keep, double scale,
-                                                     const std::optional<Tensor>& key_mask) {
+                                                     const std::optional<Tensor>& key_mask,
+                                                     const std::optional<Tensor>& workspace_in) {
   check_cuda(q, "q");
   const DeviceGuard guard(q.get_device_index());
   const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask);
   STD_TORCH_CHECK(keep >= 0 && keep <= vis_len, "keep: expected 0 <= keep <= vis_len");
   const int64_t B = in.args.B;
-  const Tensor workspace = score_workspace(q, in.args);
+  const Tensor workspace = score_workspace(q, in.args, workspace_in);
   Tensor scores = torch::stable::new_empty(q, {B, vis_len}, ScalarType::Float);
   Tensor keep_idx = torch::stable::new_empty(q, {B, keep}, ScalarType::Long);
   Tensor rest_idx = torch::stable::new_empty(q, {B, vis_len - keep}, ScalarType::Long);
@@ -363,11 +371,14 @@ Tensor restore_cuda(const Tensor& h, const Tensor& inverse, const Tensor& vis_st
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
-  m.def("tv_score_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, float scale, Tensor? key_mask) -> Tensor");
+  // workspace: optional scratch (score_workspace_floats), overwritten; a fresh one when None.
+  m.def(
+      "tv_score_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, float scale, Tensor? key_mask,"
+      " Tensor(a!)? workspace=None) -> Tensor");
   m.def("topk_select_cuda(Tensor scores, int k) -> (Tensor, Tensor)");
   m.def(
-      "score_select_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, int keep, float scale, Tensor? key_mask)"
-      " -> (Tensor, Tensor, Tensor)");
+      "score_select_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, int keep, float scale, Tensor? key_mask,"
+      " Tensor(a!)? workspace=None) -> (Tensor, Tensor, Tensor)");
   m.def("group_merge_cuda(Tensor h, int num_groups) -> (Tensor, Tensor, Tensor)");
   m.def("bypass_align_cuda(Tensor h_rest, Tensor group, Tensor merged_now, Tensor merged_then) -> Tensor");
   m.def(

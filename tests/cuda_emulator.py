@@ -4,6 +4,7 @@ CUDA emulation, see emu.h), loaded into torch as the same `swiftvlm::<op>_cuda` 
     emu = cuda_emulator.backend()        # builds once per source change (g++, about a minute on 2 cores)
     emu.score_select(q, k, ...)          # the cuda backend's functions, on CPU tensors
     with cuda_emulator.schedule("reverse"): ...   # thread order of the launches inside
+    with cuda_emulator.block_order("random", seed=3): ...   # the order their blocks run in
 
 SWIFTVLM_EMU_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer instead (the
 process must preload libasan: `python tests/cuda_emulator.py --sanitize` runs the emulated backend
@@ -27,6 +28,9 @@ EMU = os.path.join(ROOT, "tests", "cuda_emu")
 CSRC = os.path.join(ROOT, "csrc")
 BUILD = os.environ.get("SWIFTVLM_EMU_BUILD", os.path.join(ROOT, "build", "cuda_emu"))
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2, "warps": 3}
+# Block orders: "schedule" follows the thread schedule (reverse for reverse and warps), "random" draws
+# a new seeded permutation of the grid for every launch.
+BLOCK_ORDERS = {"schedule": 0, "forward": 1, "reverse": 2, "random": 3}
 
 
 def _sources(csrc=CSRC):
@@ -137,6 +141,20 @@ def schedule(name: str, seed: int = 1):
             h.swiftvlm_emu_set_schedule(0, 1)
 
 
+@contextlib.contextmanager
+def block_order(name: str, seed: int = 1):
+    """Launches inside run their blocks in this order: schedule (the default), forward, reverse or
+    random (a new permutation per launch, from `seed`)."""
+    handles = list(_loaded.values())
+    for h in handles:
+        h.swiftvlm_emu_set_block_order(BLOCK_ORDERS[name], seed)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.swiftvlm_emu_set_block_order(0, 1)
+
+
 def backend(lib: str | None = None):
     """The cuda backend's functions (swiftvlm_kernels/cuda_backend.py) bound to the emulated ops."""
     import torch
@@ -159,8 +177,10 @@ if __name__ == "__main__":
         env = dict(os.environ, SWIFTVLM_EMU_SANITIZE="1", LD_PRELOAD=asan,
                    ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        tests = [os.path.join(ROOT, "tests", f) for f in ("test_cuda_emulated.py", "test_backends.py")]
+        tests = [os.path.join(ROOT, "tests", f)
+                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py")]
         sys.exit(subprocess.call([sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
-                                  "-k", "(cuda-emu or cuda_emulated) and not removing",
+                                  "-k", "(cuda-emu or cuda_emulated or cuda_score_kernels) and not removing"
+                                  " and not without_the",
                                   *[a for a in sys.argv[1:] if a != "--sanitize"]], env=env))
     print(build())

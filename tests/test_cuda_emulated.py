@@ -128,10 +128,41 @@ class _schedule:
         self.lib.swiftvlm_emu_set_schedule(0, 1)
 
 
+def _tickets(lib, order="schedule", seed=1, blocks=40):
+    lib.swiftvlm_emu_set_block_order(cuda_emulator.BLOCK_ORDERS[order], seed)
+    try:
+        code, message, out = _run(lib, "swiftvlm_emu_block_tickets", blocks, threads=blocks)
+    finally:
+        lib.swiftvlm_emu_set_block_order(0, 1)
+    assert code == 0, message
+    return out
+
+
+def test_block_orders(selftest):
+    """Blocks run in launch order, reversed (also under the reverse thread schedule), or in a seeded
+    random permutation that changes with the seed and from one launch to the next."""
+    forward = list(range(40))
+    assert _tickets(selftest) == forward and _tickets(selftest, "forward") == forward
+    assert _tickets(selftest, "reverse") == forward[::-1]
+    with _schedule(selftest, "reverse"):
+        assert _tickets(selftest) == forward[::-1]
+        assert _tickets(selftest, "forward") == forward  # an explicit order wins over the schedule's
+    shuffled = _tickets(selftest, "random", seed=3)
+    assert sorted(shuffled) == forward and shuffled != forward and shuffled != forward[::-1]
+    assert _tickets(selftest, "random", seed=3) == shuffled  # reproducible
+    assert _tickets(selftest, "random", seed=4) != shuffled
+    selftest.swiftvlm_emu_set_block_order(cuda_emulator.BLOCK_ORDERS["random"], 3)
+    try:  # a new permutation per launch
+        first, second = (_run(selftest, "swiftvlm_emu_block_tickets", 40, threads=40)[2] for _ in range(2))
+    finally:
+        selftest.swiftvlm_emu_set_block_order(0, 1)
+    assert first == shuffled and second != first
+
+
 # ---------------------------------------------------------------- a broken kernel fails the tests
 
 # (file, the barrier to remove): one in the radix select, one in the block-wide scan
-BROKEN = [("select_rows.cuh", "for (int b = tid; b < kRadixBins; b += kSelectThreads) hist[b] = 0;\n      __syncthreads();"),
+BROKEN = [("select_rows.cuh", "for (int b = tid; b < kDigitBins; b += THREADS) sh.hist[b] = 0;\n    __syncthreads();"),
           ("common.cuh", "if (lane == kWarp - 1) scratch[warp] = incl;\n  __syncthreads();")]
 
 

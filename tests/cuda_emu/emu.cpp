@@ -103,6 +103,8 @@ cudaError_t g_last_error = cudaSuccess;
 std::map<const void*, size_t> g_optin;  // kernel -> opted-in dynamic shared memory
 int g_schedule = 0;  // 0 forward, 1 reverse, 2 random, 3 warps in reverse order, lanes forward
 unsigned g_seed = 1;
+int g_block_order = 0;  // 0 as the schedule (reverse for 1 and 3), 1 forward, 2 reverse, 3 random
+unsigned g_block_seed = 1;
 #ifdef SWIFTVLM_EMU_ASAN
 void* g_fake_stack = nullptr;
 #endif
@@ -405,15 +407,25 @@ cudaError_t launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, 
   g_grid_dim = grid;
   g_body = &body;
   g_error.clear();
-  const bool reverse_blocks = g_schedule == 1 || g_schedule == 3;
-  for (unsigned z = 0; z < grid.z && g_error.empty(); ++z) {
-    for (unsigned y = 0; y < grid.y && g_error.empty(); ++y) {
-      for (unsigned i = 0; i < grid.x && g_error.empty(); ++i) {
-        g_block_idx = dim3(reverse_blocks ? grid.x - 1 - i : i, y, z);
-        g_dyn_smem.assign(smem, 0xcd);  // fresh and poisoned for every block
-        run_block();
-      }
+  // The blocks in launch order (x fastest), then in the order they run.
+  std::vector<dim3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(dim3(x, y, z));
     }
+  }
+  const int block_order = g_block_order != 0 ? g_block_order : (g_schedule == 1 || g_schedule == 3 ? 2 : 1);
+  if (block_order == 2) {
+    std::reverse(blocks.begin(), blocks.end());
+  } else if (block_order == 3) {
+    std::mt19937 rng(g_block_seed++);
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+  }
+  for (size_t n = 0; n < blocks.size() && g_error.empty(); ++n) {
+    g_block_idx = blocks[n];
+    g_dyn_smem.assign(smem, 0xcd);  // fresh and poisoned for every block
+    run_block();
   }
   g_body = nullptr;
   if (!g_error.empty()) {
@@ -473,5 +485,11 @@ extern "C" {
 void swiftvlm_emu_set_schedule(int schedule, unsigned seed) {
   emu::g_schedule = schedule;
   emu::g_seed = seed;
+}
+// Chooses the block order of later launches: 0 as the thread schedule, 1 forward, 2 reverse, 3 a
+// random permutation (seeded; every launch draws a new one).
+void swiftvlm_emu_set_block_order(int order, unsigned seed) {
+  emu::g_block_order = order;
+  emu::g_block_seed = seed;
 }
 }

@@ -11,7 +11,10 @@
 //     sizes beyond the hardware's limits,
 // each fail the launch loudly (cudaErrorLaunchFailure / cudaErrorInvalidConfiguration with the
 // reason in cudaGetErrorString). Threads run in one of several schedules (emu_set_schedule: forward,
-// reverse, random, warps in reverse), so a missing barrier changes the result under some schedule.
+// reverse, random, warps in reverse), so a missing barrier changes the result under some schedule;
+// blocks run in the schedule's order (reverse for reverse and warps) or in the order set by
+// emu_set_block_order (forward, reverse, or a seeded random permutation of the grid), so code that
+// depends on which block finishes last (arrival counters) meets different last blocks.
 // Global and shared memory are host memory; static __shared__ variables are function statics.
 #pragma once
 
@@ -142,17 +145,36 @@ unsigned __match_any_sync(unsigned mask, T v) {
   return static_cast<unsigned>(emu::warp_op(emu::kMatchAny, mask, emu::bits(v), 0, 32));
 }
 
+// A rendezvous of the lanes in mask, checked like the other warp operations.
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_op(emu::kAll, mask, 1, 0, 32); }
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline unsigned __float_as_uint(float f) { return emu::from_bits<unsigned>(emu::bits(f)); }
 inline float __uint_as_float(unsigned u) { return emu::from_bits<float>(u); }
-// Fibers of one block take turns and never yield inside an atomic: a plain read-modify-write is atomic.
+// Fibers of one block take turns and never yield inside an atomic, and blocks run one after another:
+// a plain read-modify-write is atomic, on shared and global memory alike.
 template <typename T>
 T atomicAdd(T* p, T v) {
   const T old = *p;
   *p = old + v;
   return old;
 }
+template <typename T>
+T atomicExch(T* p, T v) {
+  const T old = *p;
+  *p = v;
+  return old;
+}
+template <typename T>
+T atomicCAS(T* p, T compare, T v) {
+  const T old = *p;
+  if (old == compare) *p = v;
+  return old;
+}
+// Every write is visible to every later read here (one fiber runs at a time): a fence has nothing to
+// order. What a missing fence breaks on a GPU cannot show in this emulation.
+inline void __threadfence() {}
 
 // The dynamic shared memory of the running block, exactly as large as the launch asked (the
 // sanitizer build catches an access past it).

@@ -37,6 +37,11 @@ __global__ void publish(int* out) {
   out[threadIdx.x] = value;
 }
 
+// Thread 0 of each block takes the next ticket: out[block] = its place in the order blocks ran.
+__global__ void take_ticket(int* out, int* counter) {
+  if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(counter, 1);
+}
+
 }  // namespace
 
 extern "C" {
@@ -79,6 +84,12 @@ int swiftvlm_emu_publish(int* out, int barrier) {
     auto* k = publish<false>;
     SWIFTVLM_LAUNCH(k, 1, 64, 0, nullptr, out);
   }
+  return cudaGetLastError();
+}
+int swiftvlm_emu_block_tickets(int* out, int blocks) {
+  auto* k = take_ticket;
+  out[blocks] = 0;  // the counter, after the tickets
+  SWIFTVLM_LAUNCH(k, blocks, 32, 0, nullptr, out, out + blocks);
   return cudaGetLastError();
 }
 }
