@@ -11,6 +11,7 @@ from .restore import restore
 from .score_select import score_select
 from .topk_select import topk_select
 from .tv_score import tv_score
+from .varlen import score_select_varlen, tv_score_varlen
 
 __all__ = ["tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-           "restore"]
+           "restore", "tv_score_varlen", "score_select_varlen"]
