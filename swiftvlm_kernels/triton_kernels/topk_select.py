@@ -15,6 +15,11 @@ Rows of up to MAX_REGISTER_N scores (the benchmark rows: 576 to 16384) are read 
     A count equal to k ends the search early (no tie at the threshold).
   - One packed prefix sum (keys > T in the low 16 bits, keys == T in the high 16) gives every kept
     index its slot in keep and every other index its slot in rest; both are stored in one sweep.
+    Rows longer than OUT_BLOCK make that sweep in blocks of OUT_BLOCK, re-reading their scores (an
+    L2 hit): the addresses and int64 indices of a whole 16384-score row at once would spill.
+  Warps: 16 keys a thread (512 scores a warp) from 4 warps up to 16 warps; 16384 scores: 32 a thread.
+  Cost (MODEL, H100): one DRAM read of the row, ~4-9 counting passes on score rows (1-4 of them
+  snapping), each a block-wide reduction of 32 keys a thread; ~10 us at N = 16384 (was ~53 us).
 Longer rows (MAX_REGISTER_N < N) take the chunked path: an exact radix select over 4-bit digits
 (8 counting passes re-reading the row in chunks of CHUNK), then one chunked pass writing keep and rest.
 The row helpers (_select_row, _select_row_chunked) also serve score_select (tv_score.py), whose last
@@ -33,9 +38,9 @@ RADIX_BITS = 4  # digit of the chunked path's radix select
 
 
 def num_warps_for(block_n):
-    """Warps of a program that holds a row of block_n keys in registers: 32 keys a thread from 4 warps
-    up (16384 -> 16 warps, 128 registers a thread)."""
-    return max(4, min(16, block_n // 1024))
+    """Warps of a program that holds a row of block_n keys in registers: 16 keys a thread from 4 warps
+    up to 16 warps (4096 -> 8, 8192 and 16384 -> 16 warps: 32 keys a thread, 128 registers a thread)."""
+    return max(4, min(16, block_n // 512))
 
 
 @triton.jit

@@ -34,12 +34,12 @@ from . import topk_select as _topk
 from .topk_select import RADIX_BITS, _load_keys, _select_row, _select_row_chunked, row_config
 
 TILE_ELEMENTS = 4096  # fp32 products per [BLOCK_G, BLOCK_L, BLOCK_D] tile: 16 a thread at 8 warps (8192 spills on sm_80)
-MIN_BLOCK_L = 8
+MIN_BLOCK_L = 16
 MAX_BLOCK_D = 128  # the head dim is loaded whole up to this (D = 128 in the models), else in chunks
 NUM_WARPS = 8
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 1024  # split the key axis until (B * Hkv * num_splits) reaches about this
-SCORE_TILE = 32  # launch 2: fp32 logits a thread in a [BLOCK_H, BLOCK_V] tile
+SCORE_TILE = 16  # launch 2: fp32 logits a thread in a [BLOCK_H, BLOCK_V] tile (32 spill with SELECT)
 
 
 @triton.jit
@@ -164,7 +164,8 @@ def _visual_scores_kernel(vis_ptr, max_ptr, sum_ptr, cnt_ptr, logit_ptr, out_ptr
 
 def _stats_tile(rows, D):
     """(BLOCK_D, BLOCK_L) of launch 1: D whole up to MAX_BLOCK_D, keys to fill TILE_ELEMENTS products,
-    at least 8 keys (GQA groups of 8 heads at D = 128: 8192 products; 4 keys spill on sm_80)."""
+    at least MIN_BLOCK_L keys (GQA groups of 8 heads at D = 128: 16384 products; 4 or 8 keys a tile
+    spill a few bytes under triton 3.9 or 3.6, 16 do not)."""
     block_d = min(pow2(D), MAX_BLOCK_D)
     return block_d, max(MIN_BLOCK_L, min(64, TILE_ELEMENTS // (rows * block_d)))
 
