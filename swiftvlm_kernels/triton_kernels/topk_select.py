@@ -19,7 +19,7 @@ Rows of up to MAX_REGISTER_N scores (the benchmark rows: 576 to 16384) are read 
     L2 hit): the addresses and int64 indices of a whole 16384-score row at once would spill.
   Warps: 16 keys a thread (512 scores a warp) from 4 warps up to 16 warps; 16384 scores: 32 a thread.
   Cost (MODEL, H100): one DRAM read of the row, ~4-9 counting passes on score rows (1-4 of them
-  snapping), each a block-wide reduction of 32 keys a thread; ~10 us at N = 16384 (was ~53 us).
+  snapping), each a block-wide reduction of up to 32 keys a thread; ~12 us at N = 16384 (was ~53 us).
 Longer rows (MAX_REGISTER_N < N) take the chunked path: an exact radix select over 4-bit digits
 (8 counting passes re-reading the row in chunks of CHUNK), then one chunked pass writing keep and rest.
 The row helpers (_select_row, _select_row_chunked) also serve score_select (tv_score.py), whose last
