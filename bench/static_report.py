@@ -260,6 +260,43 @@ def triton_traffic(models, batches):
     return rows
 
 
+# ------------------------------------------------------------------ CUDA: counted traffic (emulation)
+
+def _library_symbols(lib):
+    """{"+<offset>": demangled name} of the functions in a shared library (its static symbol table)."""
+    out = subprocess.run(["nm", "--defined-only", lib], capture_output=True, text=True).stdout
+    names = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            names[f"+{int(parts[0], 16)}"] = parts[2]
+    return names
+
+
+def cuda_traffic(models, batches):
+    """One row per (case, op, launch) with the counted global traffic of the CUDA kernels, run in the
+    CPU emulation built with every global load and store counted (tests/cuda_emu/traffic.cpp)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import cuda_emulator
+    import torch
+
+    from bench.ops import bytes_moved, make_inputs
+
+    lib = cuda_emulator.build(traffic=True)
+    backend = cuda_emulator.backend(lib)
+    symbols = _library_symbols(lib)
+    rows = []
+    for case in _cases(models, batches):
+        for op in OPS:
+            args = make_inputs(op, case, "cpu", torch.bfloat16)
+            for launch in cuda_emulator.count_traffic(lib, lambda: getattr(backend, op)(*args)):
+                mangled = symbols.get(launch["kernel"], launch["kernel"])
+                launch["kernel"] = _demangle(mangled)
+                rows.append(dict(case=_case_name(case), op=op, **launch))
+            rows.append(dict(case=_case_name(case), op=op, kernel="(minimum)", min_bytes=bytes_moved(op, case, 2)))
+    return rows
+
+
 # ------------------------------------------------------------------ CUDA: compiled resources
 
 def cuda_resources():
@@ -370,6 +407,33 @@ def write_report(data, out_dir):
                          f"{r['occupancy']:.2f} | {r['waves']} |")
         lines.append("")
     cuda = data.get("cuda_resources", [])
+    ctraffic = data.get("cuda_traffic", [])
+    if ctraffic:
+        per_sm = {r["kernel"]: r["blocks_per_sm_static"] for r in cuda}
+        lines += ["## CUDA: launches, bytes and modelled time per op (kernels run in the CPU emulation)", "",
+                  "Counted global loads and stores of every launch; load rounds: the most global loads one thread",
+                  "issues (an upper bound on its dependent round trips: loads issued together count one each).", "",
+                  "| case | op | launches | min MB | requested MB | sector MB | sector / min | MODEL us |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for case in dict.fromkeys(r["case"] for r in ctraffic):
+            for op in OPS:
+                ls = [r for r in ctraffic if r["case"] == case and r["op"] == op and r["kernel"] != "(minimum)"]
+                mn = [r["min_bytes"] for r in ctraffic if r["case"] == case and r["op"] == op and "min_bytes" in r]
+                if not ls or not mn:
+                    continue
+                for la in ls:
+                    la["waves"] = math.ceil(la["blocks"] / (SMS * max(1, per_sm.get(la["kernel"], 1))))
+                req = sum(la["read_bytes"] + la["write_bytes"] for la in ls)
+                sec = sum(la["sector_bytes"] for la in ls)
+                lines.append(f"| {case} | {op} | {len(ls)} | {mn[0] / 1e6:.3f} | {req / 1e6:.3f} | {sec / 1e6:.3f} | "
+                             f"{sec / mn[0]:.2f} | {modelled_us(ls):.1f} |")
+        lines += ["", "Per launch:", "", "| case | op | kernel | blocks x threads | sector MB | load rounds / thread | waves |",
+                  "|---|---|---|---|---|---|---|"]
+        for la in ctraffic:
+            if la["kernel"] != "(minimum)":
+                lines.append(f"| {la['case']} | {la['op']} | `{la['kernel']}` | {la['blocks']} x {la['threads']} | "
+                             f"{la['sector_bytes'] / 1e6:.3f} | {la['loads_max']} | {la.get('waves', '')} |")
+        lines.append("")
     if cuda:
         lines += ["## CUDA kernels (csrc/, sm_90a)", "",
                   "Blocks per SM from registers, block size and static shared memory; kernels that also take",
@@ -403,7 +467,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "smoke"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
-    parser.add_argument("--parts", nargs="+", default=["triton_resources", "triton_traffic", "cuda_resources"])
+    parser.add_argument("--parts", nargs="+",
+                        default=["triton_resources", "triton_traffic", "cuda_resources", "cuda_traffic"])
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part, print its JSON
     parser.add_argument("--out", default=None)
     parser.add_argument("--check-spills", action="store_true",
@@ -412,7 +477,8 @@ def main(argv=None):
     if args.part:
         fn = {"triton_resources": lambda: triton_resources(args.models, args.batches),
               "triton_traffic": lambda: triton_traffic(args.models, args.batches),
-              "cuda_resources": cuda_resources}[args.part]
+              "cuda_resources": cuda_resources,
+              "cuda_traffic": lambda: cuda_traffic(args.models, args.batches)}[args.part]
         print(json.dumps(fn()))
         return 0
     if args.check_spills:

@@ -51,19 +51,29 @@ def _flags(sanitize: bool):
     return flags
 
 
-def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "") -> str:
+# The traffic build: the kernels' sources instrumented with ThreadSanitizer's compiler pass, whose
+# access hooks tests/cuda_emu/traffic.cpp defines to count global-memory traffic (no TSan runtime).
+TRAFFIC_FLAGS = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
+
+
+def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "", traffic: bool = False) -> str:
     """Compile csrc/*.cu and the bindings with the emulation into a shared library (cached by the
-    sources' and flags' hash); returns its path."""
+    sources' and flags' hash); returns its path. traffic: the build that counts each launch's global
+    memory traffic (`count_traffic`)."""
     import torch
 
     sanitize = os.environ.get("SWIFTVLM_EMU_SANITIZE") == "1" if sanitize is None else sanitize
-    sources = _sources(csrc)
+    if traffic and sanitize:
+        raise ValueError("traffic: the traffic build is not a sanitizer build")
+    sources = _sources(csrc) + ([os.path.join(EMU, "traffic.cpp")] if traffic else [])
     flags = _flags(sanitize)
+    if traffic:
+        tag += "traffic-"
     digest = hashlib.sha256()
     for path in sources + sorted(glob.glob(os.path.join(csrc, "*.cuh"))) + sorted(glob.glob(os.path.join(EMU, "*.h"))):
         with open(path, "rb") as f:
             digest.update(path.encode() + f.read())
-    digest.update(" ".join(flags).encode() + torch.__version__.encode())
+    digest.update(" ".join(flags + (TRAFFIC_FLAGS if traffic else [])).encode() + torch.__version__.encode())
     out_dir = os.path.join(BUILD, f"{tag}{digest.hexdigest()[:16]}{'-san' if sanitize else ''}")
     lib = os.path.join(out_dir, "swiftvlm_emu.so")
     if os.path.exists(lib):
@@ -73,7 +83,8 @@ def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "") -> str:
     for src in sources:
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
         objects.append(obj)
-        procs.append((src, subprocess.Popen(["g++", "-x", "c++", "-c", src, "-o", obj, *flags],
+        extra = TRAFFIC_FLAGS if traffic and src.endswith(".cu") else []
+        procs.append((src, subprocess.Popen(["g++", "-x", "c++", "-c", src, "-o", obj, *flags, *extra],
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
         if len([p for _, p in procs if p.poll() is None]) >= (os.cpu_count() or 2):
             procs[0][1].wait()
@@ -126,6 +137,28 @@ def load(lib: str):
         torch.ops.load_library(lib)
         _loaded[lib] = ctypes.CDLL(lib)
     return _loaded[lib]
+
+
+def count_traffic(lib: str, fn) -> list[dict]:
+    """Run fn() on the traffic build `lib` (already loaded, `backend(lib)`); per launch: the kernel,
+    blocks, threads per block, bytes read and written by global accesses, the distinct 32-byte sectors
+    they touch (in bytes) and the most global loads one thread issued."""
+    handle = load(lib)
+    handle.swiftvlm_traffic_stop.restype = ctypes.c_size_t
+    buf = ctypes.create_string_buffer(1 << 20)
+    handle.swiftvlm_traffic_start()
+    try:
+        fn()
+    finally:
+        needed = handle.swiftvlm_traffic_stop(buf, ctypes.c_size_t(len(buf)))
+    if needed > len(buf):
+        raise RuntimeError(f"count_traffic: {needed} bytes of launch records, more than the {len(buf)} read")
+    rows = []
+    for line in buf.value.decode().splitlines():
+        name, blocks, threads, read, write, sectors, loads = line.rsplit(" ", 6)
+        rows.append(dict(kernel=name, blocks=int(blocks), threads=int(threads), read_bytes=int(read),
+                         write_bytes=int(write), sector_bytes=int(sectors), loads_max=int(loads)))
+    return rows
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ The TRITON_INTERPRET interpreter runs the tests on CPU and accepts code that the
 so such errors fail CI where no GPU runs.
 
 How the specialisations are found: the tool calls the backend's public functions (tv_score,
-topk_select, group_merge, bypass_align, bypass_align_into, compact, restore) on "meta" tensors (shapes, strides and
+topk_select, score_select, group_merge, bypass_align, bypass_align_into, compact, restore) on "meta" tensors (shapes, strides and
 dtypes, no memory) of LLaVA-scale and test shapes in fp32, fp16 and bf16, with JITFunction.run
 replaced by a recorder for the duration. Each launch `kernel[grid](*args, **kwargs)` is recorded
 instead of run, then specialised as JITFunction.run would for the target (Triton's own binder:
@@ -98,6 +98,15 @@ def tv_score_cases(dtype):
             meta(B, dtype=torch.int32), vis_len, D ** -0.5, meta(B, L, dtype=torch.bool)))
 
 
+def score_select_cases(dtype):
+    """score_select selects in its scoring launch (the SELECT variant of _visual_scores_kernel), keep = V / 3."""
+    for B, H, Hkv, L, D, vis_len, masked in TV_SHAPES:
+        yield (f"score_select B={B} H={H} Hkv={Hkv} L={L} D={D} V={vis_len}{' mask' if masked else ''}",
+               tk.score_select,
+               (meta(B, H, D, dtype=dtype), meta(B, Hkv, L, D, dtype=dtype), meta(B, dtype=torch.int64), vis_len,
+                vis_len // 3, D ** -0.5, meta(B, L, dtype=torch.bool) if masked else None))
+
+
 def topk_select_cases(dtype):
     for B, N in TOPK_SHAPES:
         yield f"topk_select B={B} N={N}", tk.topk_select, (meta(B, N, dtype=dtype), N // 3)
@@ -149,7 +158,7 @@ def compact_cases(dtype):
             meta(2, 4, dtype=torch.int32), meta(2, 7, dtype=torch.int32), 3))
 
 
-CASES = (tv_score_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases)
+CASES = (tv_score_cases, score_select_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases)
 
 
 # ------------------------------------------------------------------ recording the launches

@@ -1,19 +1,18 @@
-"""score_select: tv_score then topk_select on its scores, three launches in all.
+"""score_select: tv_score then topk_select on its scores as ONE two-launch op.
 
-Scoring is split-K statistics (launch 1) and the visual scores (launch 2, see tv_score.py): no
-per-head probability tensor is written, only [B, H, num_splits] statistics and the fp32 scores that
-the op returns anyway. Launch 3 selects on those scores (topk_select.py).
+Launch 1 is tv_score's split-K statistics and visual logits; launch 2 merges them into the fp32
+scores the op returns (see tv_score.py), and the last of its programs to finish a sample (a per-sample
+counter that launch 1 zeroes) reads that sample's score row back and selects on it with topk_select's
+row helpers (topk_select.py): the row in registers up to topk_select.MAX_REGISTER_N scores, else in
+chunks. No per-head probability tensor, no third launch, no host synchronisation.
 """
-from .topk_select import topk_select
-from .tv_score import tv_score
+from .tv_score import visual_scores
 
 
 def score_select(q, k, vis_start, vis_len: int, keep: int, scale: float, key_mask=None):
     """(keep_idx int64 [B, keep], rest_idx int64 [B, vis_len - keep], scores fp32 [B, vis_len]).
 
     Inputs as tv_score (read in place through their strides); indices are visual-token indices,
-    each list ascending. Three launches, no host synchronisation.
+    each list ascending. Two launches, no host synchronisation.
     """
-    scores = tv_score(q, k, vis_start, vis_len, scale, key_mask)
-    keep_idx, rest_idx = topk_select(scores, keep)
-    return keep_idx, rest_idx, scores
+    return visual_scores(q, k, vis_start, vis_len, scale, key_mask, keep=keep)

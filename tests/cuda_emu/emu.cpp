@@ -28,6 +28,10 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+// Defined only in the traffic build (traffic.cpp): counts each launch's global-memory accesses.
+extern "C" void swiftvlm_traffic_launch_begin(const void* kernel, dim3 grid, dim3 block) __attribute__((weak));
+extern "C" void swiftvlm_traffic_launch_end() __attribute__((weak));
+
 namespace emu {
 namespace {
 
@@ -380,6 +384,14 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int param, int width)
   return f.result;
 }
 
+bool is_private(const void* p) {
+  // a fiber's stack (a thread's locals) or the dynamic shared memory: not global memory
+  const auto* c = static_cast<const char*>(p);
+  const auto* stacks = g_stacks.data();
+  const auto* smem = reinterpret_cast<const char*>(g_dyn_smem.data());
+  return (c >= stacks && c < stacks + g_stacks.size()) || (c >= smem && c < smem + g_dyn_smem.size());
+}
+
 cudaError_t launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_last_message.clear();
@@ -422,11 +434,13 @@ cudaError_t launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, 
     std::mt19937 rng(g_block_seed++);
     std::shuffle(blocks.begin(), blocks.end(), rng);
   }
+  if (swiftvlm_traffic_launch_begin) swiftvlm_traffic_launch_begin(kernel, grid, block);  // the traffic build
   for (size_t n = 0; n < blocks.size() && g_error.empty(); ++n) {
     g_block_idx = blocks[n];
     g_dyn_smem.assign(smem, 0xcd);  // fresh and poisoned for every block
     run_block();
   }
+  if (swiftvlm_traffic_launch_end) swiftvlm_traffic_launch_end();
   g_body = nullptr;
   if (!g_error.empty()) {
     g_last_message = g_error;

@@ -80,6 +80,7 @@ dim3 block_dim();
 dim3 grid_dim();
 void syncthreads();
 unsigned char* dynamic_smem();
+bool is_private(const void* p);  // in a fiber's stack or the dynamic shared memory
 
 enum WarpOp { kShflIdx, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll, kMatchAny };
 // The calling lane's result of a warp operation over `mask`; value: the lane's operand (bits).
@@ -89,7 +90,10 @@ cudaError_t launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, 
 
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, A... args) {
-  return launch_impl(reinterpret_cast<const void*>(kernel), grid, block, smem, [=]() { kernel(args...); });
+  // The arguments stay in this frame, on the host thread's stack (the traffic build leaves that out,
+  // as a GPU reads kernel parameters from the constant bank, not global memory).
+  auto call = [=]() { kernel(args...); };
+  return launch_impl(reinterpret_cast<const void*>(kernel), grid, block, smem, [&call]() { call(); });
 }
 
 template <typename T>
