@@ -42,7 +42,7 @@ def _ragged_attention(data, dtype):
     return q, k, mask, vis_start, vis_len, keep
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -70,7 +70,7 @@ def test_score_select_ragged_equals_each_sample_alone(backend, dtype, data):
     assert torch.equal(alone_tv, scores)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_topk_select_ragged_equals_each_row_alone(backend, data):
@@ -191,7 +191,7 @@ def test_opcheck_ragged(op, args, kwargs):
     torch.library.opcheck(getattr(torch.ops.swiftvlm, op).ragged, args(), kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())

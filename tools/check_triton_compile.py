@@ -158,7 +158,28 @@ def compact_cases(dtype):
             meta(2, 4, dtype=torch.int32), meta(2, 7, dtype=torch.int32), 3))
 
 
-CASES = (tv_score_cases, score_select_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases)
+def ragged_cases(dtype):
+    """Ragged batches (per-sample counts as int tensors, padded widths): LLaVA-NeXT-like samples of up to
+    2880 visual tokens, batch 8, and a small test shape."""
+    i64 = torch.int64
+    for B, H, Hkv, L, D, W in ((8, 32, 32, 2954, 128, 2880), (8, 28, 4, 1370, 128, 1296), (3, 8, 2, 33, 16, 7)):
+        q, k, starts, counts = meta(B, H, D, dtype=dtype), meta(B, Hkv, L, D, dtype=dtype), meta(B, dtype=i64), \
+            meta(B, dtype=i64)
+        mask = meta(B, L, dtype=torch.bool)
+        yield (f"tv_score ragged B={B} H={H} Hkv={Hkv} L={L} W={W}", tk.tv_score,
+               (q, k, starts, counts, D ** -0.5, mask, W))
+        yield (f"score_select ragged B={B} H={H} Hkv={Hkv} L={L} W={W}", tk.score_select,
+               (q, k, starts, counts, meta(B, dtype=i64), D ** -0.5, mask, W, W // 3))
+        yield (f"topk_select ragged B={B} N={W}", tk.topk_select,
+               (meta(B, W, dtype=dtype), meta(B, dtype=i64), counts, W // 3))
+        n, d, K, Z = L, 64 if B == 3 else 4096, W // 3, max(1, W // 30)
+        yield (f"compact ragged B={B} n={n} M={W} K={K} Z={Z}", tk.compact,
+               (meta(B, n, d, dtype=dtype), starts, meta(B, K, dtype=i64), meta(B, W, dtype=i64), meta(B, dtype=i64),
+                Z))
+
+
+CASES = (tv_score_cases, score_select_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases,
+         ragged_cases)
 
 
 # ------------------------------------------------------------------ recording the launches

@@ -220,19 +220,47 @@ def _select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.c
 
 
 @triton.jit
-def _topk_select_kernel(scores_ptr, keep_ptr, rest_ptr, N, K, stride_b, stride_n,
+def _fill_minus_one(ptr, lo, hi, BLOCK: tl.constexpr):
+    """ptr[lo:hi] = -1 (int64): the padding of a ragged row's index list."""
+    for start in range(lo, hi, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        tl.store(ptr + j, tl.full([BLOCK], -1, tl.int64), mask=j < hi)
+
+
+@triton.jit
+def _ragged_counts(len_ptr, k_ptr, b, N, K, HAS_LENGTHS: tl.constexpr, K_TENSOR: tl.constexpr):
+    """A ragged row's (scores, kept): lengths[b] (else N) and k[b] (else K), clamped into range."""
+    n_b = N + 0 * b
+    if HAS_LENGTHS:
+        n_b = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int64), 0), N)
+    k_b = K + 0 * b
+    if K_TENSOR:
+        k_b = tl.load(k_ptr + b).to(tl.int64)
+    return n_b, tl.minimum(tl.maximum(k_b, 0), n_b)
+
+
+@triton.jit
+def _topk_select_kernel(scores_ptr, keep_ptr, rest_ptr, len_ptr, k_ptr, N, K, KW, RW, stride_b, stride_n,
                         BLOCK_N: tl.constexpr, IN_REGISTERS: tl.constexpr, OUT_BLOCK: tl.constexpr,
-                        RADIX_BITS: tl.constexpr):
+                        RADIX_BITS: tl.constexpr, RAGGED: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        K_TENSOR: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     row = scores_ptr + b * stride_b
-    keep_row = keep_ptr + b * K
-    rest_row = rest_ptr + b * (N - K)
+    keep_row = keep_ptr + b * KW  # KW = K, RW = N - K, unless ragged (KW = max_k, RW = N)
+    rest_row = rest_ptr + b * RW
+    n_b = N
+    k_b = K
+    if RAGGED:
+        n_b, k_b = _ragged_counts(len_ptr, k_ptr, b, N, K, HAS_LENGTHS, K_TENSOR)
     if IN_REGISTERS:
         idx = tl.arange(0, BLOCK_N)
-        _select_row(_load_keys(row, idx, N, stride_n), idx, N, K, keep_row, rest_row, row, stride_n, BLOCK_N,
+        _select_row(_load_keys(row, idx, n_b, stride_n), idx, n_b, k_b, keep_row, rest_row, row, stride_n, BLOCK_N,
                     OUT_BLOCK)
     else:
-        _select_row_chunked(row, stride_n, N, K, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+        _select_row_chunked(row, stride_n, n_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+    if RAGGED:  # each index list ascending, then -1
+        _fill_minus_one(keep_row, k_b, KW, 1024)
+        _fill_minus_one(rest_row, n_b - k_b, RW, 1024)
 
 
 def row_config(n):
@@ -243,21 +271,32 @@ def row_config(n):
     return CHUNK, False, 8
 
 
-def topk_select(scores, k: int):
+def topk_select(scores, k, lengths=None, max_k=None):
     """(keep int64 [B, k], rest int64 [B, N - k]): the k best-scored indices and the others, ascending.
 
     scores: float [B, N] (fp32 / fp16 / bf16), any strides: read in place through its strides.
     One launch, grid (B,). Larger score first; NaN ranks below -inf; -0.0 ties +0.0; ties -> lower index.
+    Ragged rows (k an int tensor [B] and / or lengths [B], the padded width max_k): each row selects
+    among its own leading lengths[b] scores; keep [B, max_k] and rest [B, N], each ascending then -1.
     """
     B, N = scores.shape
-    keep = torch.empty(B, k, dtype=torch.int64, device=scores.device)
-    rest = torch.empty(B, N - k, dtype=torch.int64, device=scores.device)
+    ragged = isinstance(k, torch.Tensor) or lengths is not None
+    if ragged:
+        KW = max_k if isinstance(k, torch.Tensor) else k
+        K, RW = (0 if isinstance(k, torch.Tensor) else k), N
+    else:
+        K = KW = k
+        RW = N - k
+    keep = torch.empty(B, KW, dtype=torch.int64, device=scores.device)
+    rest = torch.empty(B, RW, dtype=torch.int64, device=scores.device)
     if B == 0 or N == 0:
-        return keep, rest
+        return keep.fill_(-1) if ragged else keep, rest
     block_n, in_registers, num_warps = row_config(N)
     with on_device(scores):
-        _topk_select_kernel[(B,)](scores, keep, rest, N, k, scores.stride(0), scores.stride(1),
+        _topk_select_kernel[(B,)](scores, keep, rest, lengths.contiguous() if lengths is not None else keep,
+                                  k.contiguous() if isinstance(k, torch.Tensor) else keep, N, K, KW, RW,
+                                  scores.stride(0), scores.stride(1),
                                   BLOCK_N=block_n, IN_REGISTERS=in_registers, OUT_BLOCK=OUT_BLOCK,
-                                  RADIX_BITS=RADIX_BITS,
-                                  num_warps=num_warps)
+                                  RADIX_BITS=RADIX_BITS, RAGGED=ragged, HAS_LENGTHS=lengths is not None,
+                                  K_TENSOR=isinstance(k, torch.Tensor), num_warps=num_warps)
     return keep, rest

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import on_device, pow2
 from . import topk_select as _topk
-from .topk_select import RADIX_BITS, _load_keys, _select_row, _select_row_chunked, row_config
+from .topk_select import RADIX_BITS, _fill_minus_one, _load_keys, _select_row, _select_row_chunked, row_config
 
 TILE_ELEMENTS = 4096  # fp32 products per [BLOCK_G, BLOCK_L, BLOCK_D] tile: 16 a thread at 8 warps (8192 spills on sm_80)
 MIN_BLOCK_L = 16
@@ -115,14 +115,17 @@ def _split_stats_kernel(q_ptr, k_ptr, mask_ptr, vis_ptr, max_ptr, sum_ptr, cnt_p
 
 @triton.jit
 def _visual_scores_kernel(vis_ptr, max_ptr, sum_ptr, cnt_ptr, logit_ptr, out_ptr, done_ptr, keep_ptr, rest_ptr,
-                          H, L, V, K, num_splits, stride_vis,
+                          vlen_ptr, kcnt_ptr, H, L, V, K, KW, RW, num_splits, stride_vis,
                           BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
                           SELECT: tl.constexpr, BLOCK_N: tl.constexpr, IN_REGISTERS: tl.constexpr, OUT_BLOCK: tl.constexpr,
-                          RADIX_BITS: tl.constexpr):
+                          RADIX_BITS: tl.constexpr, RAGGED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     pos = tl.load(vis_ptr + b * stride_vis).to(tl.int64) + i
-    in_seq = (i < V) & (pos >= 0) & (pos < L)  # positions outside [0, L) score 0
+    v_b = V + 0 * b  # a ragged sample's own visual count (scores 0 past it, as past L)
+    if RAGGED:
+        v_b = tl.minimum(tl.maximum(tl.load(vlen_ptr + b).to(tl.int64), 0), V)
+    in_seq = (i < v_b) & (pos >= 0) & (pos < L)  # positions outside [0, L) score 0
 
     # Each head's softmax normaliser over all valid keys, from the per-split statistics.
     h = tl.arange(0, BLOCK_H)
@@ -154,13 +157,20 @@ def _visual_scores_kernel(vis_ptr, max_ptr, sum_ptr, cnt_ptr, logit_ptr, out_ptr
         tl.debug_barrier()
         done = tl.atomic_add(done_ptr + b, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(1) - 1:
-            keep_row = keep_ptr + b * K
-            rest_row = rest_ptr + b * (V - K)
+            keep_row = keep_ptr + b * KW  # KW = K, RW = V - K, unless ragged (KW = max_keep, RW = V)
+            rest_row = rest_ptr + b * RW
+            k_b = K + 0 * b
+            if RAGGED:
+                k_b = tl.minimum(tl.maximum(tl.load(kcnt_ptr + b).to(tl.int64), 0), v_b)
             if IN_REGISTERS:
                 idx = tl.arange(0, BLOCK_N)
-                _select_row(_load_keys(row, idx, V, 1), idx, V, K, keep_row, rest_row, row, 1, BLOCK_N, OUT_BLOCK)
+                _select_row(_load_keys(row, idx, v_b, 1), idx, v_b, k_b, keep_row, rest_row, row, 1, BLOCK_N,
+                            OUT_BLOCK)
             else:
-                _select_row_chunked(row, 1, V, K, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+                _select_row_chunked(row, 1, v_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+            if RAGGED:  # each index list ascending, then -1
+                _fill_minus_one(keep_row, k_b, KW, 1024)
+                _fill_minus_one(rest_row, v_b - k_b, RW, 1024)
 
 
 def _stats_tile(rows, D):
@@ -171,20 +181,38 @@ def _stats_tile(rows, D):
     return block_d, max(MIN_BLOCK_L, min(64, TILE_ELEMENTS // (rows * block_d)))
 
 
-def visual_scores(q, k, vis_start, vis_len: int, scale: float, key_mask=None, keep=None):
+def visual_scores(q, k, vis_start, vis_len, scale: float, key_mask=None, keep=None, max_vis_len=None,
+                  max_keep=None):
     """tv_score's scores fp32 [B, vis_len]; with keep (score_select), also (keep_idx, rest_idx).
 
+    Ragged samples: vis_len (and keep) int tensors [B] with the padded widths max_vis_len (max_keep):
+    scores [B, max_vis_len] 0 past vis_len[b], keep_idx [B, max_keep] and rest_idx [B, max_vis_len]
+    each sample's indices ascending, then -1.
     Two launches: grid (B * Hkv, num_splits), then grid (B, cdiv(vis_len, BLOCK_V)).
     """
     B, H, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
-    out = torch.empty(B, vis_len, dtype=torch.float32, device=q.device)
+    ragged = isinstance(vis_len, torch.Tensor)
+    vlen = vis_len.contiguous() if ragged else None
+    kcnt = keep.contiguous() if isinstance(keep, torch.Tensor) else None
+    if ragged:
+        vis_len = max_vis_len
     select = keep is not None
     if select:
-        keep_idx = torch.empty(B, keep, dtype=torch.int64, device=q.device)
-        rest_idx = torch.empty(B, vis_len - keep, dtype=torch.int64, device=q.device)
+        if ragged:
+            K, KW, RW = 0, max_keep if kcnt is not None else keep, vis_len
+            if kcnt is None:
+                kcnt = torch.full((B,), keep, dtype=torch.int64, device=q.device)
+        else:
+            K, KW, RW = keep, keep, vis_len - keep
+    out = torch.empty(B, vis_len, dtype=torch.float32, device=q.device)
+    if select:
+        keep_idx = torch.empty(B, KW, dtype=torch.int64, device=q.device)
+        rest_idx = torch.empty(B, RW, dtype=torch.int64, device=q.device)
     if B == 0 or vis_len == 0:
+        if ragged and select:
+            keep_idx.fill_(-1)
         return (keep_idx, rest_idx, out) if select else out
 
     block_g = pow2(G)
@@ -216,17 +244,20 @@ def visual_scores(q, k, vis_start, vis_len: int, scale: float, key_mask=None, ke
         _visual_scores_kernel[(B, triton.cdiv(vis_len, block_v))](
             vis_start, split_max, split_sum, split_cnt, logits, out, done,
             keep_idx if select else out, rest_idx if select else out,
-            H, L, vis_len, keep if select else 0, num_splits, vis_start.stride(0),
+            vlen if ragged else out, kcnt if ragged and select else out,
+            H, L, vis_len, K if select else 0, KW if select else 0, RW if select else 0, num_splits,
+            vis_start.stride(0),
             BLOCK_H=block_h, BLOCK_V=block_v, BLOCK_S=pow2(num_splits), SELECT=select, BLOCK_N=block_n,
-            IN_REGISTERS=in_registers, OUT_BLOCK=_topk.OUT_BLOCK, RADIX_BITS=RADIX_BITS, num_warps=warps)
+            IN_REGISTERS=in_registers, OUT_BLOCK=_topk.OUT_BLOCK, RADIX_BITS=RADIX_BITS, RAGGED=ragged,
+            num_warps=warps)
     return (keep_idx, rest_idx, out) if select else out
 
 
-def tv_score(q, k, vis_start, vis_len: int, scale: float, key_mask=None):
+def tv_score(q, k, vis_start, vis_len, scale: float, key_mask=None, max_vis_len=None):
     """fp32 [B, vis_len]: mean over heads of softmax_j(scale * <q_h, k_j>) at keys vis_start[b] + i.
 
     q [B, H, D], k [B, Hkv, L, D], vis_start int [B], key_mask bool [B, L] or None. All inputs are
     read in place through their strides (no copies); key_mask is reinterpreted as uint8 (a view).
     Two launches: grid (B * Hkv, num_splits), then grid (B, cdiv(vis_len, BLOCK_V)).
     """
-    return visual_scores(q, k, vis_start, vis_len, scale, key_mask)
+    return visual_scores(q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len)
