@@ -53,10 +53,13 @@ cudaError_t score_select(const ScoreArgs& a, int64_t keep, float* workspace, flo
 cudaError_t topk_select(DType dtype, const void* scores, int64_t s_sb, int64_t s_sn, int64_t B,
                         int64_t N, int64_t k, int64_t* keep, int64_t* rest, cudaStream_t stream);
 
-// h [B, R, d] (d contiguous) -> merged [B, Z, d] contiguous of h's dtype, group int64 [B, R],
-// counts int32 [B, Z]. Two launches: assign, then per-(b, z, d-tile) mean.
-cudaError_t group_merge(DType dtype, const void* h, int64_t h_sb, int64_t h_sr, int64_t B,
-                        int64_t R, int64_t d, int64_t Z, void* merged, int64_t* group,
+// h [B, R, d] (any strides, in elements) -> merged [B, Z, d] contiguous of h's dtype, group int64
+// [B, R], counts int32 [B, Z]. Three launches: assign (token x target tiles), sort (member lists per
+// segment of tokens), per-(b, z, d-tile) mean. `workspace` holds group_merge_workspace_bytes(B, R, Z)
+// bytes of scratch (no initial value needed).
+size_t group_merge_workspace_bytes(int64_t B, int64_t R, int64_t Z);
+cudaError_t group_merge(DType dtype, const void* h, int64_t h_sb, int64_t h_sr, int64_t h_sd, int64_t B,
+                        int64_t R, int64_t d, int64_t Z, void* workspace, void* merged, int64_t* group,
                         int32_t* counts, cudaStream_t stream);
 
 // A [batch, row, column] view with strides in elements.

@@ -205,20 +205,24 @@ std::tuple<Tensor, Tensor> topk_select_cuda(const Tensor& scores, int64_t k) {
 }
 
 // ------------------------------------------------------------------------------------ merging
-std::tuple<Tensor, Tensor, Tensor> group_merge_cuda(const Tensor& h_in, int64_t num_groups) {
-  check_cuda(h_in, "h");
-  const DeviceGuard guard(h_in.get_device_index());
-  check_tensor(h_in, "h", 3, h_in);
-  const swiftvlm::DType dtype = float_dtype(h_in, "h");
-  const int64_t B = h_in.size(0), R = h_in.size(1), d = h_in.size(2);
+std::tuple<Tensor, Tensor, Tensor> group_merge_cuda(const Tensor& h, int64_t num_groups) {
+  check_cuda(h, "h");
+  const DeviceGuard guard(h.get_device_index());
+  check_tensor(h, "h", 3, h);
+  const swiftvlm::DType dtype = float_dtype(h, "h");
+  const int64_t B = h.size(0), R = h.size(1), d = h.size(2);
   STD_TORCH_CHECK(num_groups >= 1 && num_groups <= R, "num_groups: expected 1 <= num_groups <= R (R = h.shape[1])");
-  const Tensor h = unit_last_stride(h_in);
+  STD_TORCH_CHECK(R <= INT32_MAX, "h: expected at most 2^31 - 1 rest tokens");
   Tensor merged = torch::stable::new_empty(h, {B, num_groups, d});
   Tensor group = torch::stable::new_empty(h, {B, R}, ScalarType::Long);
   Tensor counts = torch::stable::new_empty(h, {B, num_groups}, ScalarType::Int);
-  check_launch(swiftvlm::group_merge(dtype, h.const_data_ptr(), h.stride(0), h.stride(1), B, R, d, num_groups,
-                                     merged.mutable_data_ptr(), group.mutable_data_ptr<int64_t>(),
-                                     counts.mutable_data_ptr<int32_t>(), current_stream(h)),
+  const auto bytes = static_cast<int64_t>(swiftvlm::group_merge_workspace_bytes(B, R, num_groups));
+  Tensor workspace = torch::stable::new_empty(h, {bytes}, ScalarType::Byte);
+  // h is read in place through its strides (a unit last stride takes the vectorised path).
+  check_launch(swiftvlm::group_merge(dtype, h.const_data_ptr(), h.stride(0), h.stride(1), h.stride(2), B, R, d,
+                                     num_groups, workspace.mutable_data_ptr(), merged.mutable_data_ptr(),
+                                     group.mutable_data_ptr<int64_t>(), counts.mutable_data_ptr<int32_t>(),
+                                     current_stream(h)),
                "group_merge_cuda");
   return {merged, group, counts};
 }

@@ -114,7 +114,10 @@ def topk_select_cases(dtype):
 
 
 def group_merge_cases(dtype):
-    for B, R, Z, d in MERGE_SHAPES:
+    # MERGE_SHAPES, then shapes whose time model picks the other tile shapes of the assign kernel
+    # (a 16k-token video: 64 x 64; LLaVA-1.5 batch 8: 32 x 32) and d that is no multiple of 16
+    shapes = MERGE_SHAPES + [(1, 10923, 546, 4096), (8, 448, 22, 4096), (2, 300, 40, 100)]
+    for B, R, Z, d in shapes:
         yield f"group_merge B={B} R={R} Z={Z} d={d}", tk.group_merge, (meta(B, R, d, dtype=dtype), Z)
     yield "group_merge strided h", tk.group_merge, (meta(3, 83, 40, dtype=dtype).transpose(1, 2), 6)
 
