@@ -94,7 +94,7 @@ def test_topk_select_ragged_equals_each_row_alone(backend, data):
         assert torch.equal(rest[b, :n - kb], one_rest[0]) and (rest[b, n - kb:] == -1).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())

@@ -20,6 +20,9 @@ output on every run), nothing that must start at zero:
      counts locate its members, gathered in ascending index order; their rows are added one after
      another in fp32 (exactly the reference's scatter_add order) and divided by the count with IEEE
      division (Eq. 11). Reads only the members' rows.
+Ragged batches (num_groups an int tensor [B] of Z_b, lengths [B] rows R_b, widths R and max_groups):
+the same launches over the padded widths, every program with its sample's R_b and Z_b (targets
+floor(z R_b / Z_b)); group -1 past R_b, merged and counts 0 past Z_b (such groups have no member).
 """
 import torch
 import triton
@@ -48,17 +51,29 @@ def _pick_tile(B, R, Z):
 
 
 @triton.jit
-def _group_assign_kernel(h_ptr, cand_sim_ptr, cand_z_ptr, R, Z, d, stride_hb, stride_hr, stride_hd,
-                   BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sample_counts(len_ptr, zb_ptr, b, R, Z, RAGGED: tl.constexpr):
+    """(R_b, Z_b): a ragged sample's rows and groups (clamped into the widths), else (R, Z)."""
+    r_b = R + 0 * b
+    z_b = Z + 0 * b
+    if RAGGED:
+        r_b = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int64), 0), R)
+        z_b = tl.minimum(tl.maximum(tl.load(zb_ptr + b).to(tl.int64), 0), tl.minimum(Z, r_b))
+    return r_b, z_b
+
+
+@triton.jit
+def _group_assign_kernel(h_ptr, cand_sim_ptr, cand_z_ptr, len_ptr, zb_ptr, R, Z, d, stride_hb, stride_hr, stride_hd,
+                   BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_D: tl.constexpr, RAGGED: tl.constexpr):
     zt = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
+    r_b, z_b = _sample_counts(len_ptr, zb_ptr, b, R, Z, RAGGED)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     z = zt * BLOCK_Z + tl.arange(0, BLOCK_Z)
-    r_ok = r < R
-    z_ok = z < Z
+    r_ok = r < r_b
+    z_ok = z < z_b
     h_base = h_ptr + b * stride_hb
     token_row = h_base + r.to(tl.int64) * stride_hr
-    target_row = h_base + ((z.to(tl.int64) * R) // Z) * stride_hr  # t_z = floor(z R / Z)
+    target_row = h_base + ((z.to(tl.int64) * r_b) // tl.maximum(z_b, 1)) * stride_hr  # t_z = floor(z R / Z)
     dd = tl.arange(0, BLOCK_D)
 
     dots = tl.zeros([BLOCK_R, BLOCK_Z], dtype=tl.float64)
@@ -86,13 +101,14 @@ def _group_assign_kernel(h_ptr, cand_sim_ptr, cand_z_ptr, R, Z, d, stride_hb, st
 
 
 @triton.jit
-def _group_sort_kernel(cand_sim_ptr, cand_z_ptr, group_ptr, members_ptr, lower_ptr, R, Z, num_target_tiles,
-                 num_segments, SEG: tl.constexpr, BLOCK_L: tl.constexpr):
+def _group_sort_kernel(cand_sim_ptr, cand_z_ptr, group_ptr, members_ptr, lower_ptr, len_ptr, zb_ptr, R, Z,
+                 num_target_tiles, num_segments, SEG: tl.constexpr, BLOCK_L: tl.constexpr, RAGGED: tl.constexpr):
     s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    r_b, z_b = _sample_counts(len_ptr, zb_ptr, b, R, Z, RAGGED)
     local = tl.arange(0, SEG)
     i = s * SEG + local
-    ok = i < R
+    ok = i < r_b
 
     best = tl.full([SEG], float("-inf"), dtype=tl.float32)
     best_z = tl.zeros([SEG], dtype=tl.int32)  # every similarity NaN: all tie at -inf, the lowest z wins
@@ -103,10 +119,10 @@ def _group_sort_kernel(cand_sim_ptr, cand_z_ptr, group_ptr, members_ptr, lower_p
         best_z = tl.where(better, tl.load(cand_z_ptr + at, mask=ok, other=0), best_z)
         best = tl.where(better, cand, best)
     # token i is the target of group ceil(i * Z / R) when floor of that z * R / Z gives i back
-    own = (i.to(tl.int64) * Z + R - 1) // R
-    is_target = (own < Z) & ((own * R) // Z == i)
+    own = (i.to(tl.int64) * z_b + r_b - 1) // tl.maximum(r_b, 1)
+    is_target = (own < z_b) & ((own * r_b) // tl.maximum(z_b, 1) == i)
     group = tl.where(is_target, own, best_z.to(tl.int64))
-    tl.store(group_ptr + b * R + i, group, mask=ok)
+    tl.store(group_ptr + b * R + i, tl.where(ok, group, -1), mask=i < R)  # -1 past a ragged sample's rows
 
     # (group, index) keys, padding after every group; sorted, they list the members group by group
     key = tl.sort(tl.where(ok, group, Z) * SEG + local)
@@ -156,26 +172,37 @@ def _group_mean_kernel(h_ptr, members_ptr, lower_ptr, merged_ptr, counts_ptr, R,
                 x = tl.load(h_base + row_j * stride_hr + col * stride_hd, mask=col_ok & member_ok, other=0.0)
                 total += x.to(tl.float32)
         count += n
-    # count >= 1: the target t_z is always a member (Eq. 11)
-    mean = tl.math.div_rn(total, tl.zeros_like(total) + count.to(tl.float32))
+    # count >= 1: the target t_z is always a member (Eq. 11); a ragged sample's padding group has none
+    mean = tl.math.div_rn(total, tl.zeros_like(total) + tl.maximum(count, 1).to(tl.float32))
     tl.store(merged_ptr + pid * d + col, cast_rne(mean, merged_ptr.dtype.element_ty), mask=col_ok)
     tl.store(counts_ptr + pid, count, mask=d_block == 0)
 
 
-def group_merge(h, num_groups: int):
+def group_merge(h, num_groups, lengths=None, max_groups=None):
     """(merged h.dtype [B, Z, d], group int64 [B, R], counts int32 [B, Z]) (Eq. 10-11).
 
     h: [B, R, d], 1 <= Z <= R, read in place through its strides (no copy). Three launches: assign
     (token x target tiles), sort (member lists per segment of SEG tokens), mean per (group, feature
     block). Deterministic: no atomics, the members of a group are summed in index order.
+    Ragged samples: num_groups an int tensor [B] (or an int) and lengths [B], Z = max_groups.
     """
     B, R, d = h.shape
-    Z = num_groups
+    ragged = isinstance(num_groups, torch.Tensor) or lengths is not None
+    if ragged:
+        Z = max_groups if isinstance(num_groups, torch.Tensor) else num_groups
+        zb = num_groups.contiguous() if isinstance(num_groups, torch.Tensor) else \
+            torch.full((B,), num_groups, dtype=torch.int64, device=h.device)
+        rb = lengths.contiguous() if lengths is not None else torch.full((B,), R, dtype=torch.int64, device=h.device)
+    else:
+        Z = num_groups
+        zb = rb = None
     merged = torch.empty(B, Z, d, dtype=h.dtype, device=h.device)
     group = torch.empty(B, R, dtype=torch.int64, device=h.device)
     counts = torch.empty(B, Z, dtype=torch.int32, device=h.device)
     if B == 0:
         return merged, group, counts
+    if ragged and (Z == 0 or R == 0):  # no sample has a group (or a row)
+        return merged.zero_(), group.fill_(-1), counts.zero_()
     block_r, block_z = _pick_tile(B, R, Z)
     target_tiles = triton.cdiv(Z, block_z)
     segments = triton.cdiv(R, SEG)
@@ -186,12 +213,12 @@ def group_merge(h, num_groups: int):
     block_dm = min(pow2(d), 256)
     with on_device(h):
         _group_assign_kernel[(target_tiles, triton.cdiv(R, block_r), B)](
-            h, cand_sim, cand_z, R, Z, d, *h.stride(),
+            h, cand_sim, cand_z, rb if ragged else h, zb if ragged else h, R, Z, d, *h.stride(),
             BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_D=1024 // block_z,  # an 8 KiB fp64 target tile
-            num_warps=8 if block_r >= 32 else 4)
+            RAGGED=ragged, num_warps=8 if block_r >= 32 else 4)
         _group_sort_kernel[(segments, B)](
-            cand_sim, cand_z, group, members, lower, R, Z, target_tiles, segments,
-            SEG=SEG, BLOCK_L=16, num_warps=4)
+            cand_sim, cand_z, group, members, lower, rb if ragged else h, zb if ragged else h, R, Z, target_tiles,
+            segments, SEG=SEG, BLOCK_L=16, RAGGED=ragged, num_warps=4)
         _group_mean_kernel[(B * Z, max(1, triton.cdiv(d, block_dm)))](  # d = 0 still writes the counts
             h, members, lower, merged, counts, R, Z, d, segments, *h.stride(),
             SEG=SEG, BLOCK_S=min(pow2(segments), 64), BLOCK_M=8, BLOCK_D=block_dm, num_warps=4)
