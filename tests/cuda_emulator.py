@@ -164,10 +164,13 @@ def backend(lib: str | None = None):
     load(lib or build())
     module = types.ModuleType("swiftvlm_cuda_emulated")
     env = dict(vars(cuda_backend), _ops=lambda: torch.ops.swiftvlm)
+    for name, fn in list(env.items()):  # every function of the module, its helpers included, sees env
+        if isinstance(fn, types.FunctionType) and fn.__module__ == cuda_backend.__name__ and name not in (
+                "_ops", "_load", "available"):
+            env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     for name in cuda_backend.__all__:
-        fn = getattr(cuda_backend, name)
-        if isinstance(fn, types.FunctionType) and name not in ("available",):
-            setattr(module, name, types.FunctionType(fn.__code__, env, name, fn.__defaults__))
+        if isinstance(env[name], types.FunctionType) and name != "available":
+            setattr(module, name, env[name])
     return module
 
 

@@ -62,6 +62,30 @@ def test_llava_shape_score_select(emu):
     assert torch.equal(keep, want_keep) and torch.equal(rest, want_rest)
 
 
+def test_llava_shape_ragged_score_select(emu):
+    """A ragged LLaVA-1.5 batch: 576 and 300 visual tokens (the second sample's prompt shorter, left
+    padded), 32 heads of 128, keep 192 and 100 in one call: each row bit-equal to its sample alone,
+    padded with 0 scores and -1 indices, its selection exact on its own scores."""
+    q, k, _ = _attention(2, 32, 32, 650, 128, seed=5, dtype=torch.bfloat16)
+    mask = torch.ones(2, 650, dtype=torch.bool)
+    mask[1, :276] = False  # sample 1: 374 tokens, its 300 visual ones from 311
+    vis_start, vis_len, keep = torch.tensor([35, 311]), torch.tensor([576, 300]), torch.tensor([192, 100])
+    scale = 128 ** -0.5
+    keep_idx, rest_idx, scores = emu.score_select(q, k, vis_start, vis_len, keep, scale, mask, 576, 192)
+    assert keep_idx.shape == (2, 192) and rest_idx.shape == scores.shape == (2, 576)
+    want = python_ref.tv_score(q, k, vis_start, vis_len, scale, mask, 576)
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-8)
+    assert torch.equal(emu.tv_score(q, k, vis_start, vis_len, scale, mask, 576), scores)
+    for b in range(2):
+        n, kb = int(vis_len[b]), int(keep[b])
+        one = emu.score_select(q[b:b + 1], k[b:b + 1], vis_start[b:b + 1], n, kb, scale, mask[b:b + 1])
+        assert torch.equal(scores[b, :n], one[2][0]) and not scores[b, n:].any()
+        assert torch.equal(keep_idx[b, :kb], one[0][0]) and (keep_idx[b, kb:] == -1).all()
+        assert torch.equal(rest_idx[b, :n - kb], one[1][0]) and (rest_idx[b, n - kb:] == -1).all()
+        own_keep, own_rest = python_ref.topk_select(scores[b:b + 1, :n], kb)
+        assert torch.equal(keep_idx[b, :kb], own_keep[0]) and torch.equal(rest_idx[b, :n - kb], own_rest[0])
+
+
 def test_llava_shape_group_merge(emu):
     """LLaVA-1.5: the 432 rest tokens of keep 144 merged into 22 groups at d = 4096."""
     h = torch.randn(1, 432, 4096, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
