@@ -25,7 +25,7 @@ constexpr double kNormEps = 1e-300;
 
 // Similarity s of target z beats the current best (s_best, z_best): NaN ranks lowest, ties go to
 // the lower z; z_best < 0 means no non-NaN similarity yet.
-__device__ __forceinline__ bool better(float s, int64_t z, float s_best, int64_t z_best) {
+__device__ __forceinline__ bool better(float s, int z, float s_best, int z_best) {
   if (isnan(s)) return false;
   return z_best < 0 || s > s_best || (s == s_best && z < z_best);
 }
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kAssignThreads)
     ragged_assign_kernel(const T* __restrict__ h, int64_t h_sb, int64_t h_sr, int64_t R, int64_t d, int64_t Zw,
                          IndexView num_groups, IndexView lengths, int64_t* __restrict__ group) {
   __shared__ float warp_best_sim[kAssignWarps];
-  __shared__ int64_t warp_best_z[kAssignWarps];
+  __shared__ int warp_best_z[kAssignWarps];
   const int64_t b = blockIdx.x / R;
   const int64_t i = blockIdx.x % R;
   const int lane = threadIdx.x % kWarp;
@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(kAssignThreads)
   const T* h_i = h + b * h_sb + i * h_sr;
   const int64_t nchunks = d / W;
   float best = 0.0f;
-  int64_t best_z = -1;
-  for (int64_t z = warp; z < Z; z += kAssignWarps) {
-    const T* h_t = h + b * h_sb + (z * n / Z) * h_sr;
+  int best_z = -1;  // (Z <= R <= INT32_MAX: the launch checks it)
+  for (int z = warp; z < Z; z += kAssignWarps) {
+    const T* h_t = h + b * h_sb + (static_cast<int64_t>(z) * n / Z) * h_sr;
     double dot = 0.0;
     double norm_i = 0.0;
     double norm_t = 0.0;

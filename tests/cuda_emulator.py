@@ -181,7 +181,7 @@ if __name__ == "__main__":
                    ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         tests = [os.path.join(ROOT, "tests", f)
-                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py")]
+                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py", "test_ragged.py")]
         sys.exit(subprocess.call([sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
                                   "-k", "(cuda-emu or cuda_emulated or cuda_score_kernels) and not removing"
                                   " and not without_the",
