@@ -11,9 +11,9 @@
 // the new block); rest entries (an invalid one, q >= r_b, writes a zero rest_h row and marks the old
 // padding slot n_b + q - r_b -2 in inverse); the padding groups z in [Z_b, Zw), whose zero row sits at
 // block position K + z (merged_rows names it). Grid B x ctas_per_sample, 256 threads: a CTA owns
-// `items` consecutive items of one sample (about 16 chunk copies per thread) and first counts k_b and
-// r_b over the sample's index rows (K + M loads spread over the CTA, one block scan) - device counts,
-// no host read. Reads h's rows once, writes each output once.
+// `items` consecutive items of one sample (about 4 chunk copies per thread) and first counts k_b and
+// r_b over the sample's index rows (K + M ids spread over the CTA, one block scan; L2 hits after the
+// first CTA) - device counts, no host read. Reads h's rows once, writes each output once.
 #include <algorithm>
 
 #include "common.cuh"
@@ -22,6 +22,7 @@ namespace swiftvlm {
 namespace {
 
 constexpr int kCompactThreads = 256;
+constexpr int kCopiesPerThread = 4;  // compact_ragged_kernel
 
 __device__ __forceinline__ int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -211,7 +212,9 @@ cudaError_t launch_compact_ragged(const CompactArgs& a, cudaStream_t stream) {
   const int64_t items = a.n + a.k + a.Z;
   if (a.B * a.n == 0) return cudaSuccess;
   const int64_t nchunks = std::max<int64_t>(a.d / W, 1);
-  const int64_t items_per_cta = std::max<int64_t>(1, 16 * kCompactThreads / nchunks);  // ~16 copies per thread
+  // ~4 chunk copies per thread: enough CTAs to keep the copies in flight at batch 1 (LLaVA-1.5: ~430
+  // CTAs), few enough that the per-CTA count of the index rows (K + M ids from L2) stays small beside them.
+  const int64_t items_per_cta = std::max<int64_t>(1, kCopiesPerThread * kCompactThreads / nchunks);
   const int64_t ctas_per_sample = ceil_div(items, items_per_cta);
   if (a.B * ctas_per_sample > INT32_MAX) return cudaErrorInvalidConfiguration;
   auto* kernel = compact_ragged_kernel<T, W>;

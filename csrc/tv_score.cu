@@ -22,6 +22,19 @@
 // (select_rows.cuh) on the row's scores, so the top-k and the keep / rest compaction need no third
 // launch. Reads the visual logits and the row's tile statistics, writes the scores (and indices).
 //
+// Ragged and packed batches (the same two launches; widths are host ints, counts device tensors read
+// by each block, never on the host): vis_count[b] gives row b's own visual count n_b <= vis_len (the
+// padded width): pass 1 writes e only for its first n_b positions, pass 2 scores them and writes 0
+// past them (a CTA with no position below n_b skips the head statistics), and the select runs on the
+// row's n_b scores with its own keep count k_b, then writes -1 after its k_b kept and n_b - k_b rest
+// indices (keep [B, K], rest [B, vis_len]). Packed keys (varlen, seq_start = cu_seqlens): sample b's
+// keys are read in place at rows cu_seqlens[b] + j of k [total, Hkv, D], j < L_b = its length (at
+// most L = max_seqlen); a pass-1 tile at or past L_b writes max -inf / sum 0 and exits at once, so a
+// batch of short samples costs its keys, not B x L. Per sample the arithmetic is that of the sample
+// alone whenever key_tile_for picks the same tile for the batch as for one sample (always when
+// B x Hkv x ceil(L / 128) < 1024, e.g. LLaVA-1.5 batch 2; a larger batch may get larger tiles, whose
+// partial sums round differently), so a ragged row is then bit-equal to its sample run alone.
+//
 // GQA: the per-head visual logits go through the workspace (8 * H * vis_len bytes written and read
 // back) because M_h and S_h are known only once every tile of the KV head is done; reducing the G
 // heads of a group before writing would need them earlier (a grid-wide wait, or a second read of K).

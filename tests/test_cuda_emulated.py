@@ -51,6 +51,48 @@ def test_every_schedule_gives_the_same_results(emu, schedule):
             assert torch.equal(x, y), schedule
 
 
+@pytest.mark.parametrize("schedule", ["reverse", "random", "warps"])
+def test_ragged_batches_under_every_schedule(emu, schedule):
+    """The ragged forms (per-sample counts read on the device, -1 / zero padding written beside the
+    select, compact.ragged's per-CTA counts) give the same results under other thread schedules and
+    a random block order, and the packed form equals the padded one."""
+    q, k, mask = _attention(3, 8, 2, 150, 64, seed=11, dtype=torch.bfloat16)
+    vis_start, vis_len, keep = torch.tensor([3, 20, 0]), torch.tensor([120, 77, 0]), torch.tensor([40, 77, 0])
+    scores = torch.randn(3, 1500, generator=torch.Generator().manual_seed(12)).round(decimals=1)  # many ties
+    lengths, k_rows = torch.tensor([1500, 999, 0]), torch.tensor([300, 999, 0])
+    h = torch.randn(3, 90, 48, generator=torch.Generator().manual_seed(13))
+    rows, groups = torch.tensor([90, 41, 0]), torch.tensor([7, 3, 0])
+    cu = torch.tensor([0, 150, 150 + 130, 150 + 130 + 97], dtype=torch.int32)
+    packed_k = torch.cat([k[0].transpose(0, 1), k[1, :, :130].transpose(0, 1), k[2, :, :97].transpose(0, 1)])
+
+    def run():
+        keep_idx, rest_idx, sc = emu.score_select(q, k, vis_start, vis_len, keep, 0.125, mask, 120, 77)
+        block = python_ref.topk_select(sc, keep, vis_len, 77)
+        assert torch.equal(keep_idx, block[0]) and torch.equal(rest_idx, block[1])
+        compacted = emu.compact(h[:, :, :16].repeat(1, 2, 1)[:, :150], vis_start, keep_idx, rest_idx,
+                                torch.tensor([4, 0, 0]), 5)
+        packed = emu.score_select_varlen(q, packed_k, cu, vis_start, torch.tensor([120, 77, 60]),
+                                         torch.tensor([40, 7, 60]), 0.125, 120, 60, 150)
+        return (keep_idx, rest_idx, sc, *emu.topk_select(scores, k_rows, lengths, 999),
+                *emu.group_merge(h, groups, rows, 7), *compacted, *packed)
+
+    with cuda_emulator.schedule("forward"):
+        want = run()
+    with cuda_emulator.schedule(schedule, seed=5), cuda_emulator.block_order("random", seed=6):
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), schedule
+    k_padded, key_mask = python_ref.varlen.unpack(packed_k, cu, 150)
+    padded = emu.score_select(q, k_padded, vis_start, torch.tensor([120, 77, 60]), torch.tensor([40, 7, 60]), 0.125,
+                              key_mask, 120, 60)
+    for a, b in zip(want[-3:], padded):
+        assert torch.equal(a, b)
+    reference = python_ref.compact(h[:, :, :16].repeat(1, 2, 1)[:, :150], vis_start, want[0], want[1],
+                                   torch.tensor([4, 0, 0]), 5)
+    for a, b in zip(want[-8:-3], reference):
+        assert torch.equal(a, b)
+
+
 def test_llava_shape_score_select(emu):
     """LLaVA-1.5 batch 1: 576 visual tokens in a 650-token prompt, 32 heads of 128, keep 192."""
     q, k, mask = _attention(1, 32, 32, 650, 128, seed=3, dtype=torch.bfloat16)
