@@ -11,9 +11,12 @@
 // the new block); rest entries (an invalid one, q >= r_b, writes a zero rest_h row and marks the old
 // padding slot n_b + q - r_b -2 in inverse); the padding groups z in [Z_b, Zw), whose zero row sits at
 // block position K + z (merged_rows names it). Grid B x ctas_per_sample, 256 threads: a CTA owns
-// `items` consecutive items of one sample (about 4 chunk copies per thread) and first counts k_b and
-// r_b over the sample's index rows (K + M ids spread over the CTA, one block scan; L2 hits after the
-// first CTA) - device counts, no host read. Reads h's rows once, writes each output once.
+// `items` consecutive items of one sample (about 4 chunk copies per thread) and first finds k_b and
+// r_b, the lengths of the id prefixes of its keep and rest rows, by a 32-ary search per row (one warp
+// each, 3 rounds of 32 loads for a row of 2880; L2 hits after the first CTA) - device counts, no host
+// read. (Rows that are not a prefix of ids then -1, outside score_select's layout, still never read or
+// write out of bounds: every slot and position is clamped.) Reads h's rows once, writes each output
+// once.
 #include <algorithm>
 
 #include "common.cuh"
@@ -154,10 +157,33 @@ __device__ __forceinline__ Placement place_ragged(const CompactArgs& a, const Ra
   return p;
 }
 
+// The valid entries of row b of an index table of width W (its ids then -1: a prefix of ids >= 0), by
+// one warp in a 32-ary search: each round the lanes test 32 evenly spaced entries of the open range and
+// keep the gap between the last valid and the first invalid one; ceil(log32 W) + 1 rounds (3 for
+// 2880), 32 loads each, instead of reading all W. Every lane of the warp calls it and gets the count.
+__device__ __forceinline__ int64_t valid_prefix(const IndexView& v, int64_t b, int64_t W) {
+  const int lane = threadIdx.x % kWarp;
+  int64_t lo = 0, hi = W;  // entries before lo are valid, those from hi on are not
+  while (lo < hi) {
+    const int64_t step = ceil_div(hi - lo, kWarp);
+    const int64_t p = lo + lane * step;
+    const unsigned valid = __ballot_sync(kFullMask, p < hi && load_index(v, b, p) >= 0);
+    const int c = __popc(valid);  // lanes 0 .. c - 1 found ids (the prefix form)
+    if (c == 0) {
+      hi = lo;
+    } else {
+      const int64_t next_hi = lo + c * step;
+      lo = lo + (c - 1) * step + 1;
+      hi = next_hi < hi ? next_hi : hi;
+    }
+  }
+  return lo;
+}
+
 template <typename T, int W>
 __global__ void __launch_bounds__(kCompactThreads) compact_ragged_kernel(CompactArgs a, int64_t ctas_per_sample,
                                                                          int64_t items_per_cta) {
-  __shared__ unsigned long long scan[kScanScratch];
+  __shared__ int64_t valid[2];
   const T* h = static_cast<const T*>(a.h.ptr);
   T* h_new = static_cast<T*>(a.h_new);
   T* rest_h = static_cast<T*>(a.rest_h);
@@ -166,15 +192,17 @@ __global__ void __launch_bounds__(kCompactThreads) compact_ragged_kernel(Compact
   const int64_t b = blockIdx.x / ctas_per_sample;
   const int64_t first = (blockIdx.x % ctas_per_sample) * items_per_cta;
   const int64_t items = a.n + K + Zw;  // (n - M) text rows, K kept entries, M rest entries, Zw groups
-  // The sample's valid entries (python_ref counts them: keep_idx >= 0, rest_idx >= 0).
-  unsigned long long mine = 0;  // kept << 32 | rest
-  for (int64_t q = threadIdx.x; q < K; q += kCompactThreads) mine += (load_index(a.keep, b, q) >= 0 ? 1ull : 0ull) << 32;
-  for (int64_t q = threadIdx.x; q < M; q += kCompactThreads) mine += load_index(a.rest, b, q) >= 0 ? 1ull : 0ull;
-  unsigned long long total = 0;
-  block_exclusive_scan(mine, &total, scan);
+  // The sample's valid entries k_b and r_b (python_ref counts keep_idx >= 0 and rest_idx >= 0; in
+  // score_select's layout they lead each row): warp 0 searches the keep row, warp 1 the rest row.
+  const int warp = threadIdx.x / kWarp;
+  if (warp < 2) {
+    const int64_t count = valid_prefix(warp == 0 ? a.keep : a.rest, b, warp == 0 ? K : M);
+    if (threadIdx.x % kWarp == 0) valid[warp] = count;
+  }
+  __syncthreads();
   RaggedSample s;
-  s.kb = static_cast<int64_t>(total >> 32);
-  s.rb = static_cast<int64_t>(total & 0xffffffffull);
+  s.kb = valid[0];
+  s.rb = valid[1];
   s.zb = clamp(load_index(a.num_merged, b, 0), 0, Zw < s.rb ? Zw : s.rb);
   s.start = clamp(load_index(a.vis_start, b, 0), 0, a.n - M);
 
@@ -212,8 +240,7 @@ cudaError_t launch_compact_ragged(const CompactArgs& a, cudaStream_t stream) {
   const int64_t items = a.n + a.k + a.Z;
   if (a.B * a.n == 0) return cudaSuccess;
   const int64_t nchunks = std::max<int64_t>(a.d / W, 1);
-  // ~4 chunk copies per thread: enough CTAs to keep the copies in flight at batch 1 (LLaVA-1.5: ~430
-  // CTAs), few enough that the per-CTA count of the index rows (K + M ids from L2) stays small beside them.
+  // ~4 chunk copies per thread: enough CTAs to keep the copies in flight at batch 1 (LLaVA-1.5: ~430).
   const int64_t items_per_cta = std::max<int64_t>(1, kCopiesPerThread * kCompactThreads / nchunks);
   const int64_t ctas_per_sample = ceil_div(items, items_per_cta);
   if (a.B * ctas_per_sample > INT32_MAX) return cudaErrorInvalidConfiguration;

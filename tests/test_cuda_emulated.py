@@ -128,6 +128,19 @@ def test_llava_shape_ragged_score_select(emu):
         assert torch.equal(keep_idx[b, :kb], own_keep[0]) and torch.equal(rest_idx[b, :n - kb], own_rest[0])
 
 
+def test_llava_next_shape_ragged_compact(emu):
+    """compact.ragged at LLaVA-NeXT widths (blocks of 2880 slots, samples with 2880, 1512 and 0 visual
+    tokens; the id prefixes found in several search rounds) equals python_ref (small d keeps it quick)."""
+    vis_len, keep, merge = torch.tensor([2880, 1512, 0]), torch.tensor([960, 504, 0]), torch.tensor([96, 50, 0])
+    h = torch.randn(3, 2954, 8, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    vis_start = torch.tensor([35, 35, 35])
+    keep_idx, rest_idx = python_ref.topk_select(torch.randn(3, 2880, generator=torch.Generator().manual_seed(7)), keep,
+                                                vis_len, 960)
+    got = emu.compact(h, vis_start, keep_idx, rest_idx, merge, 97)
+    for a, b in zip(got, python_ref.compact(h, vis_start, keep_idx, rest_idx, merge, 97)):
+        assert torch.equal(a, b)
+
+
 def test_llava_shape_group_merge(emu):
     """LLaVA-1.5: the 432 rest tokens of keep 144 merged into 22 groups at d = 4096."""
     h = torch.randn(1, 432, 4096, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
