@@ -4,6 +4,19 @@
 // at block position q + ceil((s - q) Z / R) (the targets among the s - q rest tokens before it), and
 // group target z (rest #floor(z R / Z)) at slot s at z + (s - floor(z R / Z)).
 // A thread copies one W-column chunk of one item; the chunk-0 thread writes the index outputs.
+//
+// Ragged batches (compact_ragged_kernel, python_ref compact_ragged): the same arithmetic with each
+// sample's own k_b, r_b (its valid keep / rest entries) and Z_b (num_merged[b]), over n + K + Zw items
+// per sample: text rows; kept entries (an invalid one, q >= k_b, writes the zero padding row Z_b + q of
+// the new block); rest entries (an invalid one, q >= r_b, writes a zero rest_h row and marks the old
+// padding slot n_b + q - r_b -2 in inverse); the padding groups z in [Z_b, Zw), whose zero row sits at
+// block position K + z (merged_rows names it). Grid B x ctas_per_sample, 256 threads: a CTA owns
+// `items` consecutive items of one sample (about 4 chunk copies per thread) and first finds k_b and
+// r_b, the lengths of the id prefixes of its keep and rest rows, by a 32-ary search per row (one warp
+// each, 3 rounds of 32 loads for a row of 2880; L2 hits after the first CTA) - device counts, no host
+// read. (Rows that are not a prefix of ids then -1, outside score_select's layout, still never read or
+// write out of bounds: every slot and position is clamped.) Reads h's rows once, writes each output
+// once.
 #include <algorithm>
 
 #include "common.cuh"
@@ -12,6 +25,7 @@ namespace swiftvlm {
 namespace {
 
 constexpr int kCompactThreads = 256;
+constexpr int kCopiesPerThread = 4;  // compact_ragged_kernel
 
 __device__ __forceinline__ int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -85,6 +99,157 @@ __global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a)
   }
 }
 
+// One item of a ragged sample (see the header); counts k_b, r_b, Z_b, the clamped start.
+struct RaggedSample {
+  int64_t kb, rb, zb, start;
+};
+
+__device__ __forceinline__ Placement place_ragged(const CompactArgs& a, const RaggedSample& s, int64_t b, int64_t i,
+                                                  bool* zero_row, int64_t* pad_mark, int64_t* group_z) {
+  const int64_t K = a.k, M = a.R, Zw = a.Z, m_new = K + Zw, T = a.n - M;
+  const auto in_block = [&](int64_t pos) { return s.start + clamp(pos, 0, m_new - 1); };
+  Placement p{s.start, -1, -1, -1, false};
+  *zero_row = false;
+  *pad_mark = -1;
+  *group_z = -1;
+  if (i < T) {  // text: rows after the block move by m_new - M
+    const bool after = i >= s.start;
+    p.src_row = after ? i + M : i;
+    p.dst_row = after ? i + m_new : i;
+    p.carries = true;
+  } else if (i < T + K) {  // kept entry q: a valid one at q + ceil((slot - q) Z_b / r_b), else padding row Z_b + q
+    const int64_t q = i - T;
+    if (q < s.kb) {
+      const int64_t slot = clamp(load_index(a.keep, b, q), 0, M - 1);
+      const int64_t targets_before = s.zb > 0 ? ((slot - q) * s.zb + s.rb - 1) / s.rb : 0;
+      p.src_row = s.start + slot;
+      p.dst_row = in_block(q + targets_before);
+      p.carries = true;
+    } else {
+      p.dst_row = in_block(s.zb + q);
+      *zero_row = true;
+    }
+  } else if (i < T + K + M) {  // rest entry q: rest_h row q; group target z when floor(z r_b / Z_b) == q
+    const int64_t q = i - T - K;
+    p.rest = q;
+    if (q < s.rb) {
+      const int64_t slot = clamp(load_index(a.rest, b, q), 0, M - 1);
+      p.src_row = s.start + slot;
+      const int64_t z = s.zb > 0 ? (q * s.zb + s.rb - 1) / s.rb : 0;
+      if (s.zb > 0 && z < s.zb && (z * s.rb) / s.zb == q) {
+        p.target = z;
+        *group_z = z;
+        p.dst_row = in_block(z + (slot - q));
+      }
+    } else {
+      *zero_row = true;  // (a zero rest_h row)
+      const int64_t old = s.kb + s.rb + (q - s.rb);  // one old padding slot per invalid entry, while any is left
+      if (old < M) *pad_mark = s.start + old;
+    }
+  } else {  // padding group z >= Z_b: the zero row at block position K + z
+    const int64_t z = i - T - K - M;
+    if (z >= s.zb) {
+      p.dst_row = in_block(K + z);
+      *zero_row = true;
+      *group_z = z;
+    }
+  }
+  return p;
+}
+
+// The valid entries of row b of an index table of width W (its ids then -1: a prefix of ids >= 0), by
+// one warp in a 32-ary search: each round the lanes test 32 evenly spaced entries of the open range and
+// keep the gap between the last valid and the first invalid one; ceil(log32 W) + 1 rounds (3 for
+// 2880), 32 loads each, instead of reading all W. Every lane of the warp calls it and gets the count.
+__device__ __forceinline__ int64_t valid_prefix(const IndexView& v, int64_t b, int64_t W) {
+  const int lane = threadIdx.x % kWarp;
+  int64_t lo = 0, hi = W;  // entries before lo are valid, those from hi on are not
+  while (lo < hi) {
+    const int64_t step = ceil_div(hi - lo, kWarp);
+    const int64_t p = lo + lane * step;
+    const unsigned valid = __ballot_sync(kFullMask, p < hi && load_index(v, b, p) >= 0);
+    const int c = __popc(valid);  // lanes 0 .. c - 1 found ids (the prefix form)
+    if (c == 0) {
+      hi = lo;
+    } else {
+      const int64_t next_hi = lo + c * step;
+      lo = lo + (c - 1) * step + 1;
+      hi = next_hi < hi ? next_hi : hi;
+    }
+  }
+  return lo;
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kCompactThreads) compact_ragged_kernel(CompactArgs a, int64_t ctas_per_sample,
+                                                                         int64_t items_per_cta) {
+  __shared__ int64_t valid[2];
+  const T* h = static_cast<const T*>(a.h.ptr);
+  T* h_new = static_cast<T*>(a.h_new);
+  T* rest_h = static_cast<T*>(a.rest_h);
+  const int64_t K = a.k, M = a.R, Zw = a.Z;
+  const int64_t n_new = a.n - M + K + Zw;
+  const int64_t b = blockIdx.x / ctas_per_sample;
+  const int64_t first = (blockIdx.x % ctas_per_sample) * items_per_cta;
+  const int64_t items = a.n + K + Zw;  // (n - M) text rows, K kept entries, M rest entries, Zw groups
+  // The sample's valid entries k_b and r_b (python_ref counts keep_idx >= 0 and rest_idx >= 0; in
+  // score_select's layout they lead each row): warp 0 searches the keep row, warp 1 the rest row.
+  const int warp = threadIdx.x / kWarp;
+  if (warp < 2) {
+    const int64_t count = valid_prefix(warp == 0 ? a.keep : a.rest, b, warp == 0 ? K : M);
+    if (threadIdx.x % kWarp == 0) valid[warp] = count;
+  }
+  __syncthreads();
+  RaggedSample s;
+  s.kb = valid[0];
+  s.rb = valid[1];
+  s.zb = clamp(load_index(a.num_merged, b, 0), 0, Zw < s.rb ? Zw : s.rb);
+  s.start = clamp(load_index(a.vis_start, b, 0), 0, a.n - M);
+
+  const int64_t nchunks = std::max<int64_t>(a.d / W, 1);  // d = 0: one chunk writes the indices
+  const int64_t last = first + items_per_cta < items ? first + items_per_cta : items;
+  for (int64_t idx = first * nchunks + threadIdx.x; idx < last * nchunks; idx += kCompactThreads) {
+    const int64_t chunk = idx % nchunks;
+    const int64_t i = idx / nchunks;
+    bool zero_row = false;
+    int64_t pad_mark = -1, group_z = -1;
+    const Placement p = place_ragged(a, s, b, i, &zero_row, &pad_mark, &group_z);
+    if (a.d > 0) {
+      const int64_t col = chunk * W;
+      float x[W];
+      if (zero_row || (p.dst_row < 0 && p.rest < 0)) {  // (a real group's pad item: writes nothing)
+#pragma unroll
+        for (int w = 0; w < W; ++w) x[w] = 0.0f;
+      } else {
+        load_chunk<T, W>(h + b * a.h.sb + p.src_row * a.h.sr + col * a.h.sd, x);
+      }
+      if (p.dst_row >= 0) store_chunk<T, W>(h_new + (b * n_new + p.dst_row) * a.d + col, x);
+      if (p.rest >= 0) store_chunk<T, W>(rest_h + (b * M + p.rest) * a.d + col, x);
+    }
+    if (chunk == 0) {
+      if (p.dst_row >= 0) a.src[b * n_new + p.dst_row] = b * a.n + p.src_row;
+      if (p.carries || (p.rest >= 0 && !zero_row)) a.inverse[b * a.n + p.src_row] = p.carries ? b * n_new + p.dst_row : -1;
+      if (pad_mark >= 0) a.inverse[b * a.n + pad_mark] = -2;  // the old block's padding rows: restore zeroes them
+      if (group_z >= 0) a.merged_rows[b * Zw + group_z] = b * n_new + p.dst_row;
+    }
+  }
+}
+
+template <typename T, int W>
+cudaError_t launch_compact_ragged(const CompactArgs& a, cudaStream_t stream) {
+  const int64_t items = a.n + a.k + a.Z;
+  if (a.B * a.n == 0) return cudaSuccess;
+  const int64_t nchunks = std::max<int64_t>(a.d / W, 1);
+  // ~4 chunk copies per thread: enough CTAs to keep the copies in flight at batch 1 (LLaVA-1.5: ~430).
+  const int64_t items_per_cta = std::max<int64_t>(1, kCopiesPerThread * kCompactThreads / nchunks);
+  const int64_t ctas_per_sample = ceil_div(items, items_per_cta);
+  if (a.B * ctas_per_sample > INT32_MAX) return cudaErrorInvalidConfiguration;
+  auto* kernel = compact_ragged_kernel<T, W>;
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(a.B * ctas_per_sample), kCompactThreads, 0, stream, a,
+                  ctas_per_sample, items_per_cta);
+  return cudaGetLastError();
+}
+
 template <typename T, int W>
 cudaError_t launch_compact(const CompactArgs& a, cudaStream_t stream) {
   const int64_t total = a.B * a.n * std::max<int64_t>(a.d / W, 1);
@@ -103,6 +268,9 @@ cudaError_t compact(const CompactArgs& a, cudaStream_t stream) {
     constexpr int V = kVec<T>;
     const bool vec = a.h.sd == 1 && a.d % V == 0 && aligned16(a.h.ptr) && aligned16(a.h_new) &&
                      aligned16(a.rest_h) && strides_aligned16(sizeof(T), {a.h.sb, a.h.sr, a.d});
+    if (a.num_merged.ptr != nullptr) {
+      return vec ? launch_compact_ragged<T, V>(a, stream) : launch_compact_ragged<T, 1>(a, stream);
+    }
     return vec ? launch_compact<T, V>(a, stream) : launch_compact<T, 1>(a, stream);
   });
 }

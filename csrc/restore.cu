@@ -2,6 +2,8 @@
 // The items of sample b are the n rows of the restored sequence (copied from h where inverse >= 0)
 // and its R rest tokens (h_rest + merged_now - merged_then, Eq. 12-13, written to their rows); the
 // two sets of rows are disjoint. A thread handles one W-column chunk of one item.
+// Ragged blocks (compact_ragged's outputs): rows whose inverse is below -1 (-2: a block's padding rows)
+// are written as zeros, rest entries whose slot or group is -1 are skipped.
 #include <algorithm>
 
 #include "common.cuh"
@@ -31,17 +33,25 @@ __global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a)
     float x[W];
     if (i < a.n) {  // a carried row
       const int64_t src = load_index(a.inverse, b, i);
-      if (src < 0) continue;  // a rest token's row: written by its rest item
+      if (src == -1) continue;  // a rest token's row: written by its rest item
+      if (src < 0) {            // a ragged block's padding row (-2): zero
+#pragma unroll
+        for (int w = 0; w < W; ++w) x[w] = 0.0f;
+        store_chunk<T, W>(out + (b * a.n + i) * a.d + col, x);
+        continue;
+      }
       const int64_t r = clamp_row(src, rows);
       load_chunk<T, W>(h + (r / a.n_cur) * a.h.sb + (r % a.n_cur) * a.h.sr + col * a.h.sd, x);
       store_chunk<T, W>(out + (b * a.n + i) * a.d + col, x);
       continue;
     }
     const int64_t q = i - a.n;
-    const int64_t row = load_index(a.vis_start, b, 0) + load_index(a.rest, b, q);
-    if (row < 0 || row >= a.n) continue;  // no such row: nothing is written
+    const int64_t slot = load_index(a.rest, b, q);
+    const int64_t row = load_index(a.vis_start, b, 0) + slot;
     const int64_t g_raw = load_index(a.group, b, q);
-    const int64_t g = g_raw < 0 ? 0 : (g_raw >= a.Z ? a.Z - 1 : g_raw);
+    // no such row, or a ragged padding entry (slot or group -1): nothing is written
+    if (row < 0 || row >= a.n || slot < 0 || g_raw < 0 || a.Z < 1) continue;
+    const int64_t g = g_raw >= a.Z ? a.Z - 1 : g_raw;
     const int64_t now = clamp_row(load_index(a.merged_rows, b, g), rows);
     float x_now[W];
     float x_then[W];
@@ -67,7 +77,6 @@ cudaError_t launch_restore(const RestoreArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t restore(const RestoreArgs& a, cudaStream_t stream) {
-  if (a.Z < 1 && a.B * a.R > 0) return cudaErrorInvalidValue;  // no merged token to align with
   if (a.n_cur < 1 && a.B * a.n > 0) return cudaErrorInvalidValue;  // nothing to restore from
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -294,6 +294,21 @@ __device__ void select_row(const Row& row, int N, int k, int64_t* __restrict__ k
   }
 }
 
+// A ragged row's padding: -1 after its own indices, keep[k, K) and rest[r, rest_width). Every thread
+// of the CTA calls it (disjoint from what select_row writes: no barrier needed between them).
+template <int THREADS>
+__device__ __forceinline__ void pad_indices(int64_t* __restrict__ keep, int k, int K, int64_t* __restrict__ rest,
+                                            int r, int rest_width) {
+  for (int i = k + static_cast<int>(threadIdx.x); i < K; i += THREADS) keep[i] = -1;
+  for (int i = r + static_cast<int>(threadIdx.x); i < rest_width; i += THREADS) rest[i] = -1;
+}
+
+// A per-row count of a ragged batch: counts[b] (or `fallback` without counts) clamped to [0, hi].
+__device__ __forceinline__ int row_count(const IndexView& counts, int64_t b, int64_t hi, int64_t fallback) {
+  const int64_t v = counts.ptr == nullptr ? fallback : load_index(counts, b, 0);
+  return static_cast<int>(v < 0 ? 0 : (v > hi ? hi : v));
+}
+
 // Where a select CTA keeps its keys and candidates: N keys in shared memory and a candidate list as
 // long as the row when `limit` bytes (beside the caller's `extra`) allow; else as many candidates as
 // fit, and the keys re-read from the row when even they do not fit beside a 1024-entry list.

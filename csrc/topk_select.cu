@@ -2,6 +2,9 @@
 // grid B, 128 / 256 / 1024 threads for rows up to 1024 / 4096 / more scores; reads the row once (16
 // loads in flight per thread), writes keep and rest once; the keys and the candidate list stay in
 // shared memory (the keys are re-read from the row only when they do not fit, N above ~55,000).
+// Ragged rows (per-row k and lengths from device tensors, read by the row's CTA): the CTA selects
+// k_b of the row's first n_b scores into keep[b, :k_b] and rest[b, :n_b - k_b] and writes -1 after
+// them; the widths (keep K, rest N) are host ints, the shared memory sized for the widest row.
 #include "select_rows.cuh"
 
 namespace swiftvlm {
@@ -9,20 +12,26 @@ namespace {
 
 template <typename T, int THREADS, bool KEYS_IN_SMEM>
 __global__ void __launch_bounds__(THREADS, 1)
-    topk_rows_kernel(const T* scores, int64_t s_sb, int64_t s_sn, int N, int k, int64_t* keep, int64_t* rest,
-                     int cand_cap) {
+    topk_rows_kernel(const T* scores, int64_t s_sb, int64_t s_sn, int N, int k, IndexView k_count, IndexView lengths,
+                     int rest_width, int64_t* keep, int64_t* rest, int cand_cap) {
   SWIFTVLM_DYNAMIC_SMEM(dyn_smem);
   __shared__ SelectShared sh;
   const int64_t row = blockIdx.x;
+  const int n_b = row_count(lengths, row, N, N);
+  const int k_b = row_count(k_count, row, n_b < k ? n_b : k, k);  // (a k past the row: clamped)
   uint32_t* keys = reinterpret_cast<uint32_t*>(dyn_smem);
   uint32_t* cand = keys + (KEYS_IN_SMEM ? ceil_div(N, 4) * 4 : 0);
-  select_row<THREADS, KEYS_IN_SMEM>(StridedRow<T>{scores + row * s_sb, s_sn}, N, k, keep + row * k,
-                                    rest + row * (N - k), keys, cand, cand_cap, sh);
+  int64_t* keep_row = keep + row * k;
+  int64_t* rest_row = rest + row * rest_width;
+  select_row<THREADS, KEYS_IN_SMEM>(StridedRow<T>{scores + row * s_sb, s_sn}, n_b, k_b, keep_row, rest_row, keys, cand,
+                                    cand_cap, sh);
+  pad_indices<THREADS>(keep_row, k_b, k, rest_row, n_b - k_b, rest_width);
 }
 
 template <typename T, int THREADS>
 cudaError_t launch_topk(const T* scores, int64_t s_sb, int64_t s_sn, int64_t B, int64_t N, int64_t k,
-                        int64_t* keep, int64_t* rest, cudaStream_t stream) {
+                        IndexView k_count, IndexView lengths, int64_t rest_width, int64_t* keep, int64_t* rest,
+                        cudaStream_t stream) {
   auto* in_smem = topk_rows_kernel<T, THREADS, true>;
   auto* streamed = topk_rows_kernel<T, THREADS, false>;
   size_t limit = 0;
@@ -33,21 +42,25 @@ cudaError_t launch_topk(const T* scores, int64_t s_sb, int64_t s_sn, int64_t B, 
   err = allow_dynamic_smem(kernel, plan.smem);
   if (err != cudaSuccess) return err;
   SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(B), THREADS, plan.smem, stream, scores, s_sb, s_sn,
-                  static_cast<int>(N), static_cast<int>(k), keep, rest, plan.cand_cap);
+                  static_cast<int>(N), static_cast<int>(k), k_count, lengths, static_cast<int>(rest_width), keep, rest,
+                  plan.cand_cap);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t topk_select(DType dtype, const void* scores, int64_t s_sb, int64_t s_sn, int64_t B, int64_t N,
-                        int64_t k, int64_t* keep, int64_t* rest, cudaStream_t stream) {
+                        int64_t k, IndexView k_count, IndexView lengths, int64_t* keep, int64_t* rest,
+                        cudaStream_t stream) {
   if (N > INT32_MAX || B > INT32_MAX || k < 0 || k > N) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
+  const bool ragged = k_count.ptr != nullptr || lengths.ptr != nullptr;
+  const int64_t rest_width = ragged ? N : N - k;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_select_threads(N, [&](auto threads) {
-      return launch_topk<T, decltype(threads)::value>(static_cast<const T*>(scores), s_sb, s_sn, B, N, k, keep,
-                                                      rest, stream);
+      return launch_topk<T, decltype(threads)::value>(static_cast<const T*>(scores), s_sb, s_sn, B, N, k, k_count,
+                                                      lengths, rest_width, keep, rest, stream);
     });
   });
 }

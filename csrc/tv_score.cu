@@ -22,6 +22,19 @@
 // (select_rows.cuh) on the row's scores, so the top-k and the keep / rest compaction need no third
 // launch. Reads the visual logits and the row's tile statistics, writes the scores (and indices).
 //
+// Ragged and packed batches (the same two launches; widths are host ints, counts device tensors read
+// by each block, never on the host): vis_count[b] gives row b's own visual count n_b <= vis_len (the
+// padded width): pass 1 writes e only for its first n_b positions, pass 2 scores them and writes 0
+// past them (a CTA with no position below n_b skips the head statistics), and the select runs on the
+// row's n_b scores with its own keep count k_b, then writes -1 after its k_b kept and n_b - k_b rest
+// indices (keep [B, K], rest [B, vis_len]). Packed keys (varlen, seq_start = cu_seqlens): sample b's
+// keys are read in place at rows cu_seqlens[b] + j of k [total, Hkv, D], j < L_b = its length (at
+// most L = max_seqlen); a pass-1 tile at or past L_b writes max -inf / sum 0 and exits at once, so a
+// batch of short samples costs its keys, not B x L. Per sample the arithmetic is that of the sample
+// alone whenever key_tile_for picks the same tile for the batch as for one sample (always when
+// B x Hkv x ceil(L / 128) < 1024, e.g. LLaVA-1.5 batch 2; a larger batch may get larger tiles, whose
+// partial sums round differently), so a ragged row is then bit-equal to its sample run alone.
+//
 // GQA: the per-head visual logits go through the workspace (8 * H * vis_len bytes written and read
 // back) because M_h and S_h are known only once every tile of the KV head is done; reducing the G
 // heads of a group before writing would need them earlier (a grid-wide wait, or a second read of K).
@@ -78,6 +91,27 @@ ScoreWorkspace workspace_views(float* workspace, const ScoreArgs& a) {
   return ws;
 }
 
+// Sample b's keys: rows offset .. offset + len - 1 of its key rows. Padded k: all L. Packed k
+// (varlen): cu_seqlens[b] .. cu_seqlens[b + 1] - 1, clamped into [0, k_rows], at most L of them.
+struct SampleKeys {
+  int64_t offset;
+  int64_t len;
+};
+
+__device__ __forceinline__ SampleKeys sample_keys(const ScoreArgs& a, int64_t b) {
+  if (a.seq_start.ptr == nullptr) return {0, a.L};
+  const int64_t lo_raw = load_index(a.seq_start, b, 0);
+  const int64_t hi_raw = load_index(a.seq_start, b + 1, 0);
+  const int64_t lo = lo_raw < 0 ? 0 : (lo_raw > a.k_rows ? a.k_rows : lo_raw);
+  const int64_t hi = hi_raw < lo ? lo : (hi_raw > a.k_rows ? a.k_rows : hi_raw);
+  return {lo, hi - lo < a.L ? hi - lo : a.L};
+}
+
+// Sample b's visual count: vis_count[b] clamped to [0, vis_len] (ragged), else vis_len.
+__device__ __forceinline__ int64_t sample_vis(const ScoreArgs& a, int64_t b) {
+  return row_count(a.vis_count, b, a.vis_len, a.vis_len);
+}
+
 // vis_start[b] clamped to [-vis_len, L]: every position it names stays as far outside [0, L), and
 // vis_start + i cannot overflow.
 __device__ __forceinline__ int64_t load_vis_start(const ScoreArgs& a, int64_t b) {
@@ -118,7 +152,17 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
   const int rounds = nchunks > C ? static_cast<int>(ceil_div(nchunks, C)) : 1;  // chunks per lane and key (D == 0: one empty round)
   const int steps = static_cast<int>(ceil_div(KT, kKeysPerStep));
   const int64_t j0 = tile * KT;
-  const T* k_head = static_cast<const T*>(a.k) + b * a.k_sb + g * a.k_sh;
+  const SampleKeys keys = sample_keys(a, b);
+  const int64_t Lb = keys.len;  // the sample's keys: j < Lb
+  const T* k_head = static_cast<const T*>(a.k) + b * a.k_sb + g * a.k_sh + keys.offset * a.k_sl;
+  if (tid == 0 && g == 0 && tile == 0) ws.arrivals[b] = 0;  // pass 2 of this launch counts from 0
+  if (j0 >= Lb) {  // a tile past the sample's keys (ragged and packed batches): nothing to read
+    for (int h = tid; h < G; h += kScoreThreads) {
+      ws.tile_max[(b * a.H + g * G + h) * ws.tiles + tile] = -INFINITY;
+      ws.tile_sum[(b * a.H + g * G + h) * ws.tiles + tile] = 0.0f;
+    }
+    return;
+  }
 
   // Batch (s0, r): chunk r * C + sub_lane of the keys of steps s0 .. s0 + kKeyBatch - 1, all loads
   // in flight together. Keys past the tile or past L, and chunks past D, load nothing (and add 0).
@@ -129,7 +173,7 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
     for (int u = 0; u < kKeyBatch; ++u) {
       const int jl = (s0 + u) * kKeysPerStep + key_in_step;
       const int64_t j = j0 + jl;
-      if (s0 + u < steps && jl < KT && j < a.L && c < nchunks) {
+      if (s0 + u < steps && jl < KT && j < Lb && c < nchunks) {
         raw[u].load(k_head + j * a.k_sl + c * W);
       } else {
         raw[u].clear();
@@ -145,10 +189,9 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
   }
   for (int jl = tid; jl < KT; jl += kScoreThreads) {
     const int64_t j = j0 + jl;
-    valid_s[jl] = j < a.L && (a.key_mask == nullptr || a.key_mask[b * a.mask_sb + j * a.mask_sl]);
+    valid_s[jl] = j < Lb && (a.key_mask == nullptr || a.key_mask[b * a.mask_sb + j * a.mask_sl]);
   }
   for (int idx = tid; idx < G * KT; idx += kScoreThreads) logit_s[idx] = 0.0f;
-  if (tid == 0 && g == 0 && tile == 0) ws.arrivals[b] = 0;  // pass 2 of this launch counts from 0
   __syncthreads();
 
   // Key loop: batches of kKeyBatch keys per thread (rounds > 1: the head dim in several passes).
@@ -183,6 +226,7 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
   // Per head: the tile's max m and sum of exp(l - m), and e = exp(l - m) of its visual keys (pass 2
   // scales them by exp(m - M_h) / S_h).
   const int64_t vs = load_vis_start(a, b);
+  const int64_t nvis = sample_vis(a, b);
   for (int h = warp; h < G; h += kScoreWarps) {
     const int64_t head = g * G + h;
     float* logits = logit_s + h * KT;
@@ -200,7 +244,7 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
       const float x = l == -INFINITY ? 0.0f : expf(l - m);  // (an all-masked tile: m = -inf, all 0)
       s += x;
       const int64_t j = j0 + jl;
-      if (j < a.L && j >= vs && j - vs < a.vis_len) vis_row[j - vs] = x;
+      if (j < Lb && j >= vs && j - vs < nvis) vis_row[j - vs] = x;
     }
     s = warp_sum(s);  // Eq. 2: this tile's share of the softmax denominator
     if (lane == 0) {
@@ -212,9 +256,10 @@ __global__ void __launch_bounds__(kScoreThreads, 3) score_partial_kernel(ScoreAr
 
 // True when sample b has a valid key; every lane of the warp calls it and gets the answer.
 __device__ bool any_valid_key(const ScoreArgs& a, int64_t b, int lane) {
-  if (a.key_mask == nullptr) return a.L > 0;
+  const int64_t Lb = sample_keys(a, b).len;
+  if (a.key_mask == nullptr) return Lb > 0;
   bool any = false;
-  for (int64_t j = lane; j < a.L && !any; j += kWarp) any = a.key_mask[b * a.mask_sb + j * a.mask_sl];
+  for (int64_t j = lane; j < Lb && !any; j += kWarp) any = a.key_mask[b * a.mask_sb + j * a.mask_sl];
   return __any_sync(kFullMask, any);
 }
 
@@ -313,8 +358,8 @@ struct MergePlan {
 
 template <int THREADS, bool SELECT, bool KEYS_IN_SMEM>
 __global__ void __launch_bounds__(THREADS, 1)
-    score_merge_kernel(ScoreArgs a, ScoreWorkspace ws, MergePlan mp, float* scores, int k, int64_t* keep,
-                       int64_t* rest) {
+    score_merge_kernel(ScoreArgs a, ScoreWorkspace ws, MergePlan mp, float* scores, int k, IndexView keep_count,
+                       int rest_width, int64_t* keep, int64_t* rest) {
   SWIFTVLM_DYNAMIC_SMEM(dyn_smem);
   float* factor = reinterpret_cast<float*>(dyn_smem + mp.select_smem);  // [H, tiles_per_cta]
   float* partial = factor + a.H * mp.tiles_per_cta;                    // [THREADS]
@@ -329,10 +374,13 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int64_t i = i0 + p;
   const int64_t vs = load_vis_start(a, row);
   const int64_t pos = vs + i;
-  const bool active = i < a.vis_len && pos >= 0 && pos < a.L;  // outside the sequence: score 0, nothing read
-  // The tiles of the CTA's positions inside [0, L).
+  const int64_t nvis = sample_vis(a, row);      // ragged: the row's own visual count
+  const int64_t Lb = sample_keys(a, row).len;  // packed: the sample's own keys
+  const bool busy = i0 < nvis;                  // block-uniform: the CTA has positions of the row
+  const bool active = i < nvis && pos >= 0 && pos < Lb;  // outside the sequence or the row: score 0, nothing read
+  // The tiles of the CTA's positions inside [0, Lb).
   const int64_t first = vs + i0 < 0 ? 0 : vs + i0;
-  const int64_t last = vs + i0 + P - 1 < a.L - 1 ? vs + i0 + P - 1 : a.L - 1;
+  const int64_t last = vs + i0 + P - 1 < Lb - 1 ? vs + i0 + P - 1 : Lb - 1;
   const int64_t t_lo = first / ws.key_tile;
   const int LT = last < first ? 0 : static_cast<int>(last / ws.key_tile - t_lo + 1);
   const int lt = active ? static_cast<int>(pos / ws.key_tile - t_lo) : 0;
@@ -344,9 +392,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int64_t h = slice + u * S;
     x[u] = active && h < a.H ? e[h * a.vis_len] : 0.0f;
   }
-  head_factors<THREADS >= 1024 ? 1 : 4>(a, ws, row, mp.stat_lanes, t_lo, LT, factor);
+  if (busy) head_factors<THREADS >= 1024 ? 1 : 4>(a, ws, row, mp.stat_lanes, t_lo, LT, factor);
   float acc = 0.0f;
-  for (int64_t h0 = slice;; h0 += kMergeHeads * S) {
+  for (int64_t h0 = slice; busy; h0 += kMergeHeads * S) {
 #pragma unroll
     for (int u = 0; u < kMergeHeads; ++u) {
       const int64_t h = h0 + u * S;
@@ -382,11 +430,16 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     __syncthreads();
     if (!is_last) return;
-    const int N = static_cast<int>(a.vis_len);
+    const int W = static_cast<int>(a.vis_len);
+    const int N = static_cast<int>(nvis);
+    const int k_row = row_count(keep_count, row, N < k ? N : k, k);  // ragged: the row's own keep
     uint32_t* keys = reinterpret_cast<uint32_t*>(dyn_smem);
-    uint32_t* cand = keys + (KEYS_IN_SMEM ? ceil_div(N, 4) * 4 : 0);
-    select_row<THREADS, KEYS_IN_SMEM>(StridedRow<float, true>{scores + row * N, 1}, N, k, keep + row * k,
-                                      rest + row * (N - k), keys, cand, mp.cand_cap, sh);
+    uint32_t* cand = keys + (KEYS_IN_SMEM ? ceil_div(W, 4) * 4 : 0);
+    int64_t* keep_row = keep + row * k;
+    int64_t* rest_row = rest + row * rest_width;
+    select_row<THREADS, KEYS_IN_SMEM>(StridedRow<float, true>{scores + row * W, 1}, N, k_row, keep_row, rest_row, keys,
+                                      cand, mp.cand_cap, sh);
+    pad_indices<THREADS>(keep_row, k_row, k, rest_row, N - k_row, rest_width);
   }
 }
 
@@ -444,21 +497,23 @@ size_t merge_smem(const ScoreArgs& a, const MergePlan& mp, int threads) {
 
 template <int THREADS, bool SELECT, bool KEYS_IN_SMEM>
 cudaError_t launch_merge(const ScoreArgs& a, const ScoreWorkspace& ws, const MergePlan& mp, float* scores,
-                         int64_t keep, int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream) {
+                         int64_t keep, IndexView keep_count, int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream) {
   auto* kernel = score_merge_kernel<THREADS, SELECT, KEYS_IN_SMEM>;
   const size_t smem = merge_smem(a, mp, THREADS);
   const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = a.B * mp.ctas_per_row;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const bool ragged = a.vis_count.ptr != nullptr || keep_count.ptr != nullptr;
+  const int rest_width = static_cast<int>(ragged ? a.vis_len : a.vis_len - keep);
   SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), THREADS, smem, stream, a, ws, mp, scores,
-                  static_cast<int>(keep), keep_idx, rest_idx);
+                  static_cast<int>(keep), keep_count, rest_width, keep_idx, rest_idx);
   return cudaGetLastError();
 }
 
 template <int THREADS>
 cudaError_t launch_merge_select(const ScoreArgs& a, const ScoreWorkspace& ws, float* scores, int64_t keep,
-                                int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream) {
+                                IndexView keep_count, int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream) {
   MergePlan mp = merge_plan(a, ws, THREADS);
   size_t limit = 0;
   const cudaError_t err = max_dynamic_smem(score_merge_kernel<THREADS, true, true>, &limit);
@@ -467,8 +522,8 @@ cudaError_t launch_merge_select(const ScoreArgs& a, const ScoreWorkspace& ws, fl
   mp.cand_cap = plan.cand_cap;
   mp.select_smem = plan.smem;
   return plan.keys_in_smem
-             ? launch_merge<THREADS, true, true>(a, ws, mp, scores, keep, keep_idx, rest_idx, stream)
-             : launch_merge<THREADS, true, false>(a, ws, mp, scores, keep, keep_idx, rest_idx, stream);
+             ? launch_merge<THREADS, true, true>(a, ws, mp, scores, keep, keep_count, keep_idx, rest_idx, stream)
+             : launch_merge<THREADS, true, false>(a, ws, mp, scores, keep, keep_count, keep_idx, rest_idx, stream);
 }
 
 }  // namespace
@@ -485,18 +540,19 @@ cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaSt
   const cudaError_t err = score_partials(a, ws, stream);
   if (err != cudaSuccess) return err;
   const MergePlan mp = merge_plan(a, ws, kMergeThreads);
-  return launch_merge<kMergeThreads, false, false>(a, ws, mp, scores, 0, nullptr, nullptr, stream);
+  return launch_merge<kMergeThreads, false, false>(a, ws, mp, scores, 0, IndexView{nullptr, false, 0, 0}, nullptr,
+                                                   nullptr, stream);
 }
 
-cudaError_t score_select(const ScoreArgs& a, int64_t keep, float* workspace, float* scores, int64_t* keep_idx,
-                         int64_t* rest_idx, cudaStream_t stream) {
+cudaError_t score_select(const ScoreArgs& a, int64_t keep, IndexView keep_count, float* workspace, float* scores,
+                         int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream) {
   if (a.B == 0 || a.vis_len == 0) return cudaSuccess;
   if (a.vis_len > INT32_MAX || a.B > INT32_MAX || keep < 0 || keep > a.vis_len) return cudaErrorInvalidValue;
   const ScoreWorkspace ws = workspace_views(workspace, a);
   const cudaError_t err = score_partials(a, ws, stream);
   if (err != cudaSuccess) return err;
   return dispatch_select_threads(a.vis_len, [&](auto threads) {
-    return launch_merge_select<decltype(threads)::value>(a, ws, scores, keep, keep_idx, rest_idx, stream);
+    return launch_merge_select<decltype(threads)::value>(a, ws, scores, keep, keep_count, keep_idx, rest_idx, stream);
   });
 }
 

@@ -4,6 +4,13 @@ backend protocol of docs/CONTRACT.md.
 The extension `swiftvlm_kernels/_C*.so` is built by setup.py only when torch has CUDA. Importing this
 module never fails and never prints: without the library, or without a GPU, `available()` is False,
 `reason` says why, and every op raises a RuntimeError carrying that reason.
+
+Ragged batches (per-sample counts as int tensors [B], the padded widths as trailing ints, as the
+`.ragged` overloads pass them) run the same kernels in one launch sequence: each CTA reads its sample's
+counts on the device (never on the host). Packed keys (tv_score_varlen / score_select_varlen) are read
+in place through cu_seqlens (no unpacking): max_seqlen, when given, bounds every sample's keys and
+sizes the grid; without it the grid covers all `total` packed keys (tiles past a sample's keys exit
+at once).
 """
 import glob
 import os
@@ -11,10 +18,11 @@ import os
 import torch
 
 __all__ = ["available", "reason", "tv_score", "topk_select", "score_select", "group_merge", "bypass_align",
-           "bypass_align_into", "compact", "restore"]
+           "bypass_align_into", "compact", "restore", "tv_score_varlen", "score_select_varlen"]
 
 _OPS = ("tv_score_cuda", "topk_select_cuda", "score_select_cuda", "group_merge_cuda", "bypass_align_cuda",
-        "bypass_align_into_cuda", "compact_cuda", "restore_cuda")
+        "bypass_align_into_cuda", "compact_cuda", "restore_cuda", "tv_score_ragged_cuda", "score_select_ragged_cuda",
+        "topk_select_ragged_cuda", "compact_ragged_cuda", "group_merge_ragged_cuda")
 
 
 def _load():
@@ -51,23 +59,75 @@ def _ops():
     return torch.ops.swiftvlm
 
 
-def tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
+def _width(name, given):
+    """A ragged output's padded width: given by the caller (reading the counts would synchronise)."""
+    if given is None:
+        raise ValueError(f"{name}: expected the padded width (an int) with per-sample counts on the cuda backend")
+    return int(given)
+
+
+def tv_score(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    if isinstance(vis_len, torch.Tensor):
+        return _ops().tv_score_ragged_cuda(q, k, vis_start, vis_len, _width("max_vis_len", max_vis_len), float(scale),
+                                           key_mask, None, 0)
     return _ops().tv_score_cuda(q, k, vis_start, int(vis_len), float(scale), key_mask)
 
 
-def topk_select(scores, k):
-    keep, rest = _ops().topk_select_cuda(scores, int(k))
+def topk_select(scores, k, lengths=None, max_k=None):
+    if isinstance(k, torch.Tensor):
+        keep, rest = _ops().topk_select_ragged_cuda(scores, k, _width("max_k", max_k), lengths)
+    elif lengths is not None:
+        keep, rest = _ops().topk_select_ragged_cuda(scores, None, int(k), lengths)
+    else:
+        keep, rest = _ops().topk_select_cuda(scores, int(k))
     return keep, rest
 
 
-def score_select(q, k, vis_start, vis_len, keep, scale, key_mask=None):
+def score_select(q, k, vis_start, vis_len, keep, scale, key_mask=None, max_vis_len=None, max_keep=None):
+    if isinstance(vis_len, torch.Tensor) or isinstance(keep, torch.Tensor):
+        return _score_select_ragged(q, k, vis_start, vis_len, keep, scale, key_mask, max_vis_len, max_keep, None, 0)
     keep_idx, rest_idx, scores = _ops().score_select_cuda(q, k, vis_start, int(vis_len), int(keep), float(scale),
                                                           key_mask)
     return keep_idx, rest_idx, scores
 
 
-def group_merge(h, num_groups):
-    merged, group, counts = _ops().group_merge_cuda(h, int(num_groups))
+def _counts(value, q):
+    """Per-sample counts as an int tensor [B] on q's device (an int: the same for every sample)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full((q.shape[0],), int(value), dtype=torch.int64, device=q.device)
+
+
+def _score_select_ragged(q, k, vis_start, vis_len, keep, scale, key_mask, max_vis_len, max_keep, cu_seqlens,
+                         max_seqlen):
+    W = int(vis_len) if not isinstance(vis_len, torch.Tensor) and max_vis_len is None else _width("max_vis_len",
+                                                                                                   max_vis_len)
+    K = int(keep) if not isinstance(keep, torch.Tensor) and max_keep is None else _width("max_keep", max_keep)
+    keep_idx, rest_idx, scores = _ops().score_select_ragged_cuda(
+        q, k, vis_start, _counts(vis_len, q), _counts(keep, q), W, K, float(scale), key_mask, cu_seqlens, max_seqlen)
+    return keep_idx, rest_idx, scores
+
+
+def tv_score_varlen(q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len=None, max_seqlen=None):
+    W = int(vis_len) if not isinstance(vis_len, torch.Tensor) and max_vis_len is None else _width("max_vis_len",
+                                                                                                   max_vis_len)
+    L = k.shape[0] if max_seqlen is None else int(max_seqlen)
+    return _ops().tv_score_ragged_cuda(q, k, vis_start, _counts(vis_len, q), W, float(scale), None, cu_seqlens, L)
+
+
+def score_select_varlen(q, k, cu_seqlens, vis_start, vis_len, keep, scale, max_vis_len=None, max_keep=None,
+                        max_seqlen=None):
+    L = k.shape[0] if max_seqlen is None else int(max_seqlen)
+    return _score_select_ragged(q, k, vis_start, vis_len, keep, scale, None, max_vis_len, max_keep, cu_seqlens, L)
+
+
+def group_merge(h, num_groups, lengths=None, max_groups=None):
+    if isinstance(num_groups, torch.Tensor):
+        merged, group, counts = _ops().group_merge_ragged_cuda(h, num_groups, _width("max_groups", max_groups), lengths)
+    elif lengths is not None:
+        merged, group, counts = _ops().group_merge_ragged_cuda(h, None, int(num_groups), lengths)
+    else:
+        merged, group, counts = _ops().group_merge_cuda(h, int(num_groups))
     return merged, group, counts
 
 
@@ -79,7 +139,10 @@ def bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
     _ops().bypass_align_into_cuda(dst, rows, h_rest, group, merged_now, merged_then)
 
 
-def compact(h, vis_start, keep_idx, rest_idx, num_merged):
+def compact(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
+    if isinstance(num_merged, torch.Tensor):
+        return _ops().compact_ragged_cuda(h, vis_start, keep_idx, rest_idx, num_merged,
+                                          _width("max_merged", max_merged))
     h_new, src, rest_h, merged_rows, inverse = _ops().compact_cuda(h, vis_start, keep_idx, rest_idx, int(num_merged))
     return h_new, src, rest_h, merged_rows, inverse
 

@@ -197,10 +197,13 @@ def backend(lib: str | None = None):
     load(lib or build())
     module = types.ModuleType("swiftvlm_cuda_emulated")
     env = dict(vars(cuda_backend), _ops=lambda: torch.ops.swiftvlm)
+    for name, fn in list(env.items()):  # every function of the module, its helpers included, sees env
+        if isinstance(fn, types.FunctionType) and fn.__module__ == cuda_backend.__name__ and name not in (
+                "_ops", "_load", "available"):
+            env[name] = types.FunctionType(fn.__code__, env, name, fn.__defaults__)
     for name in cuda_backend.__all__:
-        fn = getattr(cuda_backend, name)
-        if isinstance(fn, types.FunctionType) and name not in ("available",):
-            setattr(module, name, types.FunctionType(fn.__code__, env, name, fn.__defaults__))
+        if isinstance(env[name], types.FunctionType) and name != "available":
+            setattr(module, name, env[name])
     return module
 
 
@@ -211,7 +214,7 @@ if __name__ == "__main__":
                    ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         tests = [os.path.join(ROOT, "tests", f)
-                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py")]
+                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py", "test_ragged.py")]
         sys.exit(subprocess.call([sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
                                   "-k", "(cuda-emu or cuda_emulated or cuda_score_kernels) and not removing"
                                   " and not without_the",

@@ -51,6 +51,48 @@ def test_every_schedule_gives_the_same_results(emu, schedule):
             assert torch.equal(x, y), schedule
 
 
+@pytest.mark.parametrize("schedule", ["reverse", "random", "warps"])
+def test_ragged_batches_under_every_schedule(emu, schedule):
+    """The ragged forms (per-sample counts read on the device, -1 / zero padding written beside the
+    select, compact.ragged's per-CTA counts) give the same results under other thread schedules and
+    a random block order, and the packed form equals the padded one."""
+    q, k, mask = _attention(3, 8, 2, 150, 64, seed=11, dtype=torch.bfloat16)
+    vis_start, vis_len, keep = torch.tensor([3, 20, 0]), torch.tensor([120, 77, 0]), torch.tensor([40, 77, 0])
+    scores = torch.randn(3, 1500, generator=torch.Generator().manual_seed(12)).round(decimals=1)  # many ties
+    lengths, k_rows = torch.tensor([1500, 999, 0]), torch.tensor([300, 999, 0])
+    h = torch.randn(3, 90, 48, generator=torch.Generator().manual_seed(13))
+    rows, groups = torch.tensor([90, 41, 0]), torch.tensor([7, 3, 0])
+    cu = torch.tensor([0, 150, 150 + 130, 150 + 130 + 97], dtype=torch.int32)
+    packed_k = torch.cat([k[0].transpose(0, 1), k[1, :, :130].transpose(0, 1), k[2, :, :97].transpose(0, 1)])
+
+    def run():
+        keep_idx, rest_idx, sc = emu.score_select(q, k, vis_start, vis_len, keep, 0.125, mask, 120, 77)
+        block = python_ref.topk_select(sc, keep, vis_len, 77)
+        assert torch.equal(keep_idx, block[0]) and torch.equal(rest_idx, block[1])
+        compacted = emu.compact(h[:, :, :16].repeat(1, 2, 1)[:, :150], vis_start, keep_idx, rest_idx,
+                                torch.tensor([4, 0, 0]), 5)
+        packed = emu.score_select_varlen(q, packed_k, cu, vis_start, torch.tensor([120, 77, 60]),
+                                         torch.tensor([40, 7, 60]), 0.125, 120, 60, 150)
+        return (keep_idx, rest_idx, sc, *emu.topk_select(scores, k_rows, lengths, 999),
+                *emu.group_merge(h, groups, rows, 7), *compacted, *packed)
+
+    with cuda_emulator.schedule("forward"):
+        want = run()
+    with cuda_emulator.schedule(schedule, seed=5), cuda_emulator.block_order("random", seed=6):
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), schedule
+    k_padded, key_mask = python_ref.varlen.unpack(packed_k, cu, 150)
+    padded = emu.score_select(q, k_padded, vis_start, torch.tensor([120, 77, 60]), torch.tensor([40, 7, 60]), 0.125,
+                              key_mask, 120, 60)
+    for a, b in zip(want[-3:], padded):
+        assert torch.equal(a, b)
+    reference = python_ref.compact(h[:, :, :16].repeat(1, 2, 1)[:, :150], vis_start, want[0], want[1],
+                                   torch.tensor([4, 0, 0]), 5)
+    for a, b in zip(want[-8:-3], reference):
+        assert torch.equal(a, b)
+
+
 def test_llava_shape_score_select(emu):
     """LLaVA-1.5 batch 1: 576 visual tokens in a 650-token prompt, 32 heads of 128, keep 192."""
     q, k, mask = _attention(1, 32, 32, 650, 128, seed=3, dtype=torch.bfloat16)
@@ -60,6 +102,43 @@ def test_llava_shape_score_select(emu):
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-8)
     want_keep, want_rest = python_ref.topk_select(scores, 192)  # exact on the kernel's own scores
     assert torch.equal(keep, want_keep) and torch.equal(rest, want_rest)
+
+
+def test_llava_shape_ragged_score_select(emu):
+    """A ragged LLaVA-1.5 batch: 576 and 300 visual tokens (the second sample's prompt shorter, left
+    padded), 32 heads of 128, keep 192 and 100 in one call: each row bit-equal to its sample alone,
+    padded with 0 scores and -1 indices, its selection exact on its own scores."""
+    q, k, _ = _attention(2, 32, 32, 650, 128, seed=5, dtype=torch.bfloat16)
+    mask = torch.ones(2, 650, dtype=torch.bool)
+    mask[1, :276] = False  # sample 1: 374 tokens, its 300 visual ones from 311
+    vis_start, vis_len, keep = torch.tensor([35, 311]), torch.tensor([576, 300]), torch.tensor([192, 100])
+    scale = 128 ** -0.5
+    keep_idx, rest_idx, scores = emu.score_select(q, k, vis_start, vis_len, keep, scale, mask, 576, 192)
+    assert keep_idx.shape == (2, 192) and rest_idx.shape == scores.shape == (2, 576)
+    want = python_ref.tv_score(q, k, vis_start, vis_len, scale, mask, 576)
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-8)
+    assert torch.equal(emu.tv_score(q, k, vis_start, vis_len, scale, mask, 576), scores)
+    for b in range(2):
+        n, kb = int(vis_len[b]), int(keep[b])
+        one = emu.score_select(q[b:b + 1], k[b:b + 1], vis_start[b:b + 1], n, kb, scale, mask[b:b + 1])
+        assert torch.equal(scores[b, :n], one[2][0]) and not scores[b, n:].any()
+        assert torch.equal(keep_idx[b, :kb], one[0][0]) and (keep_idx[b, kb:] == -1).all()
+        assert torch.equal(rest_idx[b, :n - kb], one[1][0]) and (rest_idx[b, n - kb:] == -1).all()
+        own_keep, own_rest = python_ref.topk_select(scores[b:b + 1, :n], kb)
+        assert torch.equal(keep_idx[b, :kb], own_keep[0]) and torch.equal(rest_idx[b, :n - kb], own_rest[0])
+
+
+def test_llava_next_shape_ragged_compact(emu):
+    """compact.ragged at LLaVA-NeXT widths (blocks of 2880 slots, samples with 2880, 1512 and 0 visual
+    tokens; the id prefixes found in several search rounds) equals python_ref (small d keeps it quick)."""
+    vis_len, keep, merge = torch.tensor([2880, 1512, 0]), torch.tensor([960, 504, 0]), torch.tensor([96, 50, 0])
+    h = torch.randn(3, 2954, 8, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    vis_start = torch.tensor([35, 35, 35])
+    keep_idx, rest_idx = python_ref.topk_select(torch.randn(3, 2880, generator=torch.Generator().manual_seed(7)), keep,
+                                                vis_len, 960)
+    got = emu.compact(h, vis_start, keep_idx, rest_idx, merge, 97)
+    for a, b in zip(got, python_ref.compact(h, vis_start, keep_idx, rest_idx, merge, 97)):
+        assert torch.equal(a, b)
 
 
 def test_llava_shape_group_merge(emu):

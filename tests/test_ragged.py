@@ -11,7 +11,10 @@ import swiftvlm_kernels as sk
 
 from conftest import DTYPES
 
-BACKENDS = ["torch", "cpu"]
+# cuda-emu: the CUDA kernels of csrc/ on the CPU emulation (tests/cuda_emulator.py), reached through the
+# same wrappers as the real backends (see _cuda_emu_backend).
+CUDA_EMU = ["cuda-emu"] if __import__("shutil").which("g++") else []
+BACKENDS = ["torch", "cpu"] + CUDA_EMU
 TRITON = ["triton"] if __import__("os").environ.get("TRITON_INTERPRET") == "1" else []
 # Backends whose per-sample arithmetic cannot depend on the rest of the batch (one program per sample):
 # bit-equal to the sample alone. torch and cpu compute the logits with batched BLAS, whose rounding
@@ -19,6 +22,28 @@ TRITON = ["triton"] if __import__("os").environ.get("TRITON_INTERPRET") == "1" e
 # rounding, and their selections are exactly those of their own scores.
 EXACT = {"triton", "cuda-emu"}
 FP32_EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_emu_backend():
+    """sk.<op>(..., backend="cuda-emu") runs the emulated CUDA backend's function, after the wrappers'
+    own argument handling (defaults, widths filled, checks), as backend="cuda" would on a GPU."""
+    from swiftvlm_kernels import _backend
+
+    module, emulated = _backend.module, []
+
+    def module_or_emulated(op, device_type, backend=None):
+        if backend != "cuda-emu":
+            return module(op, device_type, backend)
+        if not emulated:
+            import cuda_emulator
+
+            emulated.append(cuda_emulator.backend())
+        return emulated[0]
+
+    _backend.module = module_or_emulated
+    yield
+    _backend.module = module
 
 
 def _ragged_attention(data, dtype):
