@@ -39,7 +39,7 @@ MIN_BLOCK_L = 16
 MAX_BLOCK_D = 128  # the head dim is loaded whole up to this (D = 128 in the models), else in chunks
 NUM_WARPS = 8
 MAX_SPLITS = 64
-TARGET_PROGRAMS = 1024  # split the key axis until (B * Hkv * num_splits) reaches about this
+TARGET_PROGRAMS = 1024  # split the key axis until (Hkv * num_splits) reaches about this (batches add more)
 SCORE_TILE = 16  # launch 2: fp32 logits a thread in a [BLOCK_H, BLOCK_V] tile (32 spill with SELECT)
 
 
@@ -218,7 +218,9 @@ def visual_scores(q, k, vis_start, vis_len, scale: float, key_mask=None, keep=No
     block_g = pow2(G)
     block_d, block_l = _stats_tile(block_g, D)
     tiles = triton.cdiv(L, block_l)  # split the keys into whole tiles, enough splits to fill the GPU
-    num_splits = max(1, min(tiles, MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, B * Hkv)))
+    # the split-K partition and the score tiles depend on neither the batch nor vis_len, so a sample's
+    # scores do not depend on the rest of a (ragged) batch: the same sums in the same order
+    num_splits = max(1, min(tiles, MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, Hkv)))
     split_len = triton.cdiv(tiles, num_splits) * block_l
     num_splits = max(1, triton.cdiv(L, split_len))
     split_max = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
@@ -233,7 +235,7 @@ def visual_scores(q, k, vis_start, vis_len, scale: float, key_mask=None, keep=No
     qk_scale = float(scale) * math.log2(math.e)
     block_n, in_registers, warps = row_config(vis_len) if select else (1, True, 4)
     block_h = pow2(H)
-    block_v = min(pow2(vis_len), max(1, SCORE_TILE * 32 * warps // block_h))
+    block_v = max(1, SCORE_TILE * 32 * 4 // block_h)
     with on_device(q):
         _split_stats_kernel[(B * Hkv, num_splits)](
             q, k, mask, vis_start, split_max, split_sum, split_cnt, logits, done,
