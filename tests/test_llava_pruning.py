@@ -361,3 +361,17 @@ def test_ragged_plan_errors(model):
         SwiftVLM(budget=10, budget_ratio=0.3)
     with pytest.raises(ValueError, match="pixel_values: the image tokens of input_ids ask for 7 images"):
         model(**dict(batch_inputs, pixel_values=batch_inputs["pixel_values"][:6]))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_ragged_batch_on_triton_equals_cpu():
+    """The whole ragged pruning path (ragged score_select, compact, group_merge, restore) on the Triton
+    kernels keeps the tokens the cpu backend keeps, with the same logits up to fp32 rounding."""
+    batch_inputs, _ = ragged_inputs(images=(1, 2), text=(6, 5))
+    cpu, triton_model = tiny_llava(), tiny_llava()
+    triton_model.backend = "triton"
+    for pruning in (SwiftVLM(), PDrop(layers=(3, 8, 12))):
+        want, got = cpu(**batch_inputs, pruning=pruning), triton_model(**batch_inputs, pruning=pruning)
+        for a, b in zip(want.kept, got.kept):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got.last_logits, want.last_logits, atol=1e-4, rtol=1e-4)
