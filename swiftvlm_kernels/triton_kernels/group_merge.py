@@ -32,6 +32,7 @@ from ._common import cast_rne, on_device, pow2
 
 TILES = ((64, 64), (32, 32), (16, 16))  # (BLOCK_R, BLOCK_Z) of _group_assign_kernel; tl.dot needs >= 16
 SEG = 256  # tokens per sort segment
+_OLD_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 _tile_override = None  # tests set a (BLOCK_R, BLOCK_Z) of TILES to run that tile shape
 
 
@@ -211,15 +212,18 @@ def group_merge(h, num_groups, lengths=None, max_groups=None):
     members = torch.empty(B, R, dtype=torch.int32, device=h.device)
     lower = torch.empty(B, segments, Z + 1, dtype=torch.int32, device=h.device)
     block_dm = min(pow2(d), 256)
+    # triton < 3.7 cannot compile an fp64 tl.dot fed by 16-bit loads ("fp64 don't support largeK MMA"):
+    # there the assign kernel reads an fp32 copy of h (exact; one more pass over h)
+    h_dot = h.float() if h.element_size() < 4 and _OLD_TRITON else h
     with on_device(h):
         _group_assign_kernel[(target_tiles, triton.cdiv(R, block_r), B)](
-            h, cand_sim, cand_z, rb if ragged else h, zb if ragged else h, R, Z, d, *h.stride(),
-            BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_D=1024 // block_z,  # an 8 KiB fp64 target tile
+            h_dot, cand_sim, cand_z, rb if ragged else h, zb if ragged else h, R, Z, d, *h_dot.stride(),
+            BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_D=1024 // block_z if block_z > 16 else 16,  # 16 x 16: no spill (triton 3.6)
             RAGGED=ragged, num_warps=8 if block_r >= 32 else 4)
         _group_sort_kernel[(segments, B)](
             cand_sim, cand_z, group, members, lower, rb if ragged else h, zb if ragged else h, R, Z, target_tiles,
             segments, SEG=SEG, BLOCK_L=16, RAGGED=ragged, num_warps=4)
         _group_mean_kernel[(B * Z, max(1, triton.cdiv(d, block_dm)))](  # d = 0 still writes the counts
             h, members, lower, merged, counts, R, Z, d, segments, *h.stride(),
-            SEG=SEG, BLOCK_S=min(pow2(segments), 64), BLOCK_M=8, BLOCK_D=block_dm, num_warps=4)
+            SEG=SEG, BLOCK_S=min(pow2(segments), 32), BLOCK_M=8, BLOCK_D=block_dm, num_warps=4)
     return merged, group, counts
