@@ -64,7 +64,7 @@ def test_prefill_harness_smoke():
     for r in rows[1:]:
         assert r["flops"] < vanilla["flops"] and r["predicted_speedup"] > 1  # pruning removes work (Eq. 17-19)
         assert 0.0 < r["prune_share"] < 1.0 and r["host_syncs"] == 0
-        assert 0 < r["ops_per_stage"] <= 12
+        assert 0 < r["ops_per_stage"] <= 13  # tests/test_engine.py guards each method's count
         assert abs(r["avg_visual_tokens"] - 12) <= 0.5  # the budget rule
     assert prefill.markdown(rows).count("\n") == len(rows) + 2
 

@@ -40,7 +40,17 @@ def test_swiftvlm_overhead_hand_worked():
     stage1 = 2 * 6 * 2 * 8 + 2 * 12 * 8  # merge 2RZd + scores 2 (n_text + n_vis) d
     stage2 = 2 * 12 * 8 + 6 * 8 + 2 * 64 + 2 * 7 * 64  # scores, align R_1 d, query, 7 more keys
     assert f.overhead == stage1 + stage2 == 1648
-    assert f.total == sum(f.per_layer) + 1648
+    assert f.total == sum(f.per_layer) + 1648 and f.recompute == 0
+
+
+def test_swiftvlm_recompute_after_a_merging_later_stage():
+    # stage 2 (before layer 4) merges too: layer 4 computes its 2 text + 3 kept rows' keys again
+    # (its merged row changed after scoring); beyond Eq. 19, so in total and not in paper_units.
+    pruning = SwiftVLM(layers=(2, 4, 5), keep=(4, 3, 2), merge=(2, 1))
+    f = prefill_flops(TINY, 2, 10, pruning)
+    assert f.recompute == 2 * (2 + 3) * 64
+    assert f.total == sum(f.per_layer) + f.overhead + f.recompute
+    assert f.paper_units == sum(f.per_layer) // 2 + f.overhead
 
 
 def test_drop_only_overhead_hand_worked():

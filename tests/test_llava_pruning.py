@@ -375,3 +375,21 @@ def test_ragged_batch_on_triton_equals_cpu():
         for a, b in zip(want.kept, got.kept):
             assert torch.equal(a, b)
         torch.testing.assert_close(got.last_logits, want.last_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["swiftvlm", "swiftvlm_explicit"])
+def test_every_layer_runs_on_its_own_input(model, inputs, name):
+    """Each layer's keys are those of the hidden states it receives, merged rows included: at a
+    stage >= 2 the layer reuses the scoring pass's normed input and keys, which were computed before
+    the merge, so a merged token's row must get its own (the group mean's), not its target's."""
+    ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    plan = model.plan_for(PLANS[name])
+    hidden = []
+    with torch.no_grad():
+        _, caches = model.prefill(ids, pixels, mask.bool(), plan, caching=True, hidden=hidden)
+        for layer, (h, index), cache in zip(model.language_model.layers, hidden, caches):
+            positions = (mask.long().cumsum(1) - 1).clamp_min(0).gather(1, index)
+            cos, sin = model.rope_table(positions, h.dtype).unbind(2)
+            want = layer.self_attn.keys(layer.input_layernorm(h), cos, sin)
+            assert cache.k.shape[1] == want.shape[1]
+            torch.testing.assert_close(cache.k, want, rtol=0, atol=1e-6)

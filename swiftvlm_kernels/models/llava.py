@@ -508,7 +508,11 @@ class LlavaForward(nn.Module):
                 seq = engine.restore(seq)
                 x, k, q_last = self.stage_inputs(layer, seq)
                 seq = engine.select(seq, s, q_last, k.transpose(1, 2), self._scores(stage_scores, s))
-                x, k, mask = seq.take(x), seq.take(k), self._corner(full_mask, seq)
+                # Reuse the scoring pass's normed input and keys for the layer's rows, unless the stage
+                # merged: a merged row then carries its group's mean, not the state they were computed
+                # on, and the layer computes its inputs afresh (fewer ops than patching Z rows).
+                x, k = (seq.take(x), seq.take(k)) if seq._bypass is None else (None, None)
+                mask = self._corner(full_mask, seq)
             if hidden is not None:
                 hidden.append((seq.h, seq.index))
             cos, sin = seq.carry["rope"].unbind(2)
@@ -528,7 +532,8 @@ class LlavaForward(nn.Module):
     def stage_inputs(layer, seq):
         """What a stage that acts before `layer` scores with, on the restored sequence: the normed
         input x, the keys of every row and the last token's query (Eq. 19's extra work: the rest
-        tokens' keys and one query). The layer then reuses x and the keys of its kept rows."""
+        tokens' keys and one query). The layer then reuses x and the keys of its kept rows when the
+        stage merges nothing (otherwise it recomputes them: pruning/flops.py counts that)."""
         cos, sin = seq.carry["rope"].unbind(2)
         x = layer.input_layernorm(seq.h)
         k = layer.self_attn.keys(x, cos, sin)

@@ -28,6 +28,11 @@ merged tokens, d the hidden size:
 - A SwiftVLM stage s >= 2 scores before layer y: the last token's query is projected separately,
   and the keys of the n_vis - k_s tokens that layer y will not run on are extra ((1 - r) n_v in
   Eq. 19); the k_s kept tokens' keys are layer y's own.
+
+Beyond Eq. 19 (`PrefillFlops.recompute`, in `total`, not in `paper_units`): when a SwiftVLM stage
+s >= 2 also merges, layer y's merged rows carry group means that the scoring pass never saw, so
+the layer computes its keys afresh (models/llava.py, hf/): the n_text + k_s kept rows' keys,
+2 (n_text + k_s) d^2, are computed twice (0.2 % of the pruned prefill at LLaVA-1.5-7B, budget 128).
 - n_keys: the score softmax runs over every key (SPEC, tv_score): n_text + n_vis at SwiftVLM
   stages (all visual tokens are present again), n_text + the current visual tokens at drop-only
   stages. Eq. 19 writes 2 n_v d, counting the visual keys only.
@@ -42,11 +47,12 @@ from .plan import PruningPlan, _as_int
 
 @dataclass(frozen=True)
 class PrefillFlops:
-    """FLOPs (multiply-add = 2) of one prefill: total = sum(per_layer) + overhead."""
+    """FLOPs (multiply-add = 2) of one prefill: total = sum(per_layer) + overhead + recompute."""
 
     total: int
     per_layer: tuple[int, ...]  # 2 x Eq. 17 for each decoder layer, layer 1 first
     overhead: int  # Eq. 19 summed over the stages
+    recompute: int = 0  # beyond Eq. 19: keys computed again after a merge (module docstring)
 
     @property
     def paper_units(self) -> int:
@@ -84,6 +90,13 @@ def _stage_overhead(plan: PruningPlan, s: int, n_text: int, d: int) -> int:
     return flops
 
 
+def _stage_recompute(plan: PruningPlan, s: int, n_text: int, d: int) -> int:
+    """FLOPs beyond Eq. 19 of stage s: the kept rows' keys computed again by a layer whose stage
+    (acting before it) merged, as in the module docstring."""
+    stage = plan.stages[s]
+    return 2 * (n_text + stage.keep) * d * d if plan.acts_before(s) and stage.merge else 0
+
+
 def prefill_flops(text_config, n_text: int, n_vis: int, pruning=None) -> PrefillFlops:
     """Prefill FLOPs (Eq. 17-19) of the language model on n_text text and n_vis visual tokens.
 
@@ -105,4 +118,5 @@ def prefill_flops(text_config, n_text: int, n_vis: int, pruning=None) -> Prefill
                          f"{num_layers}, got n_vis = {plan.n_vis}, num_layers = {plan.num_layers}")
     per_layer = tuple(layer_flops(n_text + v, d, m) for v in plan.visual_tokens_per_layer())
     overhead = sum(_stage_overhead(plan, s, n_text, d) for s in range(len(plan.stages)))
-    return PrefillFlops(sum(per_layer) + overhead, per_layer, overhead)
+    recompute = sum(_stage_recompute(plan, s, n_text, d) for s in range(len(plan.stages)))
+    return PrefillFlops(sum(per_layer) + overhead + recompute, per_layer, overhead, recompute)
