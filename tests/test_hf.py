@@ -311,3 +311,56 @@ def test_apply_errors(llava):
     assert hf.default_layers(28) == (3, 10, 13)
     with pytest.raises(ValueError, match="num_layers"):
         hf.default_layers(3)
+
+
+# -- LLaVA-NeXT: anyres, a different visual-token count per image after padding removal -------------
+
+@pytest.fixture(scope="module")
+def llava_next():
+    c = tiny_llava_config()
+    cfg = transformers.LlavaNextConfig(
+        vision_config=dict(c["vision_config"], image_size=28), text_config=dict(c["text_config"], num_hidden_layers=6),
+        image_token_index=IMG, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    yield model
+    hf.apply(model, None)
+
+
+def next_inputs(model, sizes, seed=0):
+    """Left-padded prompts with as many image tokens as each image's unpadded features (14 and 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(len(sizes), 5, 3, 28, 28, generator=gen)
+    sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    rows = [torch.cat([torch.randint(3, 500, (2 + b,), generator=gen), torch.full((n,), IMG),
+                       torch.randint(3, 500, (4,), generator=gen)]) for b, n in enumerate(counts)]
+    L = max(len(r) for r in rows)
+    input_ids = torch.stack([torch.cat([torch.zeros(L - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.arange(L) >= L - len(r) for r in rows]).long()
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}, counts
+
+
+def test_llava_next_keep_all_and_ragged_batch(llava_next):
+    inputs, counts = next_inputs(llava_next, [[28, 56], [56, 40]])
+    assert counts[0] != counts[1]
+    with torch.no_grad():
+        hf.apply(llava_next, None)
+        one = {k: v[1:] for k, v in inputs.items()}  # the longer prompt: no padding
+        assert one["attention_mask"].all()
+        ref = llava_next(**one).logits
+        hf.apply(llava_next, SwiftVLM(layers=(2, 3, 5), keep=(counts[1],) * 3, merge=(0, 0)), backend=BACKEND)
+        assert torch.equal(llava_next(**one).logits, ref)  # keep-all: HF's logits exactly
+        hf.apply(llava_next, PDrop(layers=(2, 3, 4), budget_ratio=0.6), backend=BACKEND)
+        pos = cumsum_positions(inputs["attention_mask"])
+        logits = llava_next(**inputs, position_ids=pos).logits[:, -1]
+        ids = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            alone = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+                     "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
+            torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
+            assert torch.equal(ids[b:b + 1],
+                               llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
