@@ -364,3 +364,86 @@ def test_llava_next_keep_all_and_ragged_batch(llava_next):
             torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
             assert torch.equal(ids[b:b + 1],
                                llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+
+
+# -- PDrop as its official code does it --------------------------------------------------------------
+
+def test_pdrop_official_variant(llava):
+    """Layer x + 1's query and keys on layer x's output; positions renumbered after a drop, in the
+    prefill and in decoding. Reference: a plain loop over HF's layers that gathers the kept rows."""
+    pruning = PDrop(layers=(2, 6, 10), budget_ratio=0.5, official=True)
+    inputs = tiny_inputs(2)
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    with torch.no_grad():
+        hf.apply(llava, pruning, backend=BACKEND)
+        out = llava(**inputs)
+        got, record = out.logits[:, -1], hf.last_prefill(llava)
+        token = got.argmax(-1)
+        step = llava(input_ids=token[:, None], past_key_values=out.past_key_values,
+                     position_ids=torch.full((B, 1), L)).logits[:, -1]
+        hf.apply(llava, None)
+        h = _embeds(llava, inputs)
+        text = llava.model.language_model
+        layers = text.layers
+        cache = transformers.DynamicCache(config=text.config)
+        start = (ids == IMG).int().argmax(1)
+        rows = torch.arange(L).expand(B, L)  # input index of each row
+        pos = rows
+        shifts = []
+        for i, layer in enumerate(layers, start=1):
+            cos, sin = text.rotary_emb(h, pos)
+            shifts.append(rows.shape[1])
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+            s = record.plan.stage_after(i)
+            if s is None:
+                continue
+            nxt = layers[i]
+            x = nxt.input_layernorm(h)
+            D = nxt.self_attn.head_dim
+            q = nxt.self_attn.q_proj(x[:, -1:]).view(B, 1, -1, D).transpose(1, 2)
+            k = nxt.self_attn.k_proj(x).view(B, rows.shape[1], -1, D).transpose(1, 2)
+            q = q * cos[:, None, -1:] + torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin[:, None, -1:]
+            k = k * cos[:, None] + torch.cat([-k[..., D // 2:], k[..., :D // 2]], -1) * sin[:, None]
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            p = torch.softmax((q @ k.transpose(-1, -2))[:, :, 0] * D ** -0.5, -1).mean(1)  # [B, n]
+            visual = (rows >= start[:, None]) & (rows < start[:, None] + 36)
+            score = torch.where(visual, p, -1.0)
+            keep_n = record.plan.stages[s].keep
+            top = score.topk(keep_n, -1).indices
+            keep = ~visual
+            keep[torch.arange(B)[:, None], top] = True
+            sel = torch.stack([keep[b].nonzero()[:, 0] for b in range(B)])
+            assert torch.equal(rows.gather(1, sel)[visual.gather(1, sel)].view(B, keep_n) - start[:, None],
+                               record.kept[s])
+            h, rows = h[torch.arange(B)[:, None], sel], rows.gather(1, sel)
+            pos = torch.arange(rows.shape[1]).expand(B, -1)  # renumbered
+        want = llava.lm_head(text.norm(h))[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        # decoding: layer l's cache holds shifts[l] rows; the new token's position there is L - (L - rows)
+        e = text.embed_tokens(token[:, None])
+        for layer, n_l in zip(layers, shifts):
+            kc, vc = cache.layers[layer.self_attn.layer_idx].keys, cache.layers[layer.self_attn.layer_idx].values
+            assert kc.shape[2] == n_l
+        e_pos = torch.full((B, 1), L)
+        for layer, n_l in zip(layers, shifts):
+            cos, sin = text.rotary_emb(e, e_pos - (L - n_l))
+            e = layer(e, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(step, llava.lm_head(text.norm(e))[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="official"):
+        LlavaForward.from_config(tiny_llava_config()).plan_for(pruning)
+
+
+def test_pdrop_official_ragged_batch_equals_samples_alone(llava_next):
+    inputs, _ = next_inputs(llava_next, [[28, 56], [56, 40]], seed=1)
+    with torch.no_grad():
+        hf.apply(llava_next, PDrop(layers=(2, 3, 4), budget_ratio=0.6, official=True), backend=BACKEND)
+        logits = llava_next(**inputs, position_ids=cumsum_positions(inputs["attention_mask"])).logits[:, -1]
+        ids = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            alone = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+                     "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
+            torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
+            assert torch.equal(ids[b:b + 1],
+                               llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])

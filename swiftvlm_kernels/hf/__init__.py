@@ -143,6 +143,9 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
             del model._swiftvlm_state
         return model
     _check_pruning(pruning)
+    if getattr(pruning, "official", False) and family.startswith("qwen"):
+        raise ValueError("pruning: PDrop(official=True) renumbers 1-D positions after a drop; Qwen2-VL's M-RoPE "
+                         "positions have no such renumbering (use official=False)")
     if backend is not None:
         from .._backend import requested
         requested(backend)

@@ -37,6 +37,7 @@ class _CacheInfo:
     key_masks: list      # per layer: bool [B, n_l] valid keys of its prefill rows, or None (all valid)
     lengths: list        # per layer: n_l
     prompt_len: int      # the prompt's length in the caller's 2-D attention mask
+    shifts: Optional[list] = None  # PDrop official: per layer, int64 [B] (or None) to subtract from positions
 
 
 class _KeyTap:
@@ -84,6 +85,13 @@ def _stage_inputs(layer, seq: Sequence) -> tuple[Tensor, Tensor]:
     k = _rotate(_heads(attn.k_proj, x, attn.head_dim), cos, sin)
     q = _rotate(_heads(attn.q_proj, x[:, -1:], attn.head_dim), cos[:, -1:], sin[:, -1:])[:, :, 0]
     return q, k
+
+
+def _real_rows(seq: Sequence) -> Tensor:
+    """int64 [B, n]: 1 for the rows that hold a token (valid keys), 0 for padding rows."""
+    if seq.key_mask is None:
+        return torch.ones(seq.h.shape[:2], dtype=torch.long, device=seq.h.device)
+    return seq.key_mask.long()
 
 
 def _positions(text, family: str, h: Tensor, position_ids: Optional[Tensor], past: int):
@@ -244,6 +252,9 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         def take(x):
             return torch.where(ok.view(B, W, *[1] * (x.dim() - 2)), x.reshape(B * L, *x.shape[2:])[rows].view(B, W, *x.shape[2:]), 0)
 
+        def take_positions(p):  # [1 or B, L] integer positions in the padded layout (padding rows 0)
+            return take(p.expand(B, L)[..., None])[..., 0]
+
         flat_index = torch.where(ok, src % L, -1)
         h, cos, sin = take(h), take(cos), take(sin)
         key_mask = ok if key_mask is None else ok & key_mask.reshape(-1)[rows].view(B, W)
@@ -252,7 +263,13 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
                              vis_counts=torch.tensor(layout.counts, device=h.device))
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend)
-    key_masks, lengths = [], []
+    official = bool(getattr(state.pruning, "official", False))
+    if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
+        real = _real_rows(seq)
+        seq.carry["pos0"] = rope_pos.expand(B, L) if layout.src is None else take_positions(rope_pos)
+        seq.carry["rank0"] = real.cumsum(1) - real  # each real row's rank among real rows
+    key_masks, lengths, shifts = [], [], []
+    shift = None  # official: [B] visual tokens dropped before the last row so far
     for i, layer in enumerate(layers, start=1):
         s = plan.stage_before(i)
         if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
@@ -262,21 +279,33 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             mask = _causal_mask(self, seq.h, seq.key_mask)
         cos, sin = seq.carry["cos"], seq.carry["sin"]
         after = plan.stage_after(i)
-        q_last = _last_query(layer, seq.h, cos, sin) if after is not None else None
-        tap = _KeyTap(cache if use_cache else None) if after is not None else (cache if use_cache else None)
+        tapped = after is not None and not official
+        q_last = _last_query(layer, seq.h, cos, sin) if tapped else None
+        tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
         seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                       past_key_values=tap, use_cache=use_cache, **kwargs)
         key_masks.append(seq.key_mask)
         lengths.append(seq.h.shape[1])
-        if after is not None:  # first / drop-only stage: this layer's own query and keys
+        shifts.append(shift)
+        if after is not None and official:  # layer i + 1's query and keys on layer i's output, then renumber
+            q_last, k = _stage_inputs(layers[i], seq)
+            seq = engine.select(seq, after, q_last, k)
+            real = _real_rows(seq)
+            dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
+            pos = seq.carry["pos0"] - dropped
+            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
+            shift = dropped[:, -1]
+            mask = _causal_mask(self, seq.h, seq.key_mask)
+        elif after is not None:  # first / drop-only stage: this layer's own query and keys
             seq = engine.select(seq, after, q_last, tap.keys)
             mask = _causal_mask(self, seq.h, seq.key_mask)
     out = self.norm(seq.h)
     from . import PrefillRecord
 
-    state.last = PrefillRecord(plan, seq.kept, seq.carry["index"], lengths)
+    index = seq.carry["index"] if layout.src is None else torch.where(seq.key_mask, seq.carry["index"], -1)
+    state.last = PrefillRecord(plan, seq.kept, index, lengths)
     if use_cache:
-        cache._swiftvlm = _CacheInfo(key_masks, lengths, L)
+        cache._swiftvlm = _CacheInfo(key_masks, lengths, L, shifts if official else None)
     return _output(out, cache if use_cache else None)
 
 
@@ -291,7 +320,7 @@ def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_i
     B, q = h.shape[:2]
     past = cache.get_seq_length()
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, past)
-    cos, sin = self.rotary_emb(h, rope_pos)
+    tables = {None: self.rotary_emb(h, rope_pos)}  # per position shift (PDrop official), else one
     new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
     masks = {}
     for l, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -309,6 +338,10 @@ def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_i
                 old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
                 m2 = torch.cat([old, new], 1)
             masks[key] = _causal_mask(self, h, m2, cache, None, layer_idx=l)
-        h = layer(h, attention_mask=masks[key], position_embeddings=(cos, sin), position_ids=layer_pos,
+        shift = None if info.shifts is None else info.shifts[l]
+        if id(shift) not in tables and shift is not None:
+            tables[id(shift)] = self.rotary_emb(h, rope_pos - shift[:, None])
+        h = layer(h, attention_mask=masks[key], position_embeddings=tables[None if shift is None else id(shift)],
+                  position_ids=layer_pos,
                   past_key_values=cache, use_cache=True, **kwargs)
     return _output(self.norm(h), cache)
