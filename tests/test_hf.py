@@ -447,3 +447,19 @@ def test_pdrop_official_ragged_batch_equals_samples_alone(llava_next):
             torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
             assert torch.equal(ids[b:b + 1],
                                llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+
+
+# -- the layer-selection profiler (Sec. 3.2) on a transformers model ------------------------------
+
+def test_layer_profile_matches_minimal_forward(llava, ours):
+    from swiftvlm_kernels.pruning import layer_profile
+
+    samples = [tiny_inputs(2, seed=1)]
+    tok = 17
+    hf.apply(llava, None)
+    with torch.no_grad():
+        got = layer_profile(llava, samples, lambda s, out: out.logits[:, -1, tok].mean(), keep_ratio=0.25)
+        want = layer_profile(ours, samples, lambda s, out: out.last_logits[:, tok].mean(), keep_ratio=0.25)
+    assert not hf.is_applied(llava)  # restored
+    assert len(got) == 16 and len(set(round(x, 4) for x in got)) > 1  # the layers' selections differ
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)

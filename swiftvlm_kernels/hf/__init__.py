@@ -53,9 +53,11 @@ import torch
 from torch import Tensor, nn
 
 from ..pruning import FastV, PDrop, PruningPlan, RaggedPlan, SwiftVLM
-from . import _decoder
+from . import _decoder, _profile
+from ._profile import layer_profile
 
-__all__ = ["apply", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "SUPPORTED"]
+__all__ = ["apply", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "default_method", "layer_profile",
+           "SUPPORTED"]
 
 # class name -> model family (the families share the decoder loop; they differ in how positions
 # are formed, which `_decoder` reads from the family)
@@ -93,6 +95,7 @@ class _State:
     image_token_id: int
     input_ids: Optional[Tensor] = None
     last: Optional[PrefillRecord] = None
+    profile: Optional["_profile.Profile"] = None
 
 
 def _family(model) -> Optional[str]:
@@ -214,7 +217,7 @@ def default_layers(num_layers: int, method: str = "swiftvlm") -> tuple[int, ...]
     1-indexed, strictly increasing layers. SwiftVLM: the paper's (3, 11, 15) at 32 layers
     (LLaVA-1.5-7B, LLaVA-NeXT-7B); at another depth L each layer scales as round(x * L / 32), kept
     >= 2, strictly increasing and below L (Qwen2-VL-7B, 28 layers: (3, 10, 13)). For a model of
-    your own, run the profiler (`swiftvlm_kernels.hf.profile`) and `select_pruning_layers`.
+    your own, run the profiler (`swiftvlm_kernels.hf.layer_profile`) and `select_pruning_layers`.
     FastV: layer 2 (its paper's K = 2). PDrop: L/4, L/2, 3L/4 (its paper's 8, 16, 24 at 32).
 
     Raises

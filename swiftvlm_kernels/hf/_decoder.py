@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence
+from .. import ops
+from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage
 
 _DROPPED_KWARGS = ("output_attentions", "output_hidden_states", "return_dict")
 
@@ -216,6 +217,14 @@ def _plan(pruning, counts: list, num_layers: int):
     return plan
 
 
+def _profile_plan(counts: list, num_layers: int, keep_ratio: float):
+    """The profile's plan: one drop-only stage at layer 2 keeping max(1, round(keep_ratio * n)) of
+    each sample's n visual tokens (from layer 3 on)."""
+    plans = [PruningPlan("fastv", n, num_layers, (Stage(2, max(1, round(keep_ratio * n)), 0),), bypass=False)
+             for n in counts]
+    return plans[0] if len(set(counts)) == 1 else RaggedPlan(tuple(plans))
+
+
 def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache, kwargs):
     for key in _DROPPED_KWARGS:
         kwargs.pop(key, None)
@@ -233,7 +242,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
     layout = _layout(ids, attention_mask, state.image_token_id, h.device)
-    plan = _plan(state.pruning, layout.counts, len(layers))
+    prof = state.profile
+    if prof is None:
+        plan = _plan(state.pruning, layout.counts, len(layers))
+    else:  # the layer profile (Sec. 3.2): a recording run (no plan) or one drop-only stage at layer 2
+        plan = None if prof.stage_scores is None else _profile_plan(layout.counts, len(layers), prof.keep_ratio)
+    record = prof is not None and prof.scores_out is not None
     B, L = ids.shape
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
     cos, sin = self.rotary_emb(h, rope_pos)
@@ -262,7 +276,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
                              {"cos": cos, "sin": sin, "index": flat_index},
                              vis_counts=torch.tensor(layout.counts, device=h.device))
         mask = _causal_mask(self, h, key_mask)
-    engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend)
+    engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
     official = bool(getattr(state.pruning, "official", False))
     if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
         real = _real_rows(seq)
@@ -271,15 +285,15 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     key_masks, lengths, shifts = [], [], []
     shift = None  # official: [B] visual tokens dropped before the last row so far
     for i, layer in enumerate(layers, start=1):
-        s = plan.stage_before(i)
+        s = plan.stage_before(i) if plan is not None else None
         if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
             seq = engine.restore(seq)
             q_last, k = _stage_inputs(layer, seq)
             seq = engine.select(seq, s, q_last, k)
             mask = _causal_mask(self, seq.h, seq.key_mask)
         cos, sin = seq.carry["cos"], seq.carry["sin"]
-        after = plan.stage_after(i)
-        tapped = after is not None and not official
+        after = plan.stage_after(i) if plan is not None else None
+        tapped = (after is not None and not official) or record
         q_last = _last_query(layer, seq.h, cos, sin) if tapped else None
         tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
         seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
@@ -287,6 +301,10 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         key_masks.append(seq.key_mask)
         lengths.append(seq.h.shape[1])
         shifts.append(shift)
+        if record:  # this layer's T-V scores of the visual tokens (its own query and keys, Eq. 1-2)
+            counts, width = (seq.vis_len, None) if seq.vis_counts is None else (seq.vis_counts, seq.vis_len)
+            prof.scores_out.append(ops.tv_score(q_last, tap.keys, seq.vis_start, counts, layer.self_attn.scaling,
+                                                seq.key_mask, max_vis_len=width, backend=state.backend))
         if after is not None and official:  # layer i + 1's query and keys on layer i's output, then renumber
             q_last, k = _stage_inputs(layers[i], seq)
             seq = engine.select(seq, after, q_last, k)
@@ -297,7 +315,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             shift = dropped[:, -1]
             mask = _causal_mask(self, seq.h, seq.key_mask)
         elif after is not None:  # first / drop-only stage: this layer's own query and keys
-            seq = engine.select(seq, after, q_last, tap.keys)
+            seq = engine.select(seq, after, q_last, tap.keys, None if prof is None else prof.stage_scores)
             mask = _causal_mask(self, seq.h, seq.key_mask)
     out = self.norm(seq.h)
     from . import PrefillRecord
