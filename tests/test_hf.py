@@ -463,3 +463,38 @@ def test_layer_profile_matches_minimal_forward(llava, ours):
     assert not hf.is_applied(llava)  # restored
     assert len(got) == 16 and len(set(round(x, 4) for x in got)) > 1  # the layers' selections differ
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_qwen2_5_vl_shares_the_path():
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=8,
+                           fullatt_block_indexes=[1]),
+        image_token_id=Q_IMG, video_token_id=253, vision_start_token_id=Q_VS, vision_end_token_id=Q_VE,
+        attn_implementation="sdpa", bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    grids = [[1, 8, 8], [1, 4, 8]]
+    inputs = qwen_inputs(grids)
+    alone = []
+    for b, (t, h, w) in enumerate(grids):
+        keep = inputs["attention_mask"][b].bool()
+        first = sum(g[0] * g[1] * g[2] for g in grids[:b])
+        alone.append({"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+                      "pixel_values": inputs["pixel_values"][first:first + t * h * w],
+                      "image_grid_thw": inputs["image_grid_thw"][b:b + 1],
+                      "mm_token_type_ids": inputs["mm_token_type_ids"][b:b + 1, keep]})
+    with torch.no_grad():
+        ref = model(**alone[0]).logits
+        hf.apply(model, SwiftVLM(layers=(2, 3), keep=(16, 16), merge=(0,)), backend=BACKEND)
+        assert torch.equal(model(**alone[0]).logits, ref)
+        hf.apply(model, FastV(layer=2, budget_ratio=0.5), backend=BACKEND)
+        logits = model(**inputs).logits[:, -1]
+        ids = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
+        for b in range(2):
+            torch.testing.assert_close(logits[b:b + 1], model(**alone[b]).logits[:, -1], atol=1e-5, rtol=0)
+            assert torch.equal(ids[b:b + 1], model.generate(**alone[b], max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
