@@ -45,9 +45,10 @@ than input_ids' length); `last_prefill(model).token_index` maps them to input po
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ from ..pruning import FastV, PDrop, PruningPlan, RaggedPlan, SwiftVLM
 from . import _decoder, _profile
 from ._profile import layer_profile
 
-__all__ = ["apply", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "default_method", "layer_profile",
+__all__ = ["apply", "apply_on_load", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "default_method", "layer_profile",
            "SUPPORTED"]
 
 # class name -> model family (the families share the decoder loop; they differ in how positions
@@ -263,3 +264,51 @@ def default_method(model: nn.Module, method: str = "swiftvlm", **kwargs):
     if method == "fastv":
         return FastV(layer=layers[0], **kwargs)
     return (SwiftVLM if method == "swiftvlm" else PDrop)(layers=layers, **kwargs)
+
+
+@contextlib.contextmanager
+def apply_on_load(pruning, *, backend: Optional[str] = None) -> Iterator[None]:
+    """Within the block, every supported transformers model loaded with `from_pretrained` (also
+    through the Auto classes) comes back patched by `apply(model, pruning, backend=backend)`: a way
+    to prune inside frameworks that load the model themselves (lmms-eval's llava_hf, qwen2_vl, ...).
+
+    Parameters
+    ----------
+    pruning: a pruning method or plan, as for `apply` (not None).
+    backend: the swiftvlm ops' backend (None: each device's default).
+
+    Returns
+    -------
+    A context manager; on exit the classes' `from_pretrained` are restored (models already loaded
+    stay patched; `apply(model, None)` restores one).
+
+    Raises
+    ------
+    ValueError: a pruning argument of the wrong type (None included).
+    """
+    if pruning is None:
+        raise ValueError("pruning: expected a pruning method or plan for apply_on_load, got None")
+    _check_pruning(pruning)
+    import transformers
+
+    patched = []
+    for name in SUPPORTED:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        own = cls.__dict__.get("from_pretrained")
+        func = cls.from_pretrained.__func__
+
+        def load(klass, *args, __func=func, **kwargs):
+            return apply(__func(klass, *args, **kwargs), pruning, backend=backend)
+
+        cls.from_pretrained = classmethod(load)
+        patched.append((cls, own))
+    try:
+        yield
+    finally:
+        for cls, own in patched:
+            if own is None:
+                del cls.from_pretrained
+            else:
+                cls.from_pretrained = own
