@@ -1,6 +1,6 @@
 """The language model's forward while a transformers VLM is patched by `swiftvlm_kernels.hf.apply`.
 
-One function, `forward`, bound to the text model instance (LlamaModel / Qwen2ModeL-like text models
+One function, `forward`, bound to the text model instance (LlamaModel / Qwen2-VL-like text models
 of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per call:
 
 1. Pruned prefill (`_prefill`): an empty cache and image tokens in the call's input_ids. The loop
@@ -11,6 +11,11 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    runs on the kept set. After every stage the causal mask is rebuilt with HF's
    `create_causal_mask` from the shorter sequence's 2-D key mask (rows stay in position order, so
    index-causal is position-causal). Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
+   then renumbers the positions (each row's original position minus the tokens dropped before it;
+   the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
+   (`_profile.py`) uses the same loop: a recording run taps every layer's scores, a replay run
+   gives a layer-2 stage its selection scores.
 2. Decoding from a pruned cache (`_decode`): each layer's mask from its own cache length and prefill
    key mask (see the package docstring).
 3. Anything else: the text model's original forward.
@@ -277,7 +282,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
                              vis_counts=torch.tensor(layout.counts, device=h.device))
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
-    official = bool(getattr(state.pruning, "official", False))
+    official = prof is None and bool(getattr(state.pruning, "official", False))
     if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
         real = _real_rows(seq)
         seq.carry["pos0"] = rope_pos.expand(B, L) if layout.src is None else take_positions(rope_pos)
