@@ -66,7 +66,7 @@ def test_llava_keep_all_is_hf_exactly(llava_dir, attn):
 
 
 def test_llava_sampling_and_eos_keep_all_is_hf(llava):
-    """Sampling (same seed) and EOS stopping with padding after it: HF's own ids."""
+    """Sampling (same seed), EOS stopping with padding after it, and beam search: HF's own ids."""
     inputs = tiny_inputs(2, left_pad=2)
     with torch.no_grad():
         hf.apply(llava, None)
@@ -78,6 +78,11 @@ def test_llava_sampling_and_eos_keep_all_is_hf(llava):
         torch.manual_seed(3)
         got = llava.generate(**inputs, **kw)
         assert torch.equal(got, ref)
+        beams = dict(max_new_tokens=4, num_beams=3, **GREEDY)  # the cache is reordered between beams
+        hf.apply(llava, None)
+        ref_beams = llava.generate(**inputs, **beams)
+        hf.apply(llava, keep_all(), backend=BACKEND)
+        assert torch.equal(llava.generate(**inputs, **beams), ref_beams)
         hf.apply(llava, SwiftVLM(layers=(3, 11, 15), budget_ratio=0.4), backend=BACKEND)
         torch.manual_seed(3)
         pruned = llava.generate(**inputs, **kw)  # runs; stops at EOS and pads after it
@@ -94,6 +99,18 @@ def test_llava_sampling_and_eos_keep_all_is_hf(llava):
 @pytest.mark.parametrize("pruning", [FastV(layer=2, budget_ratio=0.4), PDrop(layers=(2, 6, 10), budget_ratio=0.5),
                                      SwiftVLM(layers=(3, 11), budget_ratio=0.4)], ids=["fastv", "pdrop", "swiftvlm"])
 def test_llava_matches_minimal_forward(llava, ours, pruning):
+    _matches_minimal_forward(llava, ours, pruning)
+
+
+def test_llava_eager_matches_minimal_forward(llava_dir, ours):
+    """The same through HF's eager attention (its additive float masks on the pruned sequences). Eager
+    attention rounds differently from the minimal forward's SDPA: the tolerance is test_llava.py's
+    for HF against the minimal forward (1e-4); the kept tokens and greedy ids are still exact."""
+    model = hf_llava(llava_dir, "eager")
+    _matches_minimal_forward(model, ours, SwiftVLM(layers=(3, 11), budget_ratio=0.4), atol=1e-4)
+
+
+def _matches_minimal_forward(llava, ours, pruning, atol=1e-5):
     inputs = tiny_inputs(3, left_pad=3)
     with torch.no_grad():
         hf.apply(llava, pruning, backend=BACKEND)
@@ -103,7 +120,7 @@ def test_llava_matches_minimal_forward(llava, ours, pruning):
         assert len(record.kept) == len(want.kept)
         for a, b in zip(record.kept, want.kept):
             assert torch.equal(a, b)
-        torch.testing.assert_close(logits, want.last_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, want.last_logits, atol=atol, rtol=0)
         ids = llava.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **GREEDY)[:, -5:]
         assert torch.equal(ids, ours.generate(**inputs, pruning=pruning, max_new_tokens=5))
 
@@ -311,6 +328,11 @@ def test_apply_errors(llava):
     assert hf.default_layers(28) == (3, 10, 13)
     with pytest.raises(ValueError, match="num_layers"):
         hf.default_layers(3)
+    for depth in range(4, 81):  # valid plans at every depth: increasing, the first stages before the last layer
+        SwiftVLM(layers=hf.default_layers(depth), keep=(4, 4, 4)).plan(36, depth)
+        pdrop = hf.default_layers(depth, "pdrop")
+        PDrop(layers=pdrop, keep=(4,) * len(pdrop)).plan(36, depth)
+    assert isinstance(hf.default_method(llava, "pdrop", budget_ratio=0.5), PDrop)
 
 
 # -- LLaVA-NeXT: anyres, a different visual-token count per image after padding removal -------------
