@@ -58,7 +58,23 @@ def _int_list(value, field: str, line: int) -> list:
 
 
 def read_dataset(root, limit: Optional[int] = None) -> list:
-    """The dataset's entries, validated (see the module docstring); raises ValueError naming the line."""
+    """The dataset's entries, validated (see the module docstring).
+
+    Parameters
+    ----------
+    root: the dataset folder (holding data.jsonl).
+    limit: read at most this many entries.
+
+    Returns
+    -------
+    list of dicts: token form {"input_ids", "answer_ids", "tensors": Path}, text form
+    {"images": [Path], "question", "answer"}.
+
+    Raises
+    ------
+    ValueError: naming the line and field of a malformed entry, a path outside root, an unreadable or
+        oversized safetensors file, an empty dataset or one that mixes both forms.
+    """
     root = Path(root)
     data = root / "data.jsonl"
     if not data.is_file():
@@ -118,6 +134,8 @@ def _check_tensors(path: Path, line: int) -> Path:
 
 
 def normalise(text: str) -> str:
+    """An answer for exact match: its first line, lower-cased, without surrounding spaces and final
+    punctuation."""
     text = text.strip().split("\n")[0].strip().lower()
     return text.rstrip(string.punctuation + " ").strip()
 
@@ -173,7 +191,24 @@ def _text_batches(entries, batch_size, processor, prompt, device):
 
 
 def make_method(name: str, layers: Optional[Sequence[int]], budget_ratio: float, official: bool, num_layers: int):
-    """The pruning object for a method name ("none" -> None)."""
+    """The pruning object for a method name.
+
+    Parameters
+    ----------
+    name: "none", "swiftvlm", "fastv" or "pdrop".
+    layers: the pruning layers (None: `swiftvlm_kernels.hf.default_layers` for num_layers).
+    budget_ratio: T = budget_ratio * n_vis (the library's budget rule).
+    official: PDrop's official variant.
+    num_layers: the model's depth.
+
+    Returns
+    -------
+    None for "none", else SwiftVLM / FastV / PDrop.
+
+    Raises
+    ------
+    ValueError: an unknown method name.
+    """
     from swiftvlm_kernels import hf
     from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
 
@@ -192,8 +227,27 @@ def make_method(name: str, layers: Optional[Sequence[int]], budget_ratio: float,
 def evaluate(checkpoint, dataset, methods=("none", "swiftvlm"), *, budget_ratio=1 / 3, layers=None, official=False,
              max_new_tokens=16, batch_size=4, dtype="float32", device="cpu", backend=None, prompt=None, limit=None,
              model=None, processor=None) -> dict:
-    """Run every method over the dataset; returns {"methods": {name: metrics}, ...} (see the module docstring).
-    model / processor: already loaded ones (tests) instead of loading from checkpoint."""
+    """Run every method over the dataset with greedy generation.
+
+    Parameters
+    ----------
+    checkpoint: an HF checkpoint directory (config, safetensors, and processor files for the text form).
+    dataset: the dataset folder (see the module docstring).
+    methods: method names, in order; the first is the reference for `agreement_with_first`.
+    budget_ratio, layers, official: the pruning setting (see `make_method`).
+    max_new_tokens, batch_size, dtype, device, backend, prompt, limit: as the command line's options.
+    model, processor: already loaded ones instead of loading from checkpoint.
+
+    Returns
+    -------
+    {"checkpoint", "dataset", "budget_ratio", "max_new_tokens", "methods": {name: {"n", "accuracy",
+    "seconds", "mean_rows_per_layer" (pruned methods: the prefill's rows per layer, averaged over
+    layers and batches), "agreement_with_first" (all but the first)}}}.
+
+    Raises
+    ------
+    ValueError: a malformed dataset (see `read_dataset`) or an unknown method.
+    """
     import transformers
     from swiftvlm_kernels import hf
 

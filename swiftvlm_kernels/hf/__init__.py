@@ -191,12 +191,31 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
 
 
 def is_applied(model: nn.Module) -> bool:
-    """True when `model` is patched by `apply` (with a pruning method)."""
+    """Whether `model` is patched.
+
+    Parameters
+    ----------
+    model: any module.
+
+    Returns
+    -------
+    True when `apply` patched it with a pruning method (and `apply(model, None)` has not undone it).
+    """
     return getattr(model, "_swiftvlm_state", None) is not None
 
 
 def last_prefill(model: nn.Module) -> Optional[PrefillRecord]:
-    """The record of the last pruned prefill of a patched model (None before one, or unpatched)."""
+    """What the last pruned prefill of a patched model did.
+
+    Parameters
+    ----------
+    model: a model patched by `apply`.
+
+    Returns
+    -------
+    Its PrefillRecord (kept tokens per stage, each row's input position, each layer's cache length);
+    None before the first pruned prefill or when the model is not patched.
+    """
     state = getattr(model, "_swiftvlm_state", None)
     return None if state is None else state.last
 
