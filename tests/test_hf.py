@@ -520,3 +520,41 @@ def test_qwen2_5_vl_shares_the_path():
         for b in range(2):
             torch.testing.assert_close(logits[b:b + 1], model(**alone[b]).logits[:, -1], atol=1e-5, rtol=0)
             assert torch.equal(ids[b:b + 1], model.generate(**alone[b], max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+
+
+def test_qwen2vl_drop_only_equals_masking(qwen):
+    """SPEC property 3 with M-RoPE: kept tokens keep their three-axis positions."""
+    inputs = qwen_inputs([[1, 8, 8], [1, 8, 8]], seed=3)
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    assert inputs["attention_mask"].all()
+    with torch.no_grad():
+        hf.apply(qwen, PDrop(layers=(2, 4), budget_ratio=0.6), backend=BACKEND)
+        got = qwen(**inputs).logits[:, -1]
+        plan, kept = hf.last_prefill(qwen).plan, hf.last_prefill(qwen).kept
+        hf.apply(qwen, None)
+        seen = {}
+        text = qwen.model.language_model
+        handle = text.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True)
+        try:
+            qwen(**inputs)
+        finally:
+            handle.remove()
+        h, pos = seen["inputs_embeds"], seen["position_ids"]
+        assert pos.shape == (3, B, L) and not torch.equal(pos[0], pos[1])  # M-RoPE: the axes differ
+        cos, sin = text.rotary_emb(h, pos)
+        start = (ids == Q_IMG).int().argmax(1)
+        n_vis = int((ids[0] == Q_IMG).sum())
+        valid = torch.ones(B, L, dtype=torch.bool)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        for i, layer in enumerate(text.layers, start=1):
+            h = layer(h, attention_mask=(causal & valid[:, None, :])[:, None], position_embeddings=(cos, sin))
+            s = plan.stage_after(i)
+            if s is not None:
+                visual = torch.zeros(B, L, dtype=torch.bool)
+                visual[torch.arange(B)[:, None], start[:, None] + torch.arange(n_vis)] = True
+                keep = torch.zeros(B, L, dtype=torch.bool)
+                keep[torch.arange(B)[:, None], start[:, None] + kept[s]] = True
+                valid = ~visual | keep
+        want = qwen.lm_head(text.norm(h))[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
