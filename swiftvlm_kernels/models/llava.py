@@ -335,6 +335,9 @@ class LlavaForward(nn.Module):
         if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
             raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
                              f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
+        if getattr(pruning, "official", False):
+            raise ValueError("pruning: PDrop(official=True) runs through swiftvlm_kernels.hf on a transformers "
+                             "model; this forward runs the library's PDrop timing (official=False)")
         if self.lm_head.weight.dtype == torch.float64:
             raise ValueError("pruning: the swiftvlm ops take float32, float16 or bfloat16 hidden states; this model "
                              "is float64 (load it in float32 to prune)")

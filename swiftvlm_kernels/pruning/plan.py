@@ -350,17 +350,29 @@ class FastV:
 class PDrop:
     """PDrop: drop-only stages at `layers` (default 8, 16, 24), survivors re-ranked at each stage.
     Give `budget` (stage s keeps round(k * ratio ** (s - 1))), `keep` (non-increasing, one per
-    layer), `budget_ratio` (T = budget_ratio * n_vis), or none (T = n_vis / 3)."""
+    layer), `budget_ratio` (T = budget_ratio * n_vis), or none (T = n_vis / 3).
+
+    official=False (default): the library's timing (SPEC: a stage at layer x scores with layer x's
+    own query and keys on layer x's input; every token keeps its position id). official=True: as
+    PDrop's official code does it (the variant behind the PDrop paper's numbers): the stage at layer
+    x scores with layer x + 1's query and keys (its input norm, projections and RoPE) on layer x's
+    output, and after a drop the positions are renumbered (each token's position id minus the
+    visual tokens dropped before it; decoding continues from the renumbered positions). The plan
+    (keep counts, timing, budget) is the same for both. Only `swiftvlm_kernels.hf` runs the
+    official variant (1-D RoPE models: LLaVA, LLaVA-NeXT); the minimal LLaVA forward refuses it."""
 
     layers: tuple[int, ...] = (8, 16, 24)
     budget: Optional[float] = None
     keep: Optional[tuple[int, ...]] = None
     ratio: float = 0.5
     budget_ratio: Optional[float] = None
+    official: bool = False
 
     def __post_init__(self):
         _normalise_stages(self)
         _as_real(self.ratio, "ratio", 0.0, 1.0, low_open=True)
+        if not isinstance(self.official, bool):
+            raise ValueError(f"official: expected a bool, got {self.official!r}")
 
     def _plan(self, n_vis, num_layers, keep) -> PruningPlan:
         stages = tuple(Stage(x, k, 0) for x, k in zip(self.layers, keep))

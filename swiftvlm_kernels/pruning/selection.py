@@ -21,8 +21,13 @@ def layer_profile(model, samples: Iterable[Mapping], metric: Callable[[Mapping, 
 
     samples: mappings with input_ids, pixel_values and optionally attention_mask (any batch size).
     output: the run's LlavaOutput, or its generated ids [B, max_new_tokens] when max_new_tokens is given.
+    model: a LlavaForward, or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL model (then
+    `swiftvlm_kernels.hf.layer_profile` runs it; its outputs are HF's: ModelOutput, or generate's ids).
     Layer i's selection uses its own query/keys on its vanilla input (the tokens' T-V scores).
     """
+    if not hasattr(model, "num_visual_tokens"):  # a transformers model: swiftvlm_kernels.hf runs the profile
+        from ..hf import layer_profile as hf_layer_profile
+        return hf_layer_profile(model, samples, metric, keep_ratio=keep_ratio, max_new_tokens=max_new_tokens)
     n_vis, num_layers = model.num_visual_tokens, model.num_layers
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio!r}")

@@ -1,0 +1,370 @@
+"""The language model's forward while a transformers VLM is patched by `swiftvlm_kernels.hf.apply`.
+
+One function, `forward`, bound to the text model instance (LlamaModel / Qwen2-VL-like text models
+of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per call:
+
+1. Pruned prefill (`_prefill`): an empty cache and image tokens in the call's input_ids. The loop
+   over HF's decoder layers of SPEC "The SwiftVLM prefill": a stage that acts after layer x takes
+   layer x's keys as the layer writes them (a tap on `past_key_values.update`, so no key is computed
+   twice) and the last token's query (one row: input norm, q_proj, RoPE); a SwiftVLM stage s >= 2
+   restores the bypassed tokens and computes layer y's keys and last query on them before the layer
+   runs on the kept set. After every stage the causal mask is rebuilt with HF's
+   `create_causal_mask` from the shorter sequence's 2-D key mask (rows stay in position order, so
+   index-causal is position-causal). Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
+   then renumbers the positions (each row's original position minus the tokens dropped before it;
+   the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
+   (`_profile.py`) uses the same loop: a recording run taps every layer's scores, a replay run
+   gives a layer-2 stage its selection scores.
+2. Decoding from a pruned cache (`_decode`): each layer's mask from its own cache length and prefill
+   key mask (see the package docstring).
+3. Anything else: the text model's original forward.
+
+Host reads happen only in `_layout` (the input checks on input_ids / attention_mask of the prefill,
+as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage
+
+_DROPPED_KWARGS = ("output_attentions", "output_hidden_states", "return_dict")
+
+
+@dataclass
+class _CacheInfo:
+    """Tagged on a DynamicCache after a pruned prefill: what each layer's prefill rows are."""
+    key_masks: list      # per layer: bool [B, n_l] valid keys of its prefill rows, or None (all valid)
+    lengths: list        # per layer: n_l
+    prompt_len: int      # the prompt's length in the caller's 2-D attention mask
+    shifts: Optional[list] = None  # PDrop official: per layer, int64 [B] (or None) to subtract from positions
+
+
+class _KeyTap:
+    """Stands in for past_key_values in one layer call: records the keys the layer writes (after
+    RoPE, [B, Hkv, n, D]) and passes everything on to the real cache (or returns them, no cache)."""
+
+    def __init__(self, cache):
+        self.cache, self.keys = cache, None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys = key_states
+        if self.cache is None:
+            return key_states, value_states
+        return self.cache.update(key_states, value_states, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, heads, n, D] rotated by cos / sin [B, n, D] (HF's rotate-half RoPE)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _heads(proj, x: Tensor, head_dim: int) -> Tensor:
+    """proj(x) [B, n, heads * D] as [B, heads, n, D]."""
+    B, n = x.shape[:2]
+    return proj(x).view(B, n, -1, head_dim).transpose(1, 2)
+
+
+def _last_query(layer, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The layer's query of the last row of its input h [B, n, d]: [B, H, D] after RoPE."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h[:, -1:])
+    return _rotate(_heads(attn.q_proj, x, attn.head_dim), cos[:, -1:], sin[:, -1:])[:, :, 0]
+
+
+def _stage_inputs(layer, seq: Sequence) -> tuple[Tensor, Tensor]:
+    """A stage acting before `layer`: its last query [B, H, D] and keys of every row [B, Hkv, n, D]."""
+    attn = layer.self_attn
+    cos, sin = seq.carry["cos"], seq.carry["sin"]
+    x = layer.input_layernorm(seq.h)
+    k = _rotate(_heads(attn.k_proj, x, attn.head_dim), cos, sin)
+    q = _rotate(_heads(attn.q_proj, x[:, -1:], attn.head_dim), cos[:, -1:], sin[:, -1:])[:, :, 0]
+    return q, k
+
+
+def _real_rows(seq: Sequence) -> Tensor:
+    """int64 [B, n]: 1 for the rows that hold a token (valid keys), 0 for padding rows."""
+    if seq.key_mask is None:
+        return torch.ones(seq.h.shape[:2], dtype=torch.long, device=seq.h.device)
+    return seq.key_mask.long()
+
+
+def _positions(text, family: str, h: Tensor, position_ids: Optional[Tensor], past: int):
+    """(rotary positions, positions the layers receive), exactly as the family's own text forward
+    forms them."""
+    B, n = h.shape[:2]
+    if not family.startswith("qwen"):
+        if position_ids is None:
+            position_ids = (torch.arange(n, device=h.device) + past)[None]
+        return position_ids, position_ids
+    if position_ids is None:
+        position_ids = (torch.arange(n, device=h.device) + past).view(1, 1, -1).expand(3, B, -1)
+    elif position_ids.ndim == 2:
+        position_ids = position_ids[None].expand(3, position_ids.shape[0], -1)
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:], position_ids[0]
+    return position_ids, None
+
+
+def _causal_mask(text, h: Tensor, attention_mask, past_key_values=None, position_ids=None, layer_idx=None):
+    from transformers.masking_utils import create_causal_mask
+
+    kwargs = {} if layer_idx is None else {"layer_idx": layer_idx}
+    return create_causal_mask(config=text.config, inputs_embeds=h, attention_mask=attention_mask,
+                              past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+
+
+def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+            use_cache=None, **kwargs):
+    """The patched text model's forward (see the module docstring); HF's signature and output."""
+    state = self._swiftvlm_state
+    info = getattr(past_key_values, "_swiftvlm", None)
+    if info is not None:
+        return _decode(self, state, info, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                       use_cache, kwargs)
+    ids = state.input_ids
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if (ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2])
+            or not bool((ids == state.image_token_id).any())):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  **kwargs)
+    return _prefill(self, state, ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
+
+
+def _output(h, cache):
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+
+
+@dataclass
+class _Layout:
+    vis_start: Tensor          # int32 [B]
+    width: int                 # visual block rows (the widest sample's count)
+    counts: list               # per-sample visual tokens (host ints)
+    src: Optional[Tensor]      # ragged: int64 [B, W] each row's input row (b * L + i), -1 for padding
+
+
+def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int, device) -> _Layout:
+    """The visual spans of a prefill's input_ids (host-side checks); a ragged batch's padded layout."""
+    ids = ids.detach().cpu()
+    B, L = ids.shape
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
+                                       or tuple(attention_mask.shape) != (B, L)):
+        raise ValueError(f"attention_mask: pruning takes a 2-D attention mask of shape [{B}, {L}] (1 = token, "
+                         f"0 = left padding) or None, got "
+                         f"{type(attention_mask).__name__ if not isinstance(attention_mask, Tensor) else list(attention_mask.shape)}")
+    valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    if (valid[:, :-1] & ~valid[:, 1:]).any() or not valid[:, -1].all():
+        raise ValueError("attention_mask: pruning supports left padding only (each row 0...0 1...1, the last "
+                         "token valid); use tokenizer padding_side='left'")
+    is_image = ids == image_token_id
+    counts, starts = [], []
+    for b in range(B):
+        where = is_image[b].nonzero().flatten().tolist()
+        if not where:
+            raise ValueError(f"input_ids: sample {b} has no image token (id {image_token_id}); a pruned batch needs "
+                             "visual tokens in every sample")
+        if where[-1] - where[0] + 1 != len(where):
+            raise ValueError(f"input_ids: sample {b}: its {len(where)} image tokens are not contiguous; pruning takes "
+                             "one span of visual tokens per sample (images side by side form one pool)")
+        if not valid[b, where[0]]:
+            raise ValueError(f"input_ids: sample {b}: image tokens fall in the padding")
+        if where[-1] == L - 1:
+            raise ValueError(f"input_ids: sample {b} ends with its image; pruning scores visual tokens with the "
+                             "last text token's query, so a text token must follow the image")
+        counts.append(len(where))
+        starts.append(where[0])
+    M = max(counts)
+    if len(set(counts)) == 1:
+        return _Layout(torch.tensor(starts, dtype=torch.int32, device=device), M, counts, None)
+    # ragged: sample b's rows [its valid tokens, its block padded to M rows], left-padded to one width
+    lengths = [int(valid[b].sum()) + M - counts[b] for b in range(B)]
+    W = max(lengths)
+    src = torch.full((B, W), -1, dtype=torch.long)
+    vis_start = []
+    for b in range(B):
+        lead = L - int(valid[b].sum())
+        pad = W - lengths[b]
+        rows = torch.arange(lead, L)
+        new = torch.arange(pad, pad + len(rows))
+        new = torch.where(rows >= starts[b] + counts[b], new + M - counts[b], new)
+        src[b, new] = b * L + rows
+        vis_start.append(pad + starts[b] - lead)
+    return _Layout(torch.tensor(vis_start, dtype=torch.int32, device=device), M, counts, src.to(device))
+
+
+def _plan(pruning, counts: list, num_layers: int):
+    """The plan for these per-sample visual counts (a RaggedPlan when they differ)."""
+    ragged = len(set(counts)) > 1
+    if isinstance(pruning, RaggedPlan):
+        plan, want = pruning, list(pruning.n_vis_per_sample())
+    elif isinstance(pruning, PruningPlan):
+        plan, want = pruning, [pruning.n_vis] * len(counts)
+    else:
+        plan = RaggedPlan.for_counts(pruning, counts, num_layers) if ragged else pruning.plan(counts[0], num_layers)
+        want = counts
+    if want != counts or plan.num_layers != num_layers:
+        raise ValueError(f"pruning: the plan is for n_vis = {want}, num_layers = {plan.num_layers}; these inputs "
+                         f"have {counts} visual tokens per sample and the model {num_layers} layers")
+    return plan
+
+
+def _profile_plan(counts: list, num_layers: int, keep_ratio: float):
+    """The profile's plan: one drop-only stage at layer 2 keeping max(1, round(keep_ratio * n)) of
+    each sample's n visual tokens (from layer 3 on)."""
+    plans = [PruningPlan("fastv", n, num_layers, (Stage(2, max(1, round(keep_ratio * n)), 0),), bypass=False)
+             for n in counts]
+    return plans[0] if len(set(counts)) == 1 else RaggedPlan(tuple(plans))
+
+
+def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache, kwargs):
+    for key in _DROPPED_KWARGS:
+        kwargs.pop(key, None)
+    if use_cache is None:
+        use_cache = self.config.use_cache
+    if isinstance(attention_mask, dict):
+        raise ValueError("attention_mask: pruning takes a 2-D attention mask, got prepared per-layer-type masks "
+                         "(a compileable cache?); use the default DynamicCache")
+    from transformers.cache_utils import DynamicCache
+
+    if use_cache and cache is None:
+        cache = DynamicCache(config=self.config)
+    if cache is not None and type(cache) is not DynamicCache:
+        raise ValueError(f"past_key_values: pruning keeps per-layer pruned caches in a DynamicCache, got "
+                         f"{type(cache).__name__}")
+    layers = self.layers[: self.config.num_hidden_layers]
+    layout = _layout(ids, attention_mask, state.image_token_id, h.device)
+    prof = state.profile
+    if prof is None:
+        plan = _plan(state.pruning, layout.counts, len(layers))
+    else:  # the layer profile (Sec. 3.2): a recording run (no plan) or one drop-only stage at layer 2
+        plan = None if prof.stage_scores is None else _profile_plan(layout.counts, len(layers), prof.keep_ratio)
+    record = prof is not None and prof.scores_out is not None
+    B, L = ids.shape
+    rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
+    cos, sin = self.rotary_emb(h, rope_pos)
+    cos, sin = cos.expand(B, L, -1), sin.expand(B, L, -1)
+    key_mask = None if attention_mask is None else attention_mask.to(device=h.device, dtype=torch.bool)
+    index = torch.arange(L, device=h.device).expand(B, L)
+    if layout.src is None:
+        seq = Sequence.begin(h, layout.vis_start, layout.width, key_mask, {"cos": cos, "sin": sin, "index": index},
+                             left_padded=True)
+        mask = _causal_mask(self, h, attention_mask, cache, layer_pos)  # HF's own mask for the full sequence
+    else:  # the padded ragged layout: block padding rows are zero and invalid keys
+        src, W = layout.src, layout.src.shape[1]
+        ok = src >= 0
+        rows = src.clamp_min(0).view(-1)
+
+        def take(x):
+            return torch.where(ok.view(B, W, *[1] * (x.dim() - 2)), x.reshape(B * L, *x.shape[2:])[rows].view(B, W, *x.shape[2:]), 0)
+
+        def take_positions(p):  # [1 or B, L] integer positions in the padded layout (padding rows 0)
+            return take(p.expand(B, L)[..., None])[..., 0]
+
+        flat_index = torch.where(ok, src % L, -1)
+        h, cos, sin = take(h), take(cos), take(sin)
+        key_mask = ok if key_mask is None else ok & key_mask.reshape(-1)[rows].view(B, W)
+        seq = Sequence.begin(h, layout.vis_start, layout.width, key_mask,
+                             {"cos": cos, "sin": sin, "index": flat_index},
+                             vis_counts=torch.tensor(layout.counts, device=h.device))
+        mask = _causal_mask(self, h, key_mask)
+    engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
+    official = prof is None and bool(getattr(state.pruning, "official", False))
+    if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
+        real = _real_rows(seq)
+        seq.carry["pos0"] = rope_pos.expand(B, L) if layout.src is None else take_positions(rope_pos)
+        seq.carry["rank0"] = real.cumsum(1) - real  # each real row's rank among real rows
+    key_masks, lengths, shifts = [], [], []
+    shift = None  # official: [B] visual tokens dropped before the last row so far
+    for i, layer in enumerate(layers, start=1):
+        s = plan.stage_before(i) if plan is not None else None
+        if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
+            seq = engine.restore(seq)
+            q_last, k = _stage_inputs(layer, seq)
+            seq = engine.select(seq, s, q_last, k)
+            mask = _causal_mask(self, seq.h, seq.key_mask)
+        cos, sin = seq.carry["cos"], seq.carry["sin"]
+        after = plan.stage_after(i) if plan is not None else None
+        tapped = (after is not None and not official) or record
+        q_last = _last_query(layer, seq.h, cos, sin) if tapped else None
+        tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
+        seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
+                      past_key_values=tap, use_cache=use_cache, **kwargs)
+        key_masks.append(seq.key_mask)
+        lengths.append(seq.h.shape[1])
+        shifts.append(shift)
+        if record:  # this layer's T-V scores of the visual tokens (its own query and keys, Eq. 1-2)
+            counts, width = (seq.vis_len, None) if seq.vis_counts is None else (seq.vis_counts, seq.vis_len)
+            prof.scores_out.append(ops.tv_score(q_last, tap.keys, seq.vis_start, counts, layer.self_attn.scaling,
+                                                seq.key_mask, max_vis_len=width, backend=state.backend))
+        if after is not None and official:  # layer i + 1's query and keys on layer i's output, then renumber
+            q_last, k = _stage_inputs(layers[i], seq)
+            seq = engine.select(seq, after, q_last, k)
+            real = _real_rows(seq)
+            dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
+            pos = seq.carry["pos0"] - dropped
+            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
+            shift = dropped[:, -1]
+            mask = _causal_mask(self, seq.h, seq.key_mask)
+        elif after is not None:  # first / drop-only stage: this layer's own query and keys
+            seq = engine.select(seq, after, q_last, tap.keys, None if prof is None else prof.stage_scores)
+            mask = _causal_mask(self, seq.h, seq.key_mask)
+    out = self.norm(seq.h)
+    from . import PrefillRecord
+
+    index = seq.carry["index"] if layout.src is None else torch.where(seq.key_mask, seq.carry["index"], -1)
+    state.last = PrefillRecord(plan, seq.kept, index, lengths)
+    if use_cache:
+        cache._swiftvlm = _CacheInfo(key_masks, lengths, L, shifts if official else None)
+    return _output(out, cache if use_cache else None)
+
+
+def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_ids, cache, h, use_cache, kwargs):
+    for key in _DROPPED_KWARGS:
+        kwargs.pop(key, None)
+    if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+        raise ValueError("attention_mask: after a pruned prefill, calls on its cache take a 2-D attention mask "
+                         "(the prompt's columns, then one per new token) or None")
+    if h is None:
+        h = self.embed_tokens(input_ids)
+    B, q = h.shape[:2]
+    past = cache.get_seq_length()
+    rope_pos, layer_pos = _positions(self, state.family, h, position_ids, past)
+    tables = {None: self.rotary_emb(h, rope_pos)}  # per position shift (PDrop official), else one
+    new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
+    masks = {}
+    for l, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        km, n_l = info.key_masks[l], info.lengths[l]
+        key = (id(km), n_l)
+        if key not in masks:
+            if km is None and new_cols is None:
+                m2 = None
+            else:
+                t = cache.layers[l].get_seq_length() - n_l + q  # new-token columns (earlier ones and this call's)
+                new = new_cols if new_cols is not None else torch.ones(B, t, dtype=torch.bool, device=h.device)
+                if new.shape[1] != t:
+                    raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
+                                     f"{info.prompt_len} and {t} new tokens), got {info.prompt_len + new.shape[1]}")
+                old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
+                m2 = torch.cat([old, new], 1)
+            masks[key] = _causal_mask(self, h, m2, cache, None, layer_idx=l)
+        shift = None if info.shifts is None else info.shifts[l]
+        if id(shift) not in tables and shift is not None:
+            tables[id(shift)] = self.rotary_emb(h, rope_pos - shift[:, None])
+        h = layer(h, attention_mask=masks[key], position_embeddings=tables[None if shift is None else id(shift)],
+                  position_ids=layer_pos,
+                  past_key_values=cache, use_cache=True, **kwargs)
+    return _output(self.norm(h), cache)
