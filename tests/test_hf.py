@@ -97,7 +97,9 @@ def test_llava_sampling_and_eos_keep_all_is_hf(llava):
 # -- the HF path and the minimal forward: same tokens, same logits, same greedy ids -----------------
 
 @pytest.mark.parametrize("pruning", [FastV(layer=2, budget_ratio=0.4), PDrop(layers=(2, 6, 10), budget_ratio=0.5),
-                                     SwiftVLM(layers=(3, 11), budget_ratio=0.4)], ids=["fastv", "pdrop", "swiftvlm"])
+                                     SwiftVLM(layers=(3, 11), budget_ratio=0.4),
+                                     SwiftVLM(layers=(3, 11, 15), budget_ratio=0.4)],  # a merging stage s >= 2
+                         ids=["fastv", "pdrop", "swiftvlm", "swiftvlm-3-stages"])
 def test_llava_matches_minimal_forward(llava, ours, pruning):
     _matches_minimal_forward(llava, ours, pruning)
 

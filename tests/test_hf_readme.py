@@ -1,5 +1,5 @@
 """The README's "Use it with transformers" example runs as written (on a tiny random model), taken
-from README.md once the section is there, from NOTES-hf.md before; and apply_on_load."""
+from README.md; and apply_on_load."""
 import os
 import re
 from pathlib import Path
@@ -17,18 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_example() -> str:
-    for name in ("README.md", "NOTES-hf.md"):
-        path = ROOT / name
-        if not path.exists():
-            continue
-        text = path.read_text()
-        at = text.find("## Use it with transformers")
-        if at < 0:
-            continue
-        block = re.search(r"```python\n(.*?)```", text[at:], re.S)
-        if block:
-            return block.group(1)
-    pytest.skip("no 'Use it with transformers' section with a python block")
+    text = (ROOT / "README.md").read_text()
+    at = text.find("## Use it with transformers")
+    assert at >= 0, "README.md: no 'Use it with transformers' section"
+    block = re.search(r"```python\n(.*?)```", text[at:], re.S)
+    assert block, "README.md: the 'Use it with transformers' section has no python block"
+    return block.group(1)
 
 
 def test_readme_example_runs(tmp_path, capsys):
