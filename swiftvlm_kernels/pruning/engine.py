@@ -147,10 +147,18 @@ class PruningEngine:
     (head_dim ** -0.5); backend: None for the device's default kernels, or a backend name for every
     op (tests, benchmarks)."""
 
-    def __init__(self, plan, scale: float, backend: Optional[str] = None):
+    def __init__(self, plan, scale: float, backend: Optional[str] = None, *, process_group=None,
+                 num_heads: Optional[int] = None):
+        """process_group: a tensor-parallel group whose ranks each hand `select` their own query heads
+        and the KV heads those read; every stage then scores with `distributed.tp_score_select` (one
+        all_reduce) and all ranks keep the same tokens. num_heads: the heads of all ranks (default:
+        the heads a rank hands in x the group's size). Hidden states are replicated under tensor
+        parallelism, so compact / group_merge / restore run unchanged on every rank."""
         if not isinstance(plan, (PruningPlan, RaggedPlan)):
             raise ValueError(f"plan: expected a PruningPlan or a RaggedPlan, got {type(plan).__name__}")
         self.plan, self.scale, self.backend = plan, scale, backend
+        self.process_group, self.num_heads = process_group, num_heads
+        self._tp = process_group is not None or num_heads is not None
         self._counts: dict = {}  # (stage, device) -> per-sample (keep, merge) int64 tensors
 
     def stage_counts(self, s: int, device) -> tuple[Tensor, Tensor]:
@@ -171,8 +179,8 @@ class PruningEngine:
             return self._select_ragged(seq, s, q_last, k, scores)
         stage, backend = self.plan.stages[s], self.backend
         if scores is None:
-            keep_idx, rest_idx, _ = ops.score_select(q_last, k, seq.vis_start, seq.vis_len, stage.keep,  # Eq. 1-2
-                                                     self.scale, seq.key_mask, backend=backend)
+            keep_idx, rest_idx, _ = self._score_select(q_last, k, seq.vis_start, seq.vis_len, stage.keep,  # Eq. 1-2
+                                                       seq.key_mask)
         else:
             keep_idx, rest_idx = ops.topk_select(scores, stage.keep, backend=backend)
         kept = keep_idx if seq._full else seq.block_ids.gather(1, keep_idx)
@@ -190,6 +198,16 @@ class PruningEngine:
             new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
         return new
 
+    def _score_select(self, q_last, k, vis_start, vis_len, keep, key_mask, **widths):
+        """score_select on one rank, or across the tensor-parallel group (distributed.py)."""
+        if self._tp:
+            from ..distributed import tp_score_select
+            return tp_score_select(q_last, k, vis_start, vis_len, keep, self.scale, key_mask,
+                                   num_heads=self.num_heads, process_group=self.process_group,
+                                   backend=self.backend, **widths)
+        return ops.score_select(q_last, k, vis_start, vis_len, keep, self.scale, key_mask, backend=self.backend,
+                                **widths)
+
     def _select_ragged(self, seq: Sequence, s: int, q_last, k, scores) -> Sequence:
         """select for a ragged batch: per-sample counts as tensors, the padded widths from the plan."""
         if not isinstance(self.plan, RaggedPlan):
@@ -203,9 +221,8 @@ class PruningEngine:
         counts = seq.vis_counts if seq.vis_counts is not None else torch.full((B,), seq.vis_len, device=dev)
         K, Z = stage.keep, stage.merge
         if scores is None:
-            keep_idx, rest_idx, _ = ops.score_select(q_last, k, seq.vis_start, counts, keep_b, self.scale,  # Eq. 1-2
-                                                     seq.key_mask, max_vis_len=seq.vis_len, max_keep=K,
-                                                     backend=backend)
+            keep_idx, rest_idx, _ = self._score_select(q_last, k, seq.vis_start, counts, keep_b,  # Eq. 1-2
+                                                       seq.key_mask, max_vis_len=seq.vis_len, max_keep=K)
         else:
             keep_idx, rest_idx = ops.topk_select(scores, keep_b, lengths=counts, max_k=K, backend=backend)
         kept = keep_idx if seq._full else torch.where(
