@@ -367,6 +367,19 @@ def next_inputs(model, sizes, seed=0):
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}, counts
 
 
+def _next_batch_equals_samples_alone(llava_next, inputs):
+    """The patched LLaVA-NeXT on a padded batch of two: each sample's last logits and 3 greedy ids
+    equal the sample's run alone (its padding removed)."""
+    logits = llava_next(**inputs, position_ids=cumsum_positions(inputs["attention_mask"])).logits[:, -1]
+    ids = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
+    for b in range(2):
+        keep = inputs["attention_mask"][b].bool()
+        alone = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+                 "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
+        torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
+        assert torch.equal(ids[b:b + 1], llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+
+
 def test_llava_next_keep_all_and_ragged_batch(llava_next):
     inputs, counts = next_inputs(llava_next, [[28, 56], [56, 40]])
     assert counts[0] != counts[1]
@@ -378,16 +391,7 @@ def test_llava_next_keep_all_and_ragged_batch(llava_next):
         hf.apply(llava_next, SwiftVLM(layers=(2, 3, 5), keep=(counts[1],) * 3, merge=(0, 0)), backend=BACKEND)
         assert torch.equal(llava_next(**one).logits, ref)  # keep-all: HF's logits exactly
         hf.apply(llava_next, PDrop(layers=(2, 3, 4), budget_ratio=0.6), backend=BACKEND)
-        pos = cumsum_positions(inputs["attention_mask"])
-        logits = llava_next(**inputs, position_ids=pos).logits[:, -1]
-        ids = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
-        for b in range(2):
-            keep = inputs["attention_mask"][b].bool()
-            alone = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
-                     "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
-            torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
-            assert torch.equal(ids[b:b + 1],
-                               llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+        _next_batch_equals_samples_alone(llava_next, inputs)
 
 
 # -- PDrop as its official code does it --------------------------------------------------------------
@@ -462,15 +466,7 @@ def test_pdrop_official_ragged_batch_equals_samples_alone(llava_next):
     inputs, _ = next_inputs(llava_next, [[28, 56], [56, 40]], seed=1)
     with torch.no_grad():
         hf.apply(llava_next, PDrop(layers=(2, 3, 4), budget_ratio=0.6, official=True), backend=BACKEND)
-        logits = llava_next(**inputs, position_ids=cumsum_positions(inputs["attention_mask"])).logits[:, -1]
-        ids = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:]
-        for b in range(2):
-            keep = inputs["attention_mask"][b].bool()
-            alone = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
-                     "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
-            torch.testing.assert_close(logits[b:b + 1], llava_next(**alone).logits[:, -1], atol=1e-5, rtol=0)
-            assert torch.equal(ids[b:b + 1],
-                               llava_next.generate(**alone, max_new_tokens=3, min_new_tokens=3, **GREEDY)[:, -3:])
+        _next_batch_equals_samples_alone(llava_next, inputs)
 
 
 # -- the layer-selection profiler (Sec. 3.2) on a transformers model ------------------------------

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import ops
 from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage
+from ..pruning.plan import plan_for_counts
 
 _DROPPED_KWARGS = ("output_attentions", "output_hidden_states", "return_dict")
 
@@ -208,18 +209,7 @@ def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int, 
 
 def _plan(pruning, counts: list, num_layers: int):
     """The plan for these per-sample visual counts (a RaggedPlan when they differ)."""
-    ragged = len(set(counts)) > 1
-    if isinstance(pruning, RaggedPlan):
-        plan, want = pruning, list(pruning.n_vis_per_sample())
-    elif isinstance(pruning, PruningPlan):
-        plan, want = pruning, [pruning.n_vis] * len(counts)
-    else:
-        plan = RaggedPlan.for_counts(pruning, counts, num_layers) if ragged else pruning.plan(counts[0], num_layers)
-        want = counts
-    if want != counts or plan.num_layers != num_layers:
-        raise ValueError(f"pruning: the plan is for n_vis = {want}, num_layers = {plan.num_layers}; these inputs "
-                         f"have {counts} visual tokens per sample and the model {num_layers} layers")
-    return plan
+    return plan_for_counts(pruning, counts, num_layers)
 
 
 def _profile_plan(counts: list, num_layers: int, keep_ratio: float):

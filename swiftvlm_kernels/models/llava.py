@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence
+from ..pruning.plan import plan_for_counts
 from . import checkpoint
 
 
@@ -342,21 +343,7 @@ class LlavaForward(nn.Module):
             raise ValueError("pruning: the swiftvlm ops take float32, float16 or bfloat16 hidden states; this model "
                              "is float64 (load it in float32 to prune)")
         counts = [self.num_visual_tokens] if n_vis is None else [n_vis] if isinstance(n_vis, int) else list(n_vis)
-        ragged = len(set(counts)) > 1
-        if isinstance(pruning, RaggedPlan):
-            plan, want = pruning, list(pruning.n_vis_per_sample())
-        elif isinstance(pruning, PruningPlan):
-            plan, want = pruning, [pruning.n_vis] * len(counts)
-        else:
-            plan = RaggedPlan.for_counts(pruning, counts, self.num_layers) if ragged else \
-                pruning.plan(counts[0], self.num_layers)
-            want = counts
-        if want != counts or plan.num_layers != self.num_layers:
-            raise ValueError(f"pruning: the plan is for n_vis = {want if len(set(want)) > 1 else want[0]}, "
-                             f"num_layers = {plan.num_layers}; these inputs have "
-                             f"{counts if ragged else counts[0]} visual tokens per sample and the model "
-                             f"{self.num_layers} layers")
-        return plan
+        return plan_for_counts(pruning, counts, self.num_layers)
 
     def _check_inputs(self, input_ids, pixel_values, attention_mask, pruning) -> "Inputs":
         """Validated inputs on the model's device; attention_mask None when nothing is padding."""

@@ -452,3 +452,32 @@ class RaggedPlan:
     def scored_widths(self, s: int) -> int:
         """The padded width of the visual tokens stage s scores."""
         return max(p.scored_tokens(s) for p in self.plans)
+
+
+def plan_for_counts(pruning, counts: Sequence[int], num_layers: int):
+    """The plan a model of `num_layers` layers executes for `pruning` (a pruning method such as
+    SwiftVLM(), a PruningPlan or a RaggedPlan) on samples with these visual-token counts: a
+    RaggedPlan when the counts differ.
+
+    Raises
+    ------
+    ValueError
+        a PruningPlan or RaggedPlan made for other counts or another depth (naming `pruning`).
+    """
+    counts = list(counts)
+    if isinstance(pruning, RaggedPlan):
+        plan, want = pruning, list(pruning.n_vis_per_sample())
+    elif isinstance(pruning, PruningPlan):
+        plan, want = pruning, [pruning.n_vis] * len(counts)
+    else:
+        plan = (RaggedPlan.for_counts(pruning, counts, num_layers) if len(set(counts)) > 1
+                else pruning.plan(counts[0], num_layers))
+        want = counts
+    if want != counts or plan.num_layers != num_layers:
+        ragged = len(set(counts)) > 1
+        raise ValueError(f"pruning: the plan is for n_vis = {want if len(set(want)) > 1 else want[0]}, "
+                         f"num_layers = {plan.num_layers}; these inputs have "
+                         f"{counts if ragged else counts[0]} visual tokens per sample and the model "
+                         f"{num_layers} layers")
+    return plan
+
