@@ -32,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 
+from swiftvlm_kernels._build import TORCH_TARGET_VERSION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # H100 SXM: the figures of the model and of the occupancy calculation
@@ -312,7 +314,7 @@ def cuda_resources():
                 continue
             ptx = os.path.join(tmp, name + ".ptx")
             subprocess.run(["nvcc", "-ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                            "-DTORCH_TARGET_VERSION=0x020a000000000000", f"-I{os.path.join(ROOT, 'csrc')}",
+                            f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", f"-I{os.path.join(ROOT, 'csrc')}",
                             *includes, "-arch=compute_90a", os.path.join(ROOT, "csrc", name), "-o", ptx],
                            check=True, capture_output=True)
             text = open(ptx).read()

@@ -1,8 +1,11 @@
 """The cuda backend: the compiled kernels of csrc/ (ops `torch.ops.swiftvlm.<op>_cuda`) behind the
 backend protocol of docs/CONTRACT.md.
 
-The extension `swiftvlm_kernels/_C*.so` is built by setup.py only when torch has CUDA. Importing this
-module never fails and never prints: without the library, or without a GPU, `available()` is False,
+Where the library comes from: an extension built ahead of time (`swiftvlm_kernels/_C*.so`, from
+`SWIFTVLM_BUILD_CUDA=1 pip install .` or CMake) when present; otherwise the first CUDA call compiles
+csrc/ with ninja (swiftvlm_kernels/_build.py: cached per torch version, CUDA version, arch list and
+source hash; one line is printed while it builds). Importing this module never fails, never prints
+and never compiles: without a CUDA torch, a GPU, torch >= 2.10 or nvcc, `available()` is False,
 `reason` says why, and every op raises a RuntimeError carrying that reason.
 
 Ragged batches (per-sample counts as int tensors [B], the padded widths as trailing ints, as the
@@ -17,6 +20,8 @@ import os
 
 import torch
 
+from . import _build
+
 __all__ = ["available", "reason", "tv_score", "topk_select", "score_select", "group_merge", "bypass_align",
            "bypass_align_into", "compact", "restore", "tv_score_varlen", "score_select_varlen"]
 
@@ -25,37 +30,64 @@ _OPS = ("tv_score_cuda", "topk_select_cuda", "score_select_cuda", "group_merge_c
         "topk_select_ragged_cuda", "compact_ragged_cuda", "group_merge_ragged_cuda")
 
 
-def _load():
-    """Load the compiled library; return why the backend cannot run ("" when it can)."""
+def _check_ops(where: str) -> str:
+    missing = [op for op in _OPS if not hasattr(torch.ops.swiftvlm, op)]
+    return f"the CUDA library {where} lacks the ops {', '.join(missing)}; rebuild it" if missing else ""
+
+
+def _load() -> str:
+    """Load a prebuilt library, or decide whether a first-use build can run; return why the backend
+    cannot run ("" when it can)."""
+    global _pending
     here = os.path.dirname(os.path.abspath(__file__))
     libs = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
-    if not libs:
-        return ("the CUDA extension swiftvlm_kernels._C was not built (setup.py builds it only when torch has "
-                "CUDA and SWIFTVLM_NO_CUDA is unset; rebuild with `pip install -e . --no-build-isolation` "
-                "on a machine with a CUDA torch and nvcc)")
-    try:
-        torch.ops.load_library(libs[0])
-    except OSError as e:
-        return f"the CUDA extension {os.path.basename(libs[0])} failed to load ({e}); rebuild it against this torch"
-    missing = [op for op in _OPS if not hasattr(torch.ops.swiftvlm, op)]
-    if missing:
-        return f"the CUDA extension {os.path.basename(libs[0])} lacks the ops {', '.join(missing)}; rebuild it"
+    if libs:
+        try:
+            torch.ops.load_library(libs[0])
+        except OSError as e:
+            return f"the CUDA extension {os.path.basename(libs[0])} failed to load ({e}); rebuild it against this torch"
+        why = _check_ops(os.path.basename(libs[0]))
+        if why:
+            return why
+    if torch.version.cuda is None:
+        return "this torch has no CUDA (the cuda backend needs a CUDA build of torch >= 2.10)"
     if not torch.cuda.is_available():
-        return "the CUDA extension is built but torch sees no CUDA device"
+        return "torch sees no CUDA device"
+    if not libs:
+        if _build._torch_version() < _build.MIN_TORCH_FOR_CUDA:
+            return f"the cuda backend needs torch >= 2.10 (its stable ABI), got {torch.__version__}"
+        if _build._nvcc() is None:
+            return ("the CUDA kernels compile on first use and nvcc was not found (install the CUDA toolkit or set "
+                    "CUDA_HOME)")
+        _pending = True  # compiled by the first call (_ops)
     return ""
 
 
+_pending = False
 reason = _load()
 
 
-def available():
-    """True when the compiled ops can run here (library loaded and a CUDA device present)."""
+def available() -> bool:
+    """True when the compiled ops can run here (a prebuilt library loaded, or a first-use build can
+    run: a CUDA torch >= 2.10, a device and nvcc)."""
     return reason == ""
 
 
 def _ops():
+    global _pending, reason
     if reason:
         raise RuntimeError(f"swiftvlm cuda backend: {reason}")
+    if _pending:
+        try:
+            _build.load()
+        except Exception as e:  # the compile's own message (nvcc's log) is the useful part
+            reason = f"building the CUDA kernels failed: {e}"
+            raise RuntimeError(f"swiftvlm cuda backend: {reason}") from e
+        why = _check_ops("built from csrc/")
+        if why:
+            reason = why
+            raise RuntimeError(f"swiftvlm cuda backend: {why}")
+        _pending = False
     return torch.ops.swiftvlm
 
 

@@ -25,7 +25,7 @@ from . import _backend, _checks
 _LIB = torch.library.Library("swiftvlm", "DEF")
 
 # name -> (schema, input check). The checks take exactly the schema's arguments.
-SCHEMAS = {
+SCHEMAS: dict[str, tuple[str, Callable[..., None]]] = {
     "tv_score": ("tv_score(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, float scale, "
                  "Tensor? key_mask=None) -> Tensor", _checks.check_tv_score),
     "topk_select": ("topk_select(Tensor scores, SymInt k) -> (Tensor, Tensor)", _checks.check_topk_select),

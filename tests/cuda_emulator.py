@@ -23,6 +23,8 @@ import sys
 import sysconfig
 import types
 
+from swiftvlm_kernels._build import TORCH_TARGET_VERSION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
 CSRC = os.path.join(ROOT, "csrc")
@@ -41,7 +43,7 @@ def _sources(csrc=CSRC):
 def _flags(sanitize: bool):
     import torch.utils.cpp_extension as ext
 
-    flags = ["-std=c++17", "-fPIC", "-DSWIFTVLM_EMULATION", "-DTORCH_TARGET_VERSION=0x020a000000000000",
+    flags = ["-std=c++17", "-fPIC", "-DSWIFTVLM_EMULATION", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}",
              f"-I{EMU}", f"-I{CSRC}", *(f"-I{p}" for p in ext.include_paths()), "-Wall", "-Wno-unused-function"]
     if sanitize:
         flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from functools import partial
 from numbers import Integral, Real
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,11 @@ class _Config:
     def __init__(self, values: Mapping, defaults: Mapping):
         self.__dict__.update(defaults)
         self.__dict__.update({k: v for k, v in values.items() if v is not None or k not in defaults})
+
+    if TYPE_CHECKING:  # fields are the config's keys: typed as Any for the checker
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
 
 def _int(where, value, low=1):

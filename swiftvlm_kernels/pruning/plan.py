@@ -59,10 +59,10 @@ Pruning-layer selection (Sec. 3.2) lives in `selection.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from numbers import Integral, Real
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 METHODS = ("swiftvlm", "fastv", "pdrop")
 
@@ -78,11 +78,12 @@ def _as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
     return value
 
 
-def _as_real(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+def _as_real(value: Any, name: str, low: float, high: float, low_open: bool = False) -> Any:
     """`value` as a finite real in [low, high] ((low, high] when low_open)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
+    x: Any = value  # a Real: compared with floats as it is (no rounding to float)
+    if x < low or x > high or (low_open and x == low):
         expected = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ValueError(f"{name}: expected a number in {expected}, got {value}")
     return value
@@ -136,6 +137,7 @@ class PruningPlan:
     num_layers: int
     stages: tuple[Stage, ...]
     bypass: bool
+    _at: dict = field(init=False, repr=False, compare=False)  # (layer, acts_before) -> stage, set in __post_init__
 
     def __post_init__(self):
         if self.method not in METHODS:
