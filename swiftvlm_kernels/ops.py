@@ -323,13 +323,26 @@ def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor
 
 def topk_select(scores: Tensor, k: Union[int, Tensor], *, lengths: Optional[Tensor] = None,
                 max_k: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Split indices 0..N-1 of `scores` [B, N] into the k best (keep int64 [B, k]) and the others
-    (rest int64 [B, N - k]), both ascending. Larger first; NaN below -inf; ties to the lower index.
+    """Split indices 0..N-1 of `scores` into the k best and the others (Eq. 2's top-k).
 
-    Ragged rows: k an int tensor [B] and/or `lengths` [B] (the number of scores of each row; the
-    entries after them are padding and never chosen). keep is then [B, max_k] (max_k required for
-    GPU tensors) and rest [B, N], each row's indices ascending, then -1.
-    Raises ValueError for a k outside [0, N] or a bad `scores`."""
+    Parameters
+    ----------
+    scores : float [B, N]. Larger is better; NaN ranks below -inf; ties go to the lower index.
+    k : how many to keep, 0 <= k <= N; or, for ragged rows, an int tensor [B].
+    lengths : ragged rows: int [B], the number of scores of each row (the entries after them are
+        padding, never chosen).
+    max_k : ragged rows: the padded width of keep (required for GPU tensors).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    (keep int64 [B, k], rest int64 [B, N - k]), both ascending. Ragged rows: keep [B, max_k] and
+    rest [B, N], each row's indices ascending, then -1.
+
+    Raises
+    ------
+    ValueError naming the argument: a k outside [0, N], a bad `scores`, lengths or widths.
+    """
     if isinstance(k, Tensor) or lengths is not None:
         if not isinstance(k, Tensor):
             _checks._int("k", k, 0, scores.shape[1] if isinstance(scores, Tensor) and scores.dim() == 2 else k,
@@ -345,14 +358,26 @@ def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Te
                  scale: Optional[float] = None, key_mask: Optional[Tensor] = None, *,
                  max_vis_len: Optional[int] = None, max_keep: Optional[int] = None,
                  backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """topk_select(tv_score(...), keep) as one op: (keep_idx int64 [B, keep], rest_idx int64
-    [B, vis_len - keep], scores fp32 [B, vis_len]); indices are visual-token indices, ascending.
-    Arguments as `tv_score`, plus 0 <= keep <= vis_len.
+    """topk_select(tv_score(...), keep) as one op: the entry point other pruning code calls.
 
-    Ragged batches: vis_len and/or keep int tensors [B] (an int is the same for every sample), with
-    the padded widths max_vis_len and max_keep (required for GPU tensors): keep_idx [B, max_keep],
-    rest_idx and scores [B, max_vis_len]; each row's indices ascending then -1, scores 0 past
-    vis_len[b]. Raises ValueError naming a bad argument."""
+    Parameters
+    ----------
+    q, k, vis_start, vis_len, scale, key_mask : as for `tv_score`.
+    keep : how many visual tokens to keep, 0 <= keep <= vis_len; or an int tensor [B] (ragged).
+    max_vis_len, max_keep : ragged batches (vis_len and/or keep int tensors [B]; an int is the same
+        for every sample): the padded widths (required for GPU tensors).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    (keep_idx int64 [B, keep], rest_idx int64 [B, vis_len - keep], scores fp32 [B, vis_len]):
+    visual-token indices, ascending. Ragged: keep_idx [B, max_keep], rest_idx and scores
+    [B, max_vis_len]; each row's indices ascending then -1, scores 0 past vis_len[b].
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or values.
+    """
     scale = _scale(q, scale)
     if isinstance(vis_len, Tensor) or isinstance(keep, Tensor):
         B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0
@@ -374,14 +399,26 @@ def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Te
 
 def group_merge(h: Tensor, num_groups: Union[int, Tensor], *, lengths: Optional[Tensor] = None,
                 max_groups: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Group the rest tokens h [B, R, d] around Z = num_groups targets by cosine similarity and
-    average each group (Eq. 10-11): (merged [B, Z, d] in h's dtype, group int64 [B, R], counts
-    int32 [B, Z]).
+    """Group the rest tokens around Z targets by cosine similarity and average each group (Eq. 10-11).
 
-    Ragged batches: `lengths` [B] rest tokens of each sample (the rows after them are padding) and
-    num_groups an int tensor [B] (1 <= Z_b <= lengths[b]; 0 for an empty sample), with the padded
-    width max_groups (required for GPU tensors): merged [B, max_groups, d] and counts zero past Z_b,
-    group -1 past lengths[b]. Raises ValueError for Z outside [1, R] or a bad `h`."""
+    Parameters
+    ----------
+    h : [B, R, d] the rest tokens' hidden states, in position order (fp32, fp16 or bf16).
+    num_groups : Z, 1 <= Z <= R; or, ragged, an int tensor [B] (1 <= Z_b <= lengths[b]; 0 for an
+        empty sample).
+    lengths : ragged: int [B], each sample's rest tokens (the rows after them are padding).
+    max_groups : ragged: the padded width Z (required for GPU tensors).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    (merged [B, Z, d] in h's dtype, group int64 [B, R], counts int32 [B, Z]). Ragged: merged
+    [B, max_groups, d] and counts zero past Z_b, group -1 past lengths[b].
+
+    Raises
+    ------
+    ValueError naming the argument: Z outside [1, R], a bad `h`, lengths or widths.
+    """
     if isinstance(num_groups, Tensor) or lengths is not None:
         if not isinstance(num_groups, Tensor):
             _checks._int("num_groups", num_groups, 0, num_groups, "the number of groups")
@@ -395,15 +432,44 @@ def group_merge(h: Tensor, num_groups: Union[int, Tensor], *, lengths: Optional[
 
 def bypass_align(h_rest: Tensor, group: Tensor, merged_now: Tensor, merged_then: Tensor, *,
                  backend: Optional[str] = None) -> Tensor:
-    """Restore bypassed tokens: h_rest + merged_now[group] - merged_then[group] (Eq. 12-13), fp32
-    math, [B, R, d] in h_rest's dtype. Raises ValueError naming a bad argument."""
+    """Restore bypassed tokens: h_rest + merged_now[group] - merged_then[group] (Eq. 12-13).
+
+    Parameters
+    ----------
+    h_rest : [B, R, d] the rest tokens when set aside.
+    group : int64 [B, R], each token's merged token (-1: skipped).
+    merged_now, merged_then : [B, Z, d] the merged tokens now and when made.
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    [B, R, d] in h_rest's dtype (fp32 math).
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or group values.
+    """
     return _call("bypass_align", backend, h_rest, group, merged_now, merged_then)
 
 
 def bypass_align_into(dst: Tensor, rows: Tensor, h_rest: Tensor, group: Tensor, merged_now: Tensor,
                       merged_then: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """Write bypass_align(...)[b, i] into dst[b, rows[b, i]] in place; returns dst.
-    Raises ValueError naming a bad argument."""
+    """bypass_align written in place: dst[b, rows[b, i]] = bypass_align(...)[b, i].
+
+    Parameters
+    ----------
+    dst : [B, n, d] the sequence to write into (must not overlap the other tensors).
+    rows : int64 [B, R], each restored token's row in dst (-1: skipped).
+    h_rest, group, merged_now, merged_then, backend : as for `bypass_align`.
+
+    Returns
+    -------
+    dst.
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices, rows or overlap.
+    """
     _call("bypass_align_into", backend, dst, rows, h_rest, group, merged_now, merged_then)
     return dst
 
@@ -412,16 +478,28 @@ def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, nu
             max_merged: Optional[int] = None, backend: Optional[str] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Rebuild a sequence after a pruning stage in one pass (python_ref/compact.py has the exact
-    contract): the visual block of h [B, n, d] at vis_start keeps the kept slots and one row per
-    group target of the rest (num_merged targets; 0 drops the rest), in position order.
+    contract): the visual block of h at vis_start keeps the kept slots and one row per group target
+    of the rest (num_merged targets; 0 drops the rest), in position order.
 
-    Returns (h_new [B, n - R + Z, d], src int64 [B, n'] flattened source rows, rest_h [B, R, d],
-    merged_rows int64 [B, Z] flattened rows of the targets in h_new, inverse int64 [B, n] flattened
-    new row of each kept / text row, -1 for rest rows). Raises ValueError naming a bad argument.
+    Parameters
+    ----------
+    h : [B, n, d] the sequence.
+    vis_start : int [B], where each visual block starts.
+    keep_idx, rest_idx : score_select's kept and rest slots (ragged: -1 padded [B, K], [B, M]).
+    num_merged : Z, the rest's merged tokens (0: drop the rest); ragged: an int tensor [B].
+    max_merged : ragged: the padded width Z; each sample's new block is its kept and target rows,
+        then zero padding rows up to K + max_merged (python_ref.compact_ragged).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
 
-    Ragged batches (score_select.ragged's keep_idx [B, K] and rest_idx [B, M], -1 padded): num_merged
-    an int tensor [B] with the padded width max_merged; each sample's new block is its kept and
-    target rows, then zero padding rows up to K + max_merged (python_ref.compact_ragged).
+    Returns
+    -------
+    (h_new [B, n - R + Z, d], src int64 [B, n'] flattened source rows, rest_h [B, R, d],
+    merged_rows int64 [B, Z] flattened rows of the targets in h_new, inverse int64 [B, n] the
+    flattened new row of each kept / text row, -1 for rest rows).
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or index values.
     """
     if isinstance(num_merged, Tensor):
         return _call("compact.ragged", backend, h, vis_start, keep_idx, rest_idx, num_merged, max_merged=max_merged)
@@ -431,9 +509,25 @@ def compact(h: Tensor, vis_start: Tensor, keep_idx: Tensor, rest_idx: Tensor, nu
 
 def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_rest: Tensor, group: Tensor,
             merged_rows: Tensor, merged_then: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """Undo `compact` after the layers in between (Eq. 12-13): [B, n, d] with every carried row of h
-    back in place and every rest token restored as h_rest + h[merged_rows[group]] -
-    merged_then[group] (fp32 math). Raises ValueError naming a bad argument."""
+    """Undo `compact` after the layers in between (Eq. 12-13).
+
+    Parameters
+    ----------
+    h : [B, n', d] the compacted sequence after the layers in between.
+    inverse, vis_start, rest_idx, merged_rows : compact's outputs and inputs for that stage.
+    h_rest : [B, R, d] the rest tokens when set aside; group : int64 [B, R] their merged tokens.
+    merged_then : [B, Z, d] the merged tokens when made.
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    [B, n, d]: every carried row of h back in place, every rest token restored as
+    h_rest + h[merged_rows[group]] - merged_then[group] (fp32 math).
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or index values.
+    """
     return _call("restore", backend, h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)
 
 
@@ -442,12 +536,25 @@ def tv_score_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Tensor,
                     max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """tv_score on a packed batch (FlashAttention varlen / vLLM layout, no padding).
 
-    q: [B, H, D] each sample's last-token query; k: [total, Hkv, D] the keys of all samples
-    concatenated; cu_seqlens: int [B + 1], sample b's keys are rows cu_seqlens[b] .. cu_seqlens[b+1]-1;
-    vis_start: [B] each visual span's start within its sample; vis_len: int or int tensor [B];
-    max_vis_len: the padded width (required for GPU tensors with a tensor vis_len); max_seqlen: the
-    longest sample (optional: it only sizes the kernels' grids). Returns fp32 [B, max_vis_len],
-    equal to tv_score on the same samples padded, scores 0 past vis_len[b]."""
+    Parameters
+    ----------
+    q : [B, H, D] each sample's last-token query.
+    k : [total, Hkv, D] the keys of all samples concatenated.
+    cu_seqlens : int [B + 1]: sample b's keys are rows cu_seqlens[b] .. cu_seqlens[b+1]-1.
+    vis_start : int [B] each visual span's start within its sample.
+    vis_len : int or int tensor [B]; scale : softmax scale, default D ** -0.5.
+    max_vis_len : the padded width (required for GPU tensors with a tensor vis_len).
+    max_seqlen : the longest sample (optional: it only sizes the kernels' grids).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    fp32 [B, max_vis_len], equal to tv_score on the same samples padded, 0 past vis_len[b].
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or values.
+    """
     scale = _scale(q, scale)
     if not isinstance(vis_len, Tensor):
         max_vis_len = vis_len if max_vis_len is None else max_vis_len
@@ -460,9 +567,23 @@ def score_select_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Ten
                         keep: Union[int, Tensor], scale: Optional[float] = None, *, max_vis_len: Optional[int] = None,
                         max_keep: Optional[int] = None, max_seqlen: Optional[int] = None,
                         backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """score_select on a packed batch (arguments as tv_score_varlen, keep an int or int tensor [B]):
+    """score_select on a packed batch.
+
+    Parameters
+    ----------
+    q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len, max_seqlen, backend : as for
+        `tv_score_varlen`.
+    keep : an int or int tensor [B]; max_keep : the padded width of keep_idx.
+
+    Returns
+    -------
     (keep_idx [B, max_keep], rest_idx [B, max_vis_len], scores fp32 [B, max_vis_len]), each row's
-    indices ascending then -1, equal to the padded ragged form on the same samples."""
+    indices ascending then -1, equal to the padded ragged form on the same samples.
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or values.
+    """
     scale = _scale(q, scale)
     if not isinstance(vis_len, Tensor):
         max_vis_len = vis_len if max_vis_len is None else max_vis_len

@@ -62,3 +62,21 @@ def test_print_shows_the_jit_commands(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(_build.sources())
     assert all(f"-DTORCH_TARGET_VERSION={_build.TORCH_TARGET_VERSION}" in line for line in out)
+
+
+def test_public_wrappers_are_typed_and_documented():
+    import inspect
+
+    from swiftvlm_kernels import distributed, ops
+
+    wrappers = [getattr(ops, n) for n in ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align",
+                                          "bypass_align_into", "compact", "restore", "tv_score_varlen",
+                                          "score_select_varlen")]
+    wrappers += [distributed.tp_tv_score, distributed.tp_score_select, distributed.shard_heads]
+    for fn in wrappers:
+        sig = inspect.signature(fn)
+        assert sig.return_annotation is not inspect.Signature.empty, fn.__name__
+        assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values()
+                   if p.name != "process_group"), fn.__name__
+        for section in ("Parameters", "Returns", "Raises"):
+            assert section in (fn.__doc__ or ""), (fn.__name__, section)
