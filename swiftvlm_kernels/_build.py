@@ -163,7 +163,6 @@ def load() -> Path:
     if not lib.exists():
         print(f"swiftvlm-kernels: compiling the CUDA kernels for sm_{', sm_'.join(archs())} (first use, cached in "
               f"{build}) ...", file=sys.stderr, flush=True)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(a.replace("a", "") for a in archs()))
     cpp_extension.load(name=EXT_NAME, sources=[str(f) for f in files], extra_cflags=cxx_flags(),
                        extra_cuda_cflags=nvcc_flags(), extra_include_paths=[str(files[0].parent)],
                        build_directory=str(build), is_python_module=False, verbose=False)

@@ -75,12 +75,12 @@ def tp_tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Ten
     import torch.distributed as dist
 
     world = _world(process_group)
-    local = q.shape[1] if q.dim() == 3 else 0
+    scores = ops.tv_score(q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len, backend=backend)
+    local = q.shape[1]  # q is a valid [B, H_r, D] once tv_score has checked it
     heads = local * world if num_heads is None else num_heads
     if not isinstance(heads, int) or isinstance(heads, bool) or local < 1 or heads < local or heads % local:
         raise ValueError(f"num_heads: expected a positive multiple of this rank's {local} query heads "
                          f"(the heads of all {world} ranks), got {num_heads!r}")
-    scores = ops.tv_score(q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len, backend=backend)
     scores.mul_(float(local))  # this rank's heads: their mean x their count = their sum
     dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=process_group)
     return scores.div_(float(heads))  # the mean over all H heads (Eq. 1)

@@ -83,6 +83,8 @@ def _check_scoring(rank, world):
                 s = tp_tv_score(q_r, k_r, VIS_START, N_V, 0.35, mask, num_heads=H, backend=backend)
                 torch.testing.assert_close(s, ops.tv_score(q, k, VIS_START, N_V, 0.35, mask, backend=backend),
                                            rtol=4e-6, atol=1e-7)
+                with pytest.raises(ValueError, match="^num_heads"):
+                    tp_tv_score(q_r, k_r, VIS_START, N_V, 0.35, mask, num_heads=H + 1, backend=backend)
 
 
 def _run_stages(engine, h, q, k, mask, ragged):

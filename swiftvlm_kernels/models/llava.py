@@ -501,7 +501,7 @@ class LlavaForward(nn.Module):
                 # Reuse the scoring pass's normed input and keys for the layer's rows, unless the stage
                 # merged: a merged row then carries its group's mean, not the state they were computed
                 # on, and the layer computes its inputs afresh (fewer ops than patching Z rows).
-                x, k = (seq.take(x), seq.take(k)) if seq._bypass is None else (None, None)
+                x, k = (seq.take(x), seq.take(k)) if plan.stages[s].merge == 0 else (None, None)
                 mask = self._corner(full_mask, seq)
             if hidden is not None:
                 hidden.append((seq.h, seq.index))
