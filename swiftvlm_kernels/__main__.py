@@ -1,6 +1,8 @@
-"""`python -m swiftvlm_kernels [demo|ops] [options]` (no subcommand: demo).
+"""`python -m swiftvlm_kernels [demo|eval|ops] [options]` (no subcommand: demo).
 
-demo   vanilla, SwiftVLM, FastV and PDrop on the embedded tiny LLaVA (no downloads)
+demo   vanilla, SwiftVLM, FastV and PDrop on the embedded trained tiny LLaVA (no downloads):
+       answers, FLOPs and pictures of the kept tokens
+eval   accuracy against visual-token budget per method and question type (table, CSV, JSON, PNG)
 ops    score_select / group_merge / bypass_align on generated LLaVA-1.5-shaped data
 
 Each subcommand has its own --help. A bad subcommand or option exits 2 with one line; an error while
@@ -72,18 +74,22 @@ def ops_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo
+    from . import demo, evaluation
 
     common = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, print the traceback")
     parser = _Parser(prog="python -m swiftvlm_kernels", description=__doc__.split("\n")[0], parents=[common],
-                     epilog="Subcommands: demo (the default), ops. `python -m swiftvlm_kernels SUBCOMMAND --help`.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,ops}", parser_class=_Parser)
+                     epilog="Subcommands: demo (the default), eval, ops. `python -m swiftvlm_kernels SUBCOMMAND --help`.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,ops}", parser_class=_Parser)
     d = sub.add_parser("demo", parents=[common], help="vanilla / SwiftVLM / FastV / PDrop on the tiny LLaVA",
                        description=demo.__doc__)
     demo.add_arguments(d)
     d.set_defaults(run=demo.run)
+    e = sub.add_parser("eval", parents=[common], help="accuracy against visual-token budget per method",
+                       description=evaluation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_arguments(e)
+    e.set_defaults(run=evaluation.run)
     o = sub.add_parser("ops", parents=[common], help="the ops on LLaVA-1.5-shaped data",
                        description="score_select, group_merge and bypass_align on generated LLaVA-1.5-shaped data.")
     o.add_argument("--backend", type=_backend, default=None, help="auto, torch, cpu, triton or cuda (default: auto)")
@@ -93,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    has_subcommand = any(a in ("demo", "ops") for a in argv)
+    has_subcommand = any(a in ("demo", "eval", "ops") for a in argv)
     if not argv or argv[0].startswith("-") and not has_subcommand and not any(a in ("-h", "--help") for a in argv):
         argv = ["demo", *argv]  # no subcommand: the demo, with its options
     args = build_parser().parse_args(argv)

@@ -1,10 +1,17 @@
 """`python -m swiftvlm_kernels demo`: vanilla, SwiftVLM, FastV and PDrop on the embedded tiny LLaVA
-(random weights, nothing downloaded): per-stage kept tokens, prefill FLOPs against vanilla, and the
-greedy output ids of each."""
+trained on the synthetic VQA task (swiftvlm_kernels.synth; nothing downloaded). For a few held-out
+questions, each method's answer against the truth at one visual-token budget, the prefill FLOPs
+against vanilla, and one PNG per method (in --out) with each image and the visual tokens kept at
+each stage: kept patches bright, the others faded, the patches the answer depends on outlined (the
+SwiftVLM paper's Fig. 6 style).
+
+--random: the former view instead, on the 16-layer tiny LLaVA with random weights: per-stage kept
+tokens, FLOPs and greedy output ids for a left-padded batch (random weights answer nothing)."""
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,9 +29,15 @@ def _ids(t):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="visual tokens per layer on average, merged ones counted (default: N_v / 3)")
-    parser.add_argument("--batch", type=_positive, default=2, help="samples; odd ones are left-padded")
-    parser.add_argument("--new-tokens", type=_positive, default=8, help="greedy tokens to generate")
-    parser.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
+    parser.add_argument("--questions", type=_positive, default=5,
+                        help="held-out questions to answer (default 5: one of each type first)")
+    parser.add_argument("--out", type=Path, default=Path("swiftvlm-demo"),
+                        help="folder for the kept-token pictures (default swiftvlm-demo)")
+    parser.add_argument("--random", action="store_true",
+                        help="the random-weight tiny LLaVA's stage view instead (no answers, no pictures)")
+    parser.add_argument("--batch", type=_positive, default=2, help="--random: samples; odd ones are left-padded")
+    parser.add_argument("--new-tokens", type=_positive, default=8, help="--random: greedy tokens to generate")
+    parser.add_argument("--seed", type=int, default=0, help="--random: weights and inputs seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--backend", default=None, choices=("auto", "torch", "cpu", "triton", "cuda"),
@@ -52,7 +65,7 @@ def run(args) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # matrices this small only pay the threads' start-up, on a busy CPU a lot
     try:
-        return _run(args)
+        return _run(args) if args.random else _run_trained(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -61,6 +74,90 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swiftvlm_kernels demo", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def _pick(n: int) -> list:
+    """Held-out samples (split 1): the first of each question type, then the next ones in order."""
+    from . import synth
+
+    first: dict = {}
+    rest: list = []
+    i = 0
+    while len(first) < len(synth.KINDS) or len(first) + len(rest) < n:
+        s = synth.sample(1, i)
+        if s.kind not in first:
+            first[s.kind] = (i, s)
+        else:
+            rest.append((i, s))
+        i += 1
+    chosen = [first[k] for k in synth.KINDS] + rest
+    return sorted(chosen[:n], key=lambda t: t[0])
+
+
+def _run_trained(args):
+    from . import evaluation, synth
+    from .figures import kept_tokens_figure
+    from .models.tiny import trained_record, trained_tiny_llava
+    from .png import write_png
+
+    model = trained_tiny_llava(DTYPES[args.dtype], args.device)
+    model.backend = args.backend
+    record = trained_record()
+    n_vis, text = model.num_visual_tokens, model.text_config
+    grid = int(round(n_vis ** 0.5))
+    share = (args.budget / n_vis) if args.budget is not None else 1 / 3
+    chosen = _pick(args.questions)
+    items = [evaluation.Item(s.image, " ".join(s.question), s.answer, s.kind,
+                             tuple((c * synth.CELL, r * synth.CELL, (c + 1) * synth.CELL, (r + 1) * synth.CELL)
+                                   for r, c in s.cells_in_question()))
+             for _, s in chosen]
+    prompts = evaluation.prompts_for(None, model)
+    inputs = evaluation.batch_inputs(items, prompts, model, args.device, DTYPES[args.dtype])
+    held = record["held_out"]
+    print(f"tiny LLaVA trained on the synthetic VQA task (tools/train_tiny.py, {record['steps']} steps): "
+          f"{n_vis} visual tokens, {text.num_hidden_layers} layers, d = {text.hidden_size}, "
+          f"{text.num_attention_heads} query / {text.num_key_value_heads} KV heads; held-out accuracy "
+          f"{100 * held['accuracy']:.1f}% on {held['n']} questions; {args.device}, {args.dtype}")
+    print(f"budget: {100 * share:.0f}% of the visual tokens per layer ({share * n_vis:.1f} of {n_vis})\n")
+    for j, (i, s) in enumerate(chosen):
+        print(f"  Q{j + 1} (held-out #{i}, {s.kind}): {' '.join(s.question)}   truth: {s.answer}")
+    print()
+    layers = evaluation.eval_layers(model.num_layers)
+    n_text = inputs["input_ids"].shape[1] - n_vis
+    vanilla_flops = prefill_flops(text, n_text, n_vis).total
+    paths = []
+    for key in ("vanilla", "swiftvlm", "fastv", "pdrop"):
+        name = evaluation.NAMES[key]
+        pruning = None if key == "vanilla" else evaluation.make_method(key, share, layers[key])
+        plan = model.plan_for(pruning)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(**inputs, pruning=pruning)
+        seconds = time.perf_counter() - t0
+        pred = out.last_logits.argmax(-1).tolist()
+        answers = [prompts.decode([p]) for p in pred]
+        right = sum(a == it.answer for a, it in zip(answers, items))
+        flops = prefill_flops(text, n_text, n_vis, plan).total
+        stages = ", ".join(f"layer {st.layer}: keep {st.keep}" + (f" + {st.merge} merged" if st.merge else "")
+                           for st in plan.stages) if plan else "all tokens"
+        print(f"{name}: {right}/{len(items)} right, prefill {100 * flops / vanilla_flops:.0f}% of vanilla's FLOPs ({100 - 100 * flops / vanilla_flops:.0f}% saved), "
+              f"{plan.average_visual_tokens() if plan else n_vis:.1f} visual tokens per layer ({stages}), "
+              f"{seconds * 1e3:.0f} ms")
+        print("  answers: " + " | ".join(f"Q{j + 1} {a}{'' if a == it.answer else ' (x)'}"
+                                         for j, (a, it) in enumerate(zip(answers, items))))
+        labels = [f"from layer {plan.effective_layer(i)}: {st.keep}" for i, st in enumerate(plan.stages)] if plan else []
+        rows = [{"image": it.image, "kept": [k[b] for k in out.kept], "targets": it.boxes,
+                 "caption": f"Q{b + 1}: {it.question}  truth {it.answer}, {name}: {answers[b]}"}
+                for b, it in enumerate(items)]
+        if plan is None:
+            labels, rows = ["all tokens"], [dict(r, kept=[torch.arange(n_vis)]) for r in rows]
+        title = f"{name} at {100 * share:.0f}% of the visual tokens: kept (bright) per stage"
+        if plan is not None and plan.bypass:
+            title = f"{name} at {100 * share:.0f}%: kept per stage (rest merged and bypassing)"
+        paths.append(write_png(Path(args.out) / f"{key}.png", kept_tokens_figure(rows, grid, labels, title)))
+    print("\npictures (image | tokens kept at each stage; answer patches outlined): " +
+          ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _run(args):

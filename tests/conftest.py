@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """tools/train_tiny.py as a module (the training script of the embedded trained tiny LLaVA)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

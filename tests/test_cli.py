@@ -11,8 +11,9 @@ def cli(*args):
     return run.returncode, run.stdout, run.stderr
 
 
-@pytest.mark.parametrize("args, words", [(("--help",), "Subcommands: demo (the default), ops"),
+@pytest.mark.parametrize("args, words", [(("--help",), "Subcommands: demo (the default), eval, ops"),
                                          (("demo", "--help"), "--new-tokens"),
+                                         (("eval", "--help"), "--budgets"),
                                          (("ops", "--help"), "--backend")])
 def test_help(args, words):
     code, out, err = cli(*args)
@@ -22,7 +23,10 @@ def test_help(args, words):
 @pytest.mark.parametrize("args, words", [(("bogus",), "invalid choice: 'bogus'"),
                                          (("demo", "--bogus"), "unrecognized arguments: --bogus"),
                                          (("demo", "--batch", "0"), "argument --batch: expected an int >= 1, got 0"),
-                                         (("ops", "--backend", "nonsense"), "expected one of auto, torch, cpu")])
+                                         (("ops", "--backend", "nonsense"), "expected one of auto, torch, cpu"),
+                                         (("eval", "--budgets", "0.5,2"), "argument --budgets: expected shares in (0, 1]"),
+                                         (("eval", "--methods", "fastv,magic"), "argument --methods: expected names"),
+                                         (("eval", "--layers", "fastv=two"), "argument --layers: expected integer")])
 def test_usage_errors_exit_2_with_one_line(args, words):
     code, out, err = cli(*args)
     assert code == 2 and err.count("\n") == 1 and words in err and not out

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # CI: what a user installing the release gets. Builds the sdist and, from the sdist alone, the wheel
-# (so the sdist must carry csrc/), checks the wheel ships the CUDA sources and py.typed, installs it
-# into a fresh venv that sees this machine's torch (--system-site-packages: the installed torch must be
-# kept, never replaced), and from outside the repository runs a few ops and the demo, with the package
-# imported from the venv. Last, the first-use CUDA build's compile check (nvcc, no GPU) from the
-# installed package's own sources.
+# (so the sdist must carry csrc/), checks the wheel ships the CUDA sources, the trained weights and
+# py.typed, installs it into a fresh venv that sees this machine's torch (--system-site-packages: the
+# installed torch must be kept, never replaced), and from outside the repository runs a few ops and the
+# demo (its pictures written), with the package imported from the venv. Last, the first-use CUDA
+# build's compile check (nvcc, no GPU) from the installed package's own sources.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -20,12 +20,14 @@ echo "ci_wheel: built $(basename "$SDIST") and, from it, $(basename "$WHEEL")"
 "$PY" - "$WHEEL" <<'PYEOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
+need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/weights/tiny-vqa/model.safetensors",
+        "swiftvlm_kernels/weights/tiny-vqa/config.json", "swiftvlm_kernels/weights/tiny-vqa/vocab.json",
+        "swiftvlm_kernels/weights/tiny-vqa/train.json", "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
         "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
 missing = need - names
 assert not missing, f"the wheel lacks {sorted(missing)}"
 assert not any(n.endswith((".so", ".o")) for n in names), "a pure wheel carries no binaries"
-print(f"ci_wheel: the wheel has {len(names)} files, the CUDA sources and py.typed among them")
+print(f"ci_wheel: the wheel has {len(names)} files, the CUDA sources, the trained weights and py.typed among them")
 PYEOF
 
 "$PY" -m venv --system-site-packages "$OUT/venv"
@@ -48,7 +50,10 @@ merged, group, counts = torch.ops.swiftvlm.group_merge(torch.randn(2, 14, 16), 3
 assert keep.shape == (2, 6) and rest.shape == (2, 14) and merged.shape == (2, 3, 16)
 print(f"ci_wheel: ops ran from {swiftvlm_kernels.__file__} (torch {torch.__version__})")
 PYEOF
-"$VPY" -m swiftvlm_kernels >"$OUT/demo.log" 2>&1 || { cat "$OUT/demo.log"; exit 1; }
+"$VPY" -m swiftvlm_kernels --out "$OUT/pictures" >"$OUT/demo.log" 2>&1 || { cat "$OUT/demo.log"; exit 1; }
 tail -n 3 "$OUT/demo.log"
+for m in vanilla swiftvlm fastv pdrop; do
+    test -s "$OUT/pictures/$m.png" || { echo "ci_wheel: the demo wrote no $m.png"; exit 1; }
+done
 "$VPY" -m swiftvlm_kernels._build --check
 echo "ci_wheel: OK"

@@ -1,0 +1,210 @@
+"""Pictures without a plotting library: a 5 x 7 bitmap font, lines and boxes on uint8 [3, H, W]
+canvases, the accuracy-against-budget plot of the evaluation, and the kept-token panels of the demo
+(the SwiftVLM paper's Fig. 6 style). Written as PNG by `swiftvlm_kernels.png`."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# 5 x 7 glyphs, one int per row, bit 4 = the leftmost column. Letters are drawn in capitals.
+_GLYPHS = {
+    "A": (14, 17, 17, 31, 17, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30), "C": (14, 17, 16, 16, 16, 17, 14),
+    "D": (30, 17, 17, 17, 17, 17, 30), "E": (31, 16, 16, 30, 16, 16, 31), "F": (31, 16, 16, 30, 16, 16, 16),
+    "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17), "I": (14, 4, 4, 4, 4, 4, 14),
+    "J": (7, 2, 2, 2, 2, 18, 12), "K": (17, 18, 20, 24, 20, 18, 17), "L": (16, 16, 16, 16, 16, 16, 31),
+    "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17), "O": (14, 17, 17, 17, 17, 17, 14),
+    "P": (30, 17, 17, 30, 16, 16, 16), "Q": (14, 17, 17, 17, 21, 18, 13), "R": (30, 17, 17, 30, 20, 18, 17),
+    "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4), "U": (17, 17, 17, 17, 17, 17, 14),
+    "V": (17, 17, 17, 17, 17, 10, 4), "W": (17, 17, 17, 21, 21, 21, 10), "X": (17, 17, 10, 4, 10, 17, 17),
+    "Y": (17, 17, 10, 4, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
+    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31),
+    "3": (31, 2, 4, 2, 1, 17, 14), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
+    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
+    "9": (14, 17, 17, 15, 1, 2, 12),
+    " ": (0,) * 7, ".": (0, 0, 0, 0, 0, 12, 12), ",": (0, 0, 0, 0, 12, 4, 8), ":": (0, 12, 12, 0, 12, 12, 0),
+    "-": (0, 0, 0, 31, 0, 0, 0), "%": (24, 25, 2, 4, 8, 19, 3), "(": (2, 4, 8, 8, 8, 4, 2),
+    ")": (8, 4, 2, 2, 2, 4, 8), "/": (0, 1, 2, 4, 8, 16, 0), "=": (0, 0, 31, 0, 31, 0, 0),
+    "?": (14, 17, 1, 2, 4, 0, 4), "_": (0, 0, 0, 0, 0, 0, 31), "+": (0, 4, 4, 31, 4, 4, 0),
+    "<": (2, 4, 8, 16, 8, 4, 2), ">": (8, 4, 2, 1, 2, 4, 8), "'": (4, 4, 8, 0, 0, 0, 0),
+    "!": (4, 4, 4, 4, 4, 0, 4), "*": (0, 4, 21, 14, 21, 4, 0), "#": (10, 10, 31, 10, 31, 10, 10),
+}
+_BITMAPS = {c: torch.tensor([[(row >> (4 - i)) & 1 for i in range(5)] for row in rows], dtype=torch.bool)
+            for c, rows in _GLYPHS.items()}
+
+WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
+METHOD_COLOURS = {"vanilla": (60, 60, 60), "SwiftVLM": (214, 39, 40), "FastV": (31, 119, 180),
+                  "PDrop": (44, 160, 44)}
+_PALETTE = ((148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194), (23, 190, 207))
+
+
+def canvas(height: int, width: int, colour=WHITE) -> Tensor:
+    """A uint8 [3, height, width] canvas filled with `colour`."""
+    return torch.tensor(colour, dtype=torch.uint8)[:, None, None].expand(3, height, width).clone()
+
+
+def text_width(s: str, scale: int = 1) -> int:
+    """Pixels that `text` takes horizontally for `s`."""
+    return len(s) * 6 * scale
+
+
+def text(img: Tensor, x: int, y: int, s: str, colour=BLACK, scale: int = 1) -> None:
+    """Draw `s` with its top-left corner at (x, y); glyphs are 5 x 7 cells of `scale` pixels, 1 apart;
+    what falls outside the canvas is clipped."""
+    fill = torch.tensor(colour, dtype=torch.uint8)[:, None]
+    H, W = img.shape[1:]
+    for i, ch in enumerate(s):
+        bitmap = _BITMAPS.get(ch.upper(), _BITMAPS["?"])
+        if scale > 1:
+            bitmap = bitmap.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        x0 = x + i * 6 * scale
+        ys, xs = bitmap.nonzero(as_tuple=True)
+        ys, xs = ys + y, xs + x0
+        ok = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        img[:, ys[ok], xs[ok]] = fill
+
+
+def rect(img: Tensor, x0: int, y0: int, x1: int, y1: int, colour, fill: bool = True, width: int = 1) -> None:
+    """A filled box, or its outline `width` pixels thick, over [x0, x1) x [y0, y1) (clipped)."""
+    H, W = img.shape[1:]
+    x0, x1, y0, y1 = max(0, x0), min(W, x1), max(0, y0), min(H, y1)
+    if x0 >= x1 or y0 >= y1:
+        return
+    c = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+    if fill:
+        img[:, y0:y1, x0:x1] = c
+        return
+    img[:, y0:min(y1, y0 + width), x0:x1] = c
+    img[:, max(y0, y1 - width):y1, x0:x1] = c
+    img[:, y0:y1, x0:min(x1, x0 + width)] = c
+    img[:, y0:y1, max(x0, x1 - width):x1] = c
+
+
+def line(img: Tensor, x0: float, y0: float, x1: float, y1: float, colour, width: int = 2) -> None:
+    """A straight line `width` pixels thick from (x0, y0) to (x1, y1) (clipped)."""
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    t = torch.linspace(0, 1, n)
+    xs = (x0 + (x1 - x0) * t).round().long()
+    ys = (y0 + (y1 - y0) * t).round().long()
+    H, W = img.shape[1:]
+    c = torch.tensor(colour, dtype=torch.uint8)[:, None]
+    for dy in range(-(width // 2), width - width // 2):
+        for dx in range(-(width // 2), width - width // 2):
+            yy, xx = ys + dy, xs + dx
+            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            img[:, yy[ok], xx[ok]] = c
+
+
+def method_colour(name: str, i: int = 0):
+    """The plot colour of a method (the known four fixed, others from a palette by position)."""
+    return METHOD_COLOURS.get(name, _PALETTE[i % len(_PALETTE)])
+
+
+def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Optional[float]]],
+                  reference: Optional[tuple[str, float]] = None, title: str = "",
+                  width: int = 720, height: int = 460) -> Tensor:
+    """uint8 [3, height, width]: accuracy (0..1, drawn in %) against budget (fraction of the visual
+    tokens per layer, drawn in %), one line with markers per method (None: a missing point, e.g.
+    an infeasible budget), `reference` = (label, accuracy) as a dashed level (the unpruned model)."""
+    if not budgets or not curves:
+        raise ValueError("curves: expected at least one method with one budget")
+    img = canvas(height, width)
+    left, right, top, bottom = 64, width - 170, 40, height - 56
+    text(img, (width - text_width(title, 2)) // 2, 10, title, scale=2)
+    lo, hi = min(budgets), max(budgets)
+    pad = (hi - lo) * 0.06 or 0.05
+    lo, hi = max(0.0, lo - pad), hi + pad
+
+    def px(b):
+        return left + (b - lo) / (hi - lo) * (right - left)
+
+    def py(a):
+        return bottom - a * (bottom - top)
+
+    for tick in range(0, 101, 20):  # y grid and labels
+        y = round(py(tick / 100))
+        rect(img, left, y, right, y + 1, (225, 225, 225))
+        label = f"{tick}%"
+        text(img, left - 8 - text_width(label), y - 3, label)
+    for b in budgets:  # x ticks at the budgets
+        x = round(px(b))
+        rect(img, x, bottom, x + 1, bottom + 5, BLACK)
+        label = f"{100 * b:.0f}%"
+        text(img, x - text_width(label) // 2, bottom + 9, label)
+    rect(img, left, top, left + 1, bottom + 1, BLACK)
+    rect(img, left, bottom, right + 1, bottom + 1, BLACK)
+    xlabel = "visual tokens kept per layer (share of all)"
+    text(img, (left + right - text_width(xlabel)) // 2, bottom + 26, xlabel)
+    text(img, 8, top - 16, "accuracy")
+    if reference is not None:
+        y = py(reference[1])
+        for x in range(left, right, 12):
+            line(img, x, y, min(x + 6, right), y, GREY, 2)
+    legend_y = top + 6
+    for i, (name, values) in enumerate(curves.items()):
+        colour = method_colour(name, i)
+        points = [(px(b), py(v)) for b, v in zip(budgets, values) if v is not None]
+        for (xa, ya), (xb, yb) in zip(points, points[1:]):
+            line(img, xa, ya, xb, yb, colour, 2)
+        for x, y in points:
+            rect(img, round(x) - 3, round(y) - 3, round(x) + 4, round(y) + 4, colour)
+        rect(img, right + 16, legend_y + 1, right + 34, legend_y + 5, colour)
+        text(img, right + 40, legend_y, name)
+        legend_y += 16
+    if reference is not None:
+        for x in range(right + 16, right + 34, 8):
+            line(img, x, legend_y + 3, x + 4, legend_y + 3, GREY, 2)
+        text(img, right + 40, legend_y, reference[0])
+    return img
+
+
+def kept_panel(image: Tensor, grid: int, kept: Optional[Tensor], targets: Sequence[tuple[int, int, int, int]] = (),
+               scale: int = 2) -> Tensor:
+    """The image (uint8 [3, H, W]) upscaled by `scale`, with the patches of a `grid` x `grid` patch
+    grid that are NOT in `kept` (visual-token indices, row-major; None: all kept) faded to a dark
+    grey, and `targets` (pixel boxes x0, y0, x1, y1 of the unscaled image) outlined in white."""
+    img = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2).clone()
+    H, W = img.shape[1:]
+    if kept is not None:
+        on = torch.zeros(grid * grid, dtype=torch.bool)
+        on[kept.long().cpu()] = True
+        ph, pw = H // grid, W // grid
+        on = on.view(grid, grid).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+        faded = (img.float() * 0.2 + 40).to(torch.uint8)
+        img = torch.where(on[None], img, faded)
+        for i in range(1, grid):  # faint patch grid
+            img[:, i * ph, :] = torch.where(img[:, i * ph, :] > 60, img[:, i * ph, :] - 30, img[:, i * ph, :])
+            img[:, :, i * pw] = torch.where(img[:, :, i * pw] > 60, img[:, :, i * pw] - 30, img[:, :, i * pw])
+    for x0, y0, x1, y1 in targets:
+        rect(img, x0 * scale - 1, y0 * scale - 1, x1 * scale + 1, y1 * scale + 1, WHITE, fill=False, width=1)
+    return img
+
+
+def kept_tokens_figure(rows: Sequence[dict], grid: int, stage_labels: Sequence[str], title: str,
+                       scale: int = 2) -> Tensor:
+    """One figure: per row (a question), the image and one panel per stage showing the visual
+    tokens kept there. Each row dict: image (uint8 [3, H, W]), kept (a list, per stage, of index
+    tensors), targets (boxes, see kept_panel), caption (a line under the row)."""
+    if not rows:
+        raise ValueError("rows: expected at least one question")
+    H, W = rows[0]["image"].shape[1:]
+    ph, pw = H * scale, W * scale
+    gap, head, foot = 10, 30, 22
+    cols = 1 + len(stage_labels)
+    width = max(gap + cols * (pw + gap), text_width(title, 2) + 2 * gap)
+    height = head + len(rows) * (ph + 14 + foot) + gap
+    img = canvas(height, width)
+    text(img, gap, 8, title, scale=2)
+    y = head
+    for row in rows:
+        labels = ["image"] + list(stage_labels)
+        panels = [kept_panel(row["image"], grid, None, row.get("targets", ()), scale)]
+        panels += [kept_panel(row["image"], grid, k, row.get("targets", ()), scale) for k in row["kept"]]
+        for c, (label, panel) in enumerate(zip(labels, panels)):
+            x = gap + c * (pw + gap)
+            text(img, x, y, label[: pw // 6])
+            img[:, y + 12:y + 12 + ph, x:x + pw] = panel
+        text(img, gap, y + 14 + ph + 4, row.get("caption", "")[: (width - 2 * gap) // 6])
+        y += ph + 14 + foot
+    return img

@@ -1,0 +1,106 @@
+"""`python -m swiftvlm_kernels eval` (swiftvlm_kernels/evaluation.py) and the embedded trained tiny
+LLaVA: the shipped weights reach their recorded accuracy exactly, the evaluation's prompts are the
+training's, its outputs agree with each other, and dataset folders are read like the synthetic set
+and validated."""
+import csv
+import json
+
+import pytest
+import torch
+
+from swiftvlm_kernels import evaluation, synth
+from swiftvlm_kernels.__main__ import main as cli_main
+from swiftvlm_kernels.models.tiny import TRAINED_DIR, trained_prompt, trained_record, trained_tiny_llava, trained_vocab
+from swiftvlm_kernels.png import read_png, write_png
+
+@pytest.fixture(scope="module")
+def model():
+    m = trained_tiny_llava()
+    m.eval()
+    return m
+
+
+def test_shipped_weights_are_small_and_complete():
+    size = (TRAINED_DIR / "model.safetensors").stat().st_size
+    assert size <= 20 * 2**20
+    assert trained_vocab() == synth.VOCAB
+    record = trained_record()
+    assert record["held_out"]["n"] >= 1000 and set(record["held_out"]["per_kind"]) == set(synth.KINDS)
+
+
+def test_shipped_weights_reach_the_recorded_accuracy_exactly(model, train_tiny):
+    record = trained_record()["slice"]
+    train = train_tiny
+    assert train.evaluate(model, record["n"], question_first=trained_prompt()["question_first"]) == record
+
+
+def test_eval_prompts_are_the_trainings(model, train_tiny):
+    """The evaluation's vanilla answers on the synthetic set are the training script's predictions."""
+    n = 64
+    items = evaluation.synthetic_items(n)
+    prompts = evaluation.prompts_for(None, model)
+    (res,) = evaluation.evaluate(model, items, prompts, methods=("vanilla",))
+    samples = [synth.sample(1, i) for i in range(n)]
+    inputs = synth.batch(samples, model.num_visual_tokens, question_first=trained_prompt()["question_first"])
+    with torch.no_grad():
+        pred = train_tiny.answer_logits(model, inputs).argmax(-1)
+    assert sum(res.right.values()) == int((pred == inputs["answers"]).sum())
+    assert res.target_share() == 1.0  # unpruned: every answer patch reaches the last layer
+
+
+def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert cli_main(["eval", "--n", "24", "--budgets", "0.5,0.2", "--batch-size", "12", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SwiftVLM" in text and "FastV" in text and "PDrop" in text and "targets kept" in text
+    doc = json.loads((out / "results.json").read_text())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(doc["results"]) == 1 + 3 * 2
+    for r in doc["results"]:
+        all_row = next(x for x in rows if x["method"] == r["method"] and x["kind"] == "all"
+                       and x["budget"] == ("" if r["budget"] is None else f"{r['budget']:.4f}"))
+        assert int(all_row["total"]) == 24 and float(all_row["accuracy"]) == pytest.approx(r["accuracy"], abs=1e-4)
+        if r["budget"] is not None:  # every method spends the budget it was given
+            assert r["visual_tokens_per_layer"] == pytest.approx(r["budget"] * 144, abs=1.0)
+    png = read_png(out / "accuracy.png")
+    assert png.shape[0] == 3 and png.shape[1] > 100
+
+
+def test_infeasible_budget_is_reported_not_run(model):
+    items = evaluation.synthetic_items(4)
+    res = evaluation.evaluate(model, items, evaluation.prompts_for(None, model), ("fastv",), (0.1,))
+    assert not res[0].feasible and res[0].accuracy() is None
+    assert "n/a" in evaluation.table(res)
+
+
+def test_dataset_folder_matches_the_synthetic_set(tmp_path, model):
+    n = 10
+    items = evaluation.synthetic_items(n)
+    with (tmp_path / "questions.jsonl").open("w") as f:
+        for i, it in enumerate(items):
+            write_png(tmp_path / f"{i}.png", it.image)
+            f.write(json.dumps({"image": f"{i}.png", "question": it.question.capitalize() + "?", "answer": it.answer,
+                                "kind": it.kind, "boxes": [list(b) for b in it.boxes]}) + "\n")
+    loaded = evaluation.dataset_items(tmp_path)
+    prompts = evaluation.prompts_for(None, model)
+    a = evaluation.evaluate(model, items, prompts, ("vanilla", "swiftvlm"), (0.25,))
+    b = evaluation.evaluate(model, loaded, prompts, ("vanilla", "swiftvlm"), (0.25,))
+    for x, y in zip(a, b):
+        assert (x.right, x.total, x.target_kept) == (y.right, y.total, y.target_kept)
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"image": "../x.png", "question": "q", "answer": "a"}', "image: expected a file inside"),
+    ('{"image": "0.png", "answer": "a"}', "line 1: question: expected str"),
+    ('{"image": "0.png", "question": "q", "answer": "a", "boxes": [[5, 0, 1, 4]]}', "boxes: expected"),
+    ('[1, 2]', "line 1: expected a JSON object"),
+    ('{"image": "bad.png", "question": "q", "answer": "a"}', "expected a PNG file"),
+])
+def test_dataset_folder_is_validated(tmp_path, line, words):
+    write_png(tmp_path / "0.png", torch.zeros(3, 8, 8, dtype=torch.uint8))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "questions.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=words):
+        evaluation.dataset_items(tmp_path)
+    with pytest.raises(ValueError, match="--data: expected a folder holding questions.jsonl"):
+        evaluation.dataset_items(tmp_path / "nowhere")

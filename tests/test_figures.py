@@ -1,0 +1,41 @@
+"""swiftvlm_kernels.figures: text lands where asked, the plot draws each method's markers at its
+points, the kept-token panels keep the kept patches' pixels and fade the others."""
+import pytest
+import torch
+
+from swiftvlm_kernels import figures
+
+
+def test_text_draws_its_glyphs_inside_its_box():
+    img = figures.canvas(20, 40)
+    figures.text(img, 3, 4, "A1", colour=(0, 0, 0))
+    ink = (img[0] == 0).nonzero()
+    assert ink[:, 0].min() >= 4 and ink[:, 0].max() < 4 + 7
+    assert ink[:, 1].min() >= 3 and ink[:, 1].max() < 3 + figures.text_width("A1")
+    # the 'A' glyph's top row is .###.
+    assert (img[0, 4, 3:8] == 0).tolist() == [False, True, True, True, False]
+    figures.text(img, 38, 18, "W")  # clipped at the edges, no error
+
+
+def test_plot_marks_each_point_in_its_colour():
+    img = figures.accuracy_plot([0.5, 0.25], {"SwiftVLM": [0.9, 0.5], "FastV": [0.8, None]}, ("vanilla", 0.95),
+                                "t", width=400, height=300)
+    assert img.shape == (3, 300, 400) and img.dtype == torch.uint8
+    red = torch.tensor(figures.METHOD_COLOURS["SwiftVLM"], dtype=torch.uint8)[:, None, None]
+    blue = torch.tensor(figures.METHOD_COLOURS["FastV"], dtype=torch.uint8)[:, None, None]
+    assert (img == red).all(0).sum() > 50 and (img == blue).all(0).sum() > 20
+    with pytest.raises(ValueError, match="curves: expected at least one method"):
+        figures.accuracy_plot([], {}, None)
+
+
+def test_kept_panel_keeps_kept_patches_and_fades_the_rest():
+    image = torch.randint(100, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    panel = figures.kept_panel(image, 4, torch.tensor([0, 5]), scale=2)
+    up = image.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(panel[:, 1:8, 1:8], up[:, 1:8, 1:8])  # patch 0 (grid lines aside)
+    assert torch.equal(panel[:, 9:16, 9:16], up[:, 9:16, 9:16])  # patch 5 = row 1, column 1
+    assert (panel[:, 1:8, 9:16].int() < up[:, 1:8, 9:16].int()).all()  # patch 1 faded
+    fig = figures.kept_tokens_figure([{"image": image, "kept": [torch.tensor([0])], "caption": "q"}], 4, ["s1"], "T")
+    assert fig.dtype == torch.uint8 and fig.shape[0] == 3
+    with pytest.raises(ValueError, match="rows: expected at least one question"):
+        figures.kept_tokens_figure([], 4, [], "T")

@@ -1,0 +1,87 @@
+"""swiftvlm_kernels.png: the writer round-trips through the reader; the reader undoes every PNG row
+filter, reads grey / grey+alpha / RGB / RGBA, and refuses malformed or oversized files before it
+inflates them."""
+import struct
+import zlib
+
+import pytest
+import torch
+
+from swiftvlm_kernels.png import SIGNATURE, decode_png, encode_png, read_png, write_png
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(pixels, colour_type, filters, depth=8, interlace=0, width=None, height=None):
+    """A PNG of uint8 [H, W, C] pixels, row y filtered with filters[y % len(filters)] (a reference
+    filter encoder, written from the PNG specification)."""
+    h, w, c = pixels.shape
+    rows, prev = [], [0] * (w * c)
+    for y in range(h):
+        line = pixels[y].reshape(-1).tolist()
+        f = filters[y % len(filters)]
+        enc = []
+        for i, x in enumerate(line):
+            a = line[i - c] if i >= c else 0
+            b, cc = prev[i], prev[i - c] if i >= c else 0
+            if f == 0:
+                pred = 0
+            elif f == 1:
+                pred = a
+            elif f == 2:
+                pred = b
+            elif f == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - cc
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
+                pred = a if pa <= pb and pa <= pc else b if pb <= pc else cc
+            enc.append((x - pred) % 256)
+        rows.append(bytes([f] + enc))
+        prev = line
+    header = struct.pack(">IIBBBBB", width or w, height or h, depth, colour_type, 0, 0, interlace)
+    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b"")
+
+
+def test_write_then_read_round_trips(tmp_path):
+    img = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = write_png(tmp_path / "sub" / "a.png", img)
+    assert torch.equal(read_png(path), img)
+    assert torch.equal(decode_png(encode_png(img.permute(1, 2, 0))), img)  # [H, W, 3] accepted too
+
+
+@pytest.mark.parametrize("colour_type, channels", [(0, 1), (2, 3), (4, 2), (6, 4)])
+def test_every_filter_and_colour_type(colour_type, channels):
+    px = torch.randint(0, 256, (9, 7, channels), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = decode_png(_png(px, colour_type, (0, 1, 2, 3, 4)))
+    want = px[..., :1].expand(9, 7, 3) if channels <= 2 else px[..., :3]
+    assert torch.equal(out, want.permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda b: b"GIF89a" + b[6:], "expected a PNG file"),
+    (lambda b: b[:20] + bytes([b[20] ^ 1]) + b[21:], "fails its CRC"),
+    (lambda b: b[:-12], "expected an IEND chunk"),
+])
+def test_malformed_files_are_refused(mutate, words):
+    good = _png(torch.zeros(2, 2, 3, dtype=torch.uint8), 2, (0,))
+    with pytest.raises(ValueError, match=words):
+        decode_png(mutate(good))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(width=100_000, height=100_000), "expected 1 to"),  # refused before anything is inflated
+    (dict(depth=16), "expected an 8-bit non-interlaced"),
+    (dict(interlace=1), "expected an 8-bit non-interlaced"),
+    (dict(height=5), "expected 35 bytes of image data, got 14"),  # the header claims more rows than stored
+])
+def test_headers_outside_what_is_read_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        decode_png(_png(torch.zeros(2, 2, 3, dtype=torch.uint8), 2, (0,), **kwargs))
+
+
+def test_bad_image_argument():
+    with pytest.raises(ValueError, match=r"image: expected a uint8 tensor \[3, H, W\]"):
+        encode_png(torch.zeros(3, 4, 4))
