@@ -104,3 +104,31 @@ def test_dataset_folder_is_validated(tmp_path, line, words):
         evaluation.dataset_items(tmp_path)
     with pytest.raises(ValueError, match="--data: expected a folder holding questions.jsonl"):
         evaluation.dataset_items(tmp_path / "nowhere")
+
+
+def test_a_tokenizer_checkpoint_is_prompted_with_the_template_and_generates(tmp_path, model):
+    """A checkpoint directory without vocab.json: its Hugging Face tokenizer builds the LLaVA-1.5
+    prompt (the image token expanded to the model's visual tokens) and answers are generated."""
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(TRAINED_DIR / name, tmp_path / name)
+    vocab = {w: i for i, w in enumerate(synth.VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+                            eos_token="<eos>").save_pretrained(tmp_path)
+    loaded = evaluation.load_model(tmp_path)
+    prompts = evaluation.prompts_for(tmp_path, loaded)
+    assert isinstance(prompts, evaluation.TokenizerPrompts)
+    unk, image = vocab["<unk>"], loaded.image_token_id
+    # "USER:" and "ASSISTANT:" are unknown words to this tokenizer
+    assert prompts.ids("what colour is the background", 3) == [unk, image, image, image] + \
+        [vocab[w] for w in "what colour is the background".split()] + [unk]
+    res = evaluation.evaluate(loaded, evaluation.synthetic_items(4), prompts, ("vanilla", "swiftvlm"), (0.5,),
+                              max_new_tokens=2)
+    assert [sum(r.total.values()) for r in res] == [4, 4] and res[1].tokens_per_layer == pytest.approx(71.7, abs=0.1)
