@@ -16,7 +16,7 @@ n/a. Besides accuracy the evaluation reports, where the questions name their pat
 synthetic set; `boxes` in a dataset), the share of those patches the last stage keeps.
 
 Outputs in --out: results.csv (one row per method, budget and question type), results.json (the
-same, with the settings), accuracy.png (accuracy against budget; the unpruned model dashed). The
+same, with the settings), results.md (the table in Markdown), accuracy.png (accuracy against budget; the unpruned model dashed). The
 table is printed.
 
 Checkpoints: a directory with config.json and model.safetensors in the llava-hf layout. Prompts are
@@ -378,7 +378,8 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     inputs = [batch_inputs(b, prompts, model, device, dtype) for b in batches]
     targets = [[target_patches(it, (it.image.shape[1], it.image.shape[2]), grid) for it in b] for b in batches]
-    n_text = inputs[0]["input_ids"].shape[1] - model.num_visual_tokens if inputs else 0
+    # the FLOPs share is reported for the questions' mean prompt length
+    n_text = round(sum(int(i["attention_mask"].sum()) for i in inputs) / max(1, len(items))) - model.num_visual_tokens
     results = []
     for method, budget in runs:
         pruning = None
@@ -444,9 +445,26 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: Sequence[Result]) -> str:
+    """The results as a Markdown table (accuracy in %), the form the README quotes."""
+    kinds = kinds_of(results)
+    names = {"coarse": "background"}
+    head = ["method", "budget", "tokens / layer", "prefill FLOPs", "all"] + [names.get(k, k) for k in kinds] + \
+        ["targets kept"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r.method, "100 %" if r.budget is None else f"{100 * r.budget:.0f} %",
+                 "n/a" if not r.feasible else f"{r.tokens_per_layer:.1f}",
+                 "n/a" if not r.feasible else f"{100 * r.flops_share:.0f} %", _pct(r.accuracy())]
+        cells += [_pct(r.accuracy(k)) for k in kinds] + [_pct(r.target_share())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: Sequence[Result], out: Path, settings: dict, title: str) -> dict:
-    """results.csv, results.json and accuracy.png under `out`; returns their paths."""
+    """results.csv, results.json, results.md and accuracy.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown_table(results))
     kinds = kinds_of(results)
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -477,7 +495,7 @@ def write_outputs(results: Sequence[Result], out: Path, settings: dict, title: s
             reference = (f"{r.method} (all tokens)", r.accuracy() or 0.0)
             continue
         curves.setdefault(r.method, {})[r.budget] = r.accuracy()
-    paths = {"csv": out / "results.csv", "json": out / "results.json"}
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
     if curves:
         img = accuracy_plot(budgets, {m: [c.get(b) for b in budgets] for m, c in curves.items()}, reference, title)
         paths["png"] = write_png(out / "accuracy.png", img)
@@ -582,7 +600,7 @@ def run(args) -> int:
     print(table(results))
     settings = {"model": where, "data": data, "n": len(items), "budgets": list(args.budgets),
                 "methods": list(args.methods), "layers": {k: list(v) for k, v in layers.items()},
-                "command": "python -m swiftvlm_kernels eval " + " ".join(sys.argv[2:])}
+                "backend": args.backend or "auto", "device": str(device), "torch": torch.__version__}
     title = f"accuracy against visual-token budget ({len(items)} questions)"
     paths = write_outputs(results, args.out, settings, title)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -62,6 +62,8 @@ def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
         assert int(all_row["total"]) == 24 and float(all_row["accuracy"]) == pytest.approx(r["accuracy"], abs=1e-4)
         if r["budget"] is not None:  # every method spends the budget it was given
             assert r["visual_tokens_per_layer"] == pytest.approx(r["budget"] * 144, abs=1.0)
+    md = (out / "results.md").read_text().splitlines()
+    assert len(md) == 2 + len(doc["results"]) and md[2].startswith("| vanilla | 100 % | 144.0 | 100 % |")
     png = read_png(out / "accuracy.png")
     assert png.shape[0] == 3 and png.shape[1] > 100
 
