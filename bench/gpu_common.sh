@@ -41,7 +41,7 @@ gpu_build() {  # the CUDA extension in place, for this GPU's architecture only (
 
 gpu_tests() {  # every CUDA-marked test: the triton and cuda backends and the model against python_ref
     step "tests (pytest -m cuda)" "${1:-200}" tests.log fatal \
-        "$PYTHON" -m pytest tests -m cuda -q -rs -p no:cacheprovider --junitxml="$DEST/pytest.xml"
+        "$PYTHON" -m pytest tests -m cuda --tier full -q -rs -p no:cacheprovider --junitxml="$DEST/pytest.xml"
 }
 
 gpu_end() {

@@ -256,6 +256,10 @@ def _call(op: str, backend: Optional[str], *args, **kwargs):
     if backend is None:
         base, _, overload = op.partition(".")
         return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        _checks._fail(f"backend: a per-call backend ({backend!r}) runs that backend's Python function outside the "
+                      "op, which torch.compile cannot trace; choose it with swiftvlm_kernels.set_backend / "
+                      "use_backend before compiling and call without backend=")
     if keywords:
         args = _checks.fill_widths(op, args, kwargs)
     SCHEMAS[op][1](*args)

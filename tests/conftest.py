@@ -13,6 +13,7 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SWIFTVLM_TRITON_GPU_MATH") == "1":
     import triton_gpu_math  # the interpreter computes fp32 exp2, division and sqrt as the GPU does
@@ -26,7 +27,51 @@ if not torch.cuda.is_available():
     torch.set_num_threads(1)
 
 
+# ---- test tiers (docs/testing.md) -----------------------------------------------------------------
+# fast: the default (the README's test command): every test but those marked `slow`, Hypothesis at the
+#       "fast" profile. full: everything at the "full" profile. rest: what the fast tier left out
+#       (the `slow` tests, and the Hypothesis tests again at the "full" profile): `fast` then `rest`
+#       covers the full tier, which is how CI runs it.
+TIERS = ("fast", "full", "rest")
+_HUNT = os.environ.get("SWIFTVLM_HYPOTHESIS_EXAMPLES")  # set: that many random (not derandomized) examples
+_PROFILE = dict(deadline=None, derandomize=_HUNT is None, print_blob=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.register_profile("fast", max_examples=int(_HUNT or 5), **_PROFILE)
+settings.register_profile("full", max_examples=int(_HUNT or 30), **_PROFILE)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=TIERS, default=os.environ.get("SWIFTVLM_TEST_TIER", "fast"),
+                     help="fast (default; SWIFTVLM_TEST_TIER sets it): all but the tests marked slow, Hypothesis "
+                          "at its fast profile; full: everything; rest: the slow tests and the Hypothesis tests "
+                          "at the full profile (fast + rest = full)")
+
+
+def pytest_configure(config):
+    # before the test modules are imported: their @settings objects inherit the profile
+    settings.load_profile("fast" if config.getoption("--tier") == "fast" else "full")
+
+
+def pytest_report_header(config):
+    return f"swiftvlm test tier: {config.getoption('--tier')} (Hypothesis profile {settings._current_profile})"
+
+
+def _is_hypothesis(item) -> bool:
+    return getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+
+
 def pytest_collection_modifyitems(config, items):
+    tier = config.getoption("--tier")
+    if tier != "full":
+        def wanted(item):
+            slow = item.get_closest_marker("slow") is not None
+            return not slow if tier == "fast" else slow or _is_hypothesis(item)
+
+        deselected = [item for item in items if not wanted(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if wanted(item)]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -245,6 +245,7 @@ BROKEN = [("select_rows.cuh", "for (int b = tid; b < kDigitBins; b += THREADS) s
           ("common.cuh", "if (lane == kWarp - 1) scratch[warp] = incl;\n  __syncthreads();")]
 
 
+@pytest.mark.slow  # a check of the harness itself: one more emulation build per broken kernel
 @pytest.mark.parametrize("file, barrier", BROKEN, ids=["select-histogram", "block-scan"])
 def test_removing_a_syncthreads_makes_the_kernels_fail(tmp_path, file, barrier):
     """csrc/ copied with one __syncthreads() removed, built and run in a fresh process (its ops share

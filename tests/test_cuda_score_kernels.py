@@ -91,7 +91,7 @@ SHAPES = [(3, 28, 4, 203, 128, 150), (3, 16, 4, 333, 64, 300), (2, 32, 32, 150, 
 SHAPE_IDS = ["G7-D128", "G4-D64", "G1-D16", "G1-D33"]
 
 
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("aligned", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_score_select_several_ctas_per_row_in_every_block_order(emu, shape, dtype, aligned):
@@ -211,6 +211,7 @@ def test_a_too_small_workspace_is_refused(emu):
         torch.ops.swiftvlm.score_select_cuda(q, k, torch.tensor([2]), 20, 5, 0.1, None, torch.zeros(10))
 
 
+@pytest.mark.slow  # a check of the harness itself: one more emulation build of a broken kernel
 def test_a_kernel_without_the_counter_reset_fails_these_tests(tmp_path):
     """csrc/ copied without pass 1's reset of the arrival counters, built and run in a fresh process:
     on a garbage workspace, or on a workspace used once already, no CTA of a row sees itself last, no

@@ -28,13 +28,16 @@ def _triton_module():
     return importlib.import_module("swiftvlm_kernels.triton_kernels.group_merge")
 
 
-def _params():
+def _params(large=False):
+    """large: inputs of thousands of rows, which the Triton interpreter takes a minute over (full tier
+    only there); otherwise the fast tier runs Triton at its smallest tile (the most programs)."""
     no_gxx = shutil.which("g++") is None
     out = [pytest.param(("cuda-emu", "cpu", tile), id=f"cuda-emu-{tile}",
                         marks=pytest.mark.skipif(no_gxx, reason="the CUDA emulation compiles csrc/ with g++"))
            for tile in EMU_TILES]
     out += [pytest.param(("triton", "cpu", tile), id=f"triton-cpu-{tile[0]}",
-                         marks=pytest.mark.skipif(not INTERPRET, reason="Triton runs CPU tensors only interpreted"))
+                         marks=[pytest.mark.skipif(not INTERPRET, reason="Triton runs CPU tensors only interpreted"),
+                                *([pytest.mark.slow] if large or tile[0] != 16 else [])])
             for tile in TRITON_TILES]
     out += [pytest.param(("triton", "cuda", tile), id=f"triton-cuda-{tile[0]}",
                          marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")])
@@ -44,8 +47,7 @@ def _params():
     return out
 
 
-@pytest.fixture(params=_params())
-def merge(request, monkeypatch):
+def _merge(request, monkeypatch):
     """(group_merge function, device) with the backend's assign tile shape forced to the param's."""
     name, device, tile = request.param
     if name == "cuda-emu":
@@ -60,6 +62,16 @@ def merge(request, monkeypatch):
         return module.group_merge, device
     monkeypatch.setattr(_triton_module(), "_tile_override", tile)
     return _triton_module().group_merge, device
+
+
+@pytest.fixture(params=_params())
+def merge(request, monkeypatch):
+    return _merge(request, monkeypatch)
+
+
+@pytest.fixture(params=_params(large=True))
+def merge_large(request, monkeypatch):
+    return _merge(request, monkeypatch)
 
 
 def _sequential_mean(h, group, Z):
@@ -95,8 +107,8 @@ def _check(merge, device, h, Z, h_device=None):
 
 
 @pytest.mark.parametrize("B,R,Z,d,dtype", [
-    (2, 1500, 3, 40, torch.float32),    # few targets, six segments of the sort
-    (1, 300, 300, 12, torch.float32),   # Z = R: every token is a target
+    pytest.param(2, 1500, 3, 40, torch.float32, marks=pytest.mark.slow),  # few targets, six segments of the sort
+    pytest.param(1, 300, 300, 12, torch.float32, marks=pytest.mark.slow),  # Z = R: every token is a target
     (3, 257, 20, 37, torch.float32),    # d no multiple of the vector width (scalar loads)
     (2, 200, 9, 72, torch.bfloat16),    # 16-byte vectors of bf16
     (2, 260, 33, 36, torch.float16),    # 36 = 4 x 8 + 4: scalar loads for fp16
@@ -107,10 +119,10 @@ def test_random_tokens(merge, B, R, Z, d, dtype):
     _check(fn, device, torch.randn(B, R, d, generator=g).to(dtype), Z)
 
 
-def test_one_group_holds_almost_every_token(merge):
+def test_one_group_holds_almost_every_token(merge_large):
     """Every non-target token points near target 0: one group of R - Z + 1 members over many
     segments and member chunks, the other groups of one."""
-    fn, device = merge
+    fn, device = merge_large
     g = torch.Generator().manual_seed(5)
     B, R, Z, d = 2, 1200, 6, 24
     t = python_ref.group_targets(R, Z)
@@ -120,9 +132,9 @@ def test_one_group_holds_almost_every_token(merge):
     assert counts[:, 0].tolist() == [R - Z + 1] * B and torch.all(counts[:, 1:] == 1)
 
 
-def test_many_segments(merge):
+def test_many_segments(merge_large):
     """More segments than one block of the mean kernel covers (64 x 256 tokens): chunks of segments."""
-    fn, device = merge
+    fn, device = merge_large
     g = torch.Generator().manual_seed(6)
     _check(fn, device, torch.randn(1, 64 * 256 + 300, 4, generator=g), 3)
 
@@ -156,8 +168,8 @@ def test_special_rows(merge):
     assert group[0, 5] == 0 and group[0, 7] == 0 and group[1, 31] == 2 and counts[1, 1] == 1
 
 
-def test_repeated_runs_are_bit_equal(merge):
-    fn, device = merge
+def test_repeated_runs_are_bit_equal(merge_large):
+    fn, device = merge_large
     g = torch.Generator().manual_seed(9)
     h = torch.randn(3, 400, 48, generator=g).to(torch.bfloat16).to(device)
     first = fn(h, 19)

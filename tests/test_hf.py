@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 from swiftvlm_kernels import hf  # noqa: E402
 from swiftvlm_kernels.models.llava import LlavaForward  # noqa: E402
 from swiftvlm_kernels.models.tiny import save_tiny_llava, tiny_inputs, tiny_llava_config  # noqa: E402
+from swiftvlm_kernels.hf.compat import cache_parameter, output_cache  # noqa: E402
 from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM  # noqa: E402
 
 BACKEND = "cpu"
@@ -125,6 +126,58 @@ def _matches_minimal_forward(llava, ours, pruning, atol=1e-5):
         torch.testing.assert_close(logits, want.last_logits, atol=atol, rtol=0)
         ids = llava.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **GREEDY)[:, -5:]
         assert torch.equal(ids, ours.generate(**inputs, pruning=pruning, max_new_tokens=5))
+
+
+# -- the KV cache under either argument name (transformers renamed past_key_values to cache) --------
+
+def _layer_class_taking(base: type, name: str) -> type:
+    """A subclass of a decoder layer class whose forward declares the cache under `name` only, and
+    fails unless it receives it there (so a caller passing the other name is caught)."""
+    inner = cache_parameter(base)
+    other = next(n for n in ("cache", "past_key_values") if n != name)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, _cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        assert other not in kwargs, f"the layer declares {name!r} and was given {other!r}"
+        return base.forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=use_cache, position_embeddings=position_embeddings, **{inner: _cache}, **kwargs)
+
+    code = forward.__code__
+    names = tuple(name if v == "_cache" else v for v in code.co_varnames)
+    forward.__code__ = code.replace(co_varnames=names)
+    return type(f"{base.__name__}_{name}", (base,), {"forward": forward})
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_tap_follows_the_layers_cache_argument(llava_dir, name):
+    """Decoder layers that take the KV cache as `cache` or as `past_key_values` (whichever the
+    transformers release declares): the pruned prefill taps the keys and decodes from the pruned
+    caches the same way, and the text model takes the cache under either name."""
+    model = hf_llava(llava_dir)
+    inputs = tiny_inputs(2, left_pad=2)
+    pruning = SwiftVLM(layers=(3, 11, 15), budget_ratio=0.4)
+    with torch.no_grad():
+        hf.apply(model, pruning, backend=BACKEND)
+        want_logits = model(**inputs).logits
+        want_ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **GREEDY)
+        layers = model.model.language_model.layers
+        renamed = _layer_class_taking(type(layers[0]), name)
+        for layer in layers:
+            layer.__class__ = renamed
+        assert cache_parameter(layers[0]) == name
+        torch.testing.assert_close(model(**inputs).logits, want_logits, atol=0, rtol=0)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **GREEDY), want_ids)
+        for layer in layers:  # transformers' own text forward (a call without image tokens) calls them too
+            layer.__class__ = renamed.__base__
+        text = model.model.language_model
+        embeds = text.embed_tokens(inputs["input_ids"].clamp_max(100))
+        for key in ("cache", "past_key_values"):  # the text model's own forward: either name, not both
+            cache = transformers.DynamicCache(config=text.config)
+            text(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **{key: cache})
+            assert cache.get_seq_length() == embeds.shape[1]
+        with pytest.raises(ValueError, match="cache, past_key_values"):
+            text(inputs_embeds=embeds, cache=transformers.DynamicCache(config=text.config),
+                 past_key_values=transformers.DynamicCache(config=text.config))
 
 
 # -- SPEC property 3: drop-only equals masking the dropped keys through HF's layers -----------------
@@ -337,6 +390,22 @@ def test_apply_errors(llava):
     assert isinstance(hf.default_method(llava, "pdrop", budget_ratio=0.5), PDrop)
 
 
+def test_transformers_floor_is_checked_and_matches_pyproject():
+    import re
+    from pathlib import Path
+
+    from swiftvlm_kernels.hf.compat import MIN_TRANSFORMERS, check_release
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = set(re.findall(r'"transformers>=([0-9.]+)"', pyproject))
+    assert floors == {".".join(map(str, MIN_TRANSFORMERS))}
+    check_release("5.17.0")
+    check_release("6.0.0.dev0")
+    for old in ("5.16.1", "4.57.6", "nonsense"):
+        with pytest.raises(ValueError, match="transformers: pruning a transformers model needs transformers >= 5.17"):
+            check_release(old)
+
+
 # -- LLaVA-NeXT: anyres, a different visual-token count per image after padding removal -------------
 
 @pytest.fixture(scope="module")
@@ -408,7 +477,7 @@ def test_pdrop_official_variant(llava):
         out = llava(**inputs)
         got, record = out.logits[:, -1], hf.last_prefill(llava)
         token = got.argmax(-1)
-        step = llava(input_ids=token[:, None], past_key_values=out.past_key_values,
+        step = llava(input_ids=token[:, None], **{cache_parameter(llava): output_cache(out)},
                      position_ids=torch.full((B, 1), L)).logits[:, -1]
         hf.apply(llava, None)
         h = _embeds(llava, inputs)
@@ -422,7 +491,8 @@ def test_pdrop_official_variant(llava):
         for i, layer in enumerate(layers, start=1):
             cos, sin = text.rotary_emb(h, pos)
             shifts.append(rows.shape[1])
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), use_cache=True,
+                      **{cache_parameter(layer): cache})
             s = record.plan.stage_after(i)
             if s is None:
                 continue
@@ -456,7 +526,8 @@ def test_pdrop_official_variant(llava):
         e_pos = torch.full((B, 1), L)
         for layer, n_l in zip(layers, shifts):
             cos, sin = text.rotary_emb(e, e_pos - (L - n_l))
-            e = layer(e, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+            e = layer(e, attention_mask=None, position_embeddings=(cos, sin), use_cache=True,
+                      **{cache_parameter(layer): cache})
         torch.testing.assert_close(step, llava.lm_head(text.norm(e))[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="official"):
         LlavaForward.from_config(tiny_llava_config()).plan_for(pruning)

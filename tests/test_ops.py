@@ -45,22 +45,6 @@ def test_wrappers_default_scale():
     torch.testing.assert_close(sk.tv_score(q, k, vs, vl), python_ref.tv_score(q, k, vs, vl, 8 ** -0.5))
 
 
-OPCHECK_CASES = {
-    "tv_score": lambda: (inputs()[:4] + (0.3, inputs()[4])),
-    "tv_score_nomask": lambda: (inputs()[:4] + (0.3, None)),
-    "tv_score_one_sample": lambda: (inputs(B=1)[:4] + (0.3, inputs(B=1)[4])),
-    "score_select_one_sample": lambda: (inputs(B=1)[:4] + (3, 0.3, inputs(B=1)[4])),
-    "topk_select": lambda: (torch.randn(3, 11), 4),
-    "score_select": lambda: (inputs()[:4] + (3, 0.3, inputs()[4])),
-    "group_merge": lambda: (torch.randn(2, 7, 5), 3),
-    "bypass_align": lambda: merge_inputs(),
-    "bypass_align_into": lambda: (torch.zeros(2, 12, 5), torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)) + merge_inputs(),
-    "compact": lambda: compact_inputs(),
-    "compact_drop": lambda: compact_inputs(Z=0),
-    "restore": lambda: restore_inputs(),
-}
-
-
 def compact_inputs(Z=2):
     h = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
     return h, torch.tensor([2, 4]), torch.tensor([[0, 3, 5], [1, 2, 6]]), torch.tensor([[1, 2, 4, 6], [0, 3, 4, 5]]), Z
@@ -73,10 +57,113 @@ def restore_inputs():
     return h_new, inverse, vis_start, rest, rest_h, group, merged_rows, merged
 
 
-@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
-def test_opcheck(case):
-    op = getattr(torch.ops.swiftvlm, case.replace("_nomask", "").replace("_one_sample", "").replace("_drop", ""))
-    torch.library.opcheck(op.default, OPCHECK_CASES[case]())
+def ragged_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 0] = False
+    return q, k, torch.tensor([1, 0]), torch.tensor([5, 8]), torch.tensor([2, 3]), mask
+
+
+def compact_ragged_inputs():
+    q, k, vs, vl, keep, mask = ragged_attention()
+    keep_idx, rest_idx, _ = python_ref.score_select(q, k, vs, vl, keep, 0.3, mask, max_vis_len=8, max_keep=3)
+    h = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(2))
+    return (h, vs, keep_idx, rest_idx, torch.tensor([2, 1])), dict(max_merged=2)
+
+
+def varlen_inputs(select):
+    q, k, vs, vl, keep, _ = ragged_attention()
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32)  # samples of 7 and 9 tokens
+    packed = torch.cat([k[0, :, :7].transpose(0, 1), k[1].transpose(0, 1)])
+    vl = torch.tensor([5, 8])
+    if select:
+        return (q, packed, cu, vs, vl, keep, 0.3), dict(max_vis_len=8, max_keep=3, max_seqlen=9)
+    return (q, packed, cu, vs, vl, 0.3), dict(max_vis_len=8, max_seqlen=9)
+
+
+# Every registered op and overload (ops.SCHEMAS), with sample calls: (case, args, kwargs). A new op
+# without samples fails test_every_op_has_samples.
+SAMPLES = {
+    "tv_score": [("mask", lambda: (inputs()[:4] + (0.3, inputs()[4])), {}),
+                 ("nomask", lambda: (inputs()[:4] + (0.3, None)), {}),
+                 ("one_sample", lambda: (inputs(B=1)[:4] + (0.3, inputs(B=1)[4])), {})],
+    "topk_select": [("plain", lambda: (torch.randn(3, 11), 4), {})],
+    "score_select": [("mask", lambda: (inputs()[:4] + (3, 0.3, inputs()[4])), {}),
+                     ("one_sample", lambda: (inputs(B=1)[:4] + (3, 0.3, inputs(B=1)[4])), {})],
+    "group_merge": [("plain", lambda: (torch.randn(2, 7, 5), 3), {})],
+    "bypass_align": [("plain", lambda: merge_inputs(), {})],
+    "bypass_align_into": [("plain", lambda: (torch.zeros(2, 12, 5), torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2))
+                           + merge_inputs(), {})],
+    "compact": [("merge", lambda: compact_inputs(), {}), ("drop", lambda: compact_inputs(Z=0), {})],
+    "restore": [("plain", lambda: restore_inputs(), {})],
+    "tv_score.ragged": [("mask", lambda: ragged_attention()[:4] + (0.3, ragged_attention()[5]), dict(max_vis_len=8))],
+    "topk_select.ragged": [("lengths", lambda: (torch.randn(3, 7), torch.tensor([2, 0, 4])),
+                            dict(lengths=torch.tensor([3, 0, 7]), max_k=4))],
+    "score_select.ragged": [("mask", lambda: ragged_attention()[:5] + (0.3, ragged_attention()[5]),
+                             dict(max_vis_len=8, max_keep=3))],
+    "group_merge.ragged": [("lengths", lambda: (torch.randn(2, 6, 5), torch.tensor([2, 1])),
+                            dict(lengths=torch.tensor([6, 2]), max_groups=3))],
+    "compact.ragged": [("merge", lambda: compact_ragged_inputs()[0], compact_ragged_inputs()[1])],
+    "tv_score_varlen": [("packed", lambda: varlen_inputs(False)[0], varlen_inputs(False)[1])],
+    "score_select_varlen": [("packed", lambda: varlen_inputs(True)[0], varlen_inputs(True)[1])],
+}
+CASES = [pytest.param(op, args, kwargs, id=f"{op}-{case}") for op, cases in SAMPLES.items()
+         for case, args, kwargs in cases]
+
+
+def op_overload(op):
+    base, _, overload = op.partition(".")
+    return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")
+
+
+def test_every_op_has_samples():
+    from swiftvlm_kernels.ops import SCHEMAS
+
+    assert set(SAMPLES) == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("op,args,kwargs", CASES)
+def test_opcheck(op, args, kwargs):
+    torch.library.opcheck(op_overload(op), args(), kwargs)
+
+
+def _clone(x):
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("op,args,kwargs", CASES)
+def test_every_op_traces_fullgraph(op, args, kwargs, backend):
+    """Every op and overload under torch.compile(fullgraph=True) (the aot_eager backend: the graph
+    capture and the fake implementations, without inductor's C++ build) gives the eager call's
+    outputs, with each backend chosen by use_backend before compiling."""
+    if backend == "triton" and "triton" not in _backend.available_backends("cpu"):
+        pytest.skip("the triton backend does not run CPU tensors here")
+    args, fn = args(), op_overload(op)
+    with sk.use_backend(backend):
+        torch._dynamo.reset()
+        eager_args, compiled_args = [_clone(a) for a in args], [_clone(a) for a in args]
+        want = fn(*eager_args, **kwargs)
+        got = torch.compile(lambda *a: fn(*a, **kwargs), backend="aot_eager", fullgraph=True)(*compiled_args)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(compiled_args, eager_args):  # bypass_align_into's dst
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b)
+
+
+def test_per_call_backend_under_compile_is_refused_clearly():
+    """`backend=` runs a backend's Python function outside the op: under torch.compile a clear
+    ValueError, not a data-dependent guard failure deep in the trace."""
+    q, k, vs, vl, keep, mask = ragged_attention()
+
+    def f(q, k):
+        return sk.score_select(q, k, vs, vl, keep, 0.3, mask, max_vis_len=8, max_keep=3, backend="torch")
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="backend: a per-call backend"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -458,3 +545,18 @@ def test_export_with_a_dynamic_dimension():
         vs2 = torch.arange(B) % 3
         for a, b in zip(ep.module()(q2, k2, vs2), Prune()(q2, k2, vs2)):
             assert torch.equal(a, b)
+
+
+def test_readme_using_the_ops_example_runs():
+    """README "Using the ops": its code block runs as written and gives the reference's selection."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    at = text.index("## Using the ops")
+    code = re.search(r"```python\n(.*?)```", text[at:], re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README Using the ops", "exec"), scope)
+    q, k, vis_start = scope["q"], scope["k"], scope["vis_start"]
+    want = python_ref.score_select(q, k, vis_start, 576, 192, 128 ** -0.5)
+    assert torch.equal(scope["keep_idx"], want[0]) and torch.equal(scope["rest_idx"], want[1])

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..pruning import FastV, PDrop, PruningPlan, RaggedPlan, SwiftVLM
 from . import _decoder, _profile
+from .compat import check_release
 from ._profile import layer_profile
 
 __all__ = ["apply", "apply_on_load", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "default_method", "layer_profile",
@@ -137,6 +138,9 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
     family = _family(model)
     if family is None:
         raise ValueError(f"model: expected one of {', '.join(SUPPORTED)}, got {type(model).__name__}")
+    import transformers
+
+    check_release(transformers.__version__)
     outer = model.model
     text = outer.language_model
     if pruning is None:

@@ -5,7 +5,7 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
 
 1. Pruned prefill (`_prefill`): an empty cache and image tokens in the call's input_ids. The loop
    over HF's decoder layers of SPEC "The SwiftVLM prefill": a stage that acts after layer x takes
-   layer x's keys as the layer writes them (a tap on `past_key_values.update`, so no key is computed
+   layer x's keys as the layer writes them (a tap on the cache's `update`, so no key is computed
    twice) and the last token's query (one row: input norm, q_proj, RoPE); a SwiftVLM stage s >= 2
    restores the bypassed tokens and computes layer y's keys and last query on them before the layer
    runs on the kept set. After every stage the causal mask is rebuilt with HF's
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .compat import cache_parameter, function_cache_parameter, output_cache_field, pop_cache
 from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage
 from ..pruning.plan import plan_for_counts
 
@@ -48,7 +49,7 @@ class _CacheInfo:
 
 
 class _KeyTap:
-    """Stands in for past_key_values in one layer call: records the keys the layer writes (after
+    """Stands in for the KV cache in one layer call: records the keys the layer writes (after
     RoPE, [B, Hkv, n, D]) and passes everything on to the real cache (or returns them, no cache)."""
 
     def __init__(self, cache):
@@ -118,36 +119,38 @@ def _positions(text, family: str, h: Tensor, position_ids: Optional[Tensor], pas
     return position_ids, None
 
 
-def _causal_mask(text, h: Tensor, attention_mask, past_key_values=None, position_ids=None, layer_idx=None):
+def _causal_mask(text, h: Tensor, attention_mask, cache=None, position_ids=None, layer_idx=None):
     from transformers.masking_utils import create_causal_mask
 
     kwargs = {} if layer_idx is None else {"layer_idx": layer_idx}
+    kwargs[function_cache_parameter(create_causal_mask)] = cache
     return create_causal_mask(config=text.config, inputs_embeds=h, attention_mask=attention_mask,
-                              past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+                              position_ids=position_ids, **kwargs)
 
 
 def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
             use_cache=None, **kwargs):
     """The patched text model's forward (see the module docstring); HF's signature and output."""
     state = self._swiftvlm_state
-    info = getattr(past_key_values, "_swiftvlm", None)
+    cache = pop_cache(kwargs, past_key_values)  # transformers names it `cache` or `past_key_values`
+    info = getattr(cache, "_swiftvlm", None)
     if info is not None:
-        return _decode(self, state, info, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+        return _decode(self, state, info, input_ids, attention_mask, position_ids, cache, inputs_embeds,
                        use_cache, kwargs)
     ids = state.input_ids
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     if (ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2])
             or not bool((ids == state.image_token_id).any())):
+        kwargs[cache_parameter(self)] = cache
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  **kwargs)
-    return _prefill(self, state, ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    return _prefill(self, state, ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
 
 
 def _output(h, cache):
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+    return BaseModelOutputWithPast(last_hidden_state=h, **{output_cache_field(BaseModelOutputWithPast): cache})
 
 
 @dataclass
@@ -233,7 +236,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     if use_cache and cache is None:
         cache = DynamicCache(config=self.config)
     if cache is not None and type(cache) is not DynamicCache:
-        raise ValueError(f"past_key_values: pruning keeps per-layer pruned caches in a DynamicCache, got "
+        raise ValueError(f"{cache_parameter(self)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
     layout = _layout(ids, attention_mask, state.image_token_id, h.device)
@@ -292,7 +295,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         q_last = _last_query(layer, seq.h, cos, sin) if tapped else None
         tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
         seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
-                      past_key_values=tap, use_cache=use_cache, **kwargs)
+                      use_cache=use_cache, **{cache_parameter(layer): tap}, **kwargs)
         key_masks.append(seq.key_mask)
         lengths.append(seq.h.shape[1])
         shifts.append(shift)
@@ -355,6 +358,5 @@ def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_i
         if id(shift) not in tables and shift is not None:
             tables[id(shift)] = self.rotary_emb(h, rope_pos - shift[:, None])
         h = layer(h, attention_mask=masks[key], position_embeddings=tables[None if shift is None else id(shift)],
-                  position_ids=layer_pos,
-                  past_key_values=cache, use_cache=True, **kwargs)
+                  position_ids=layer_pos, use_cache=True, **{cache_parameter(layer): cache}, **kwargs)
     return _output(self.norm(h), cache)
