@@ -11,7 +11,6 @@ its difference from python_ref, and the machine, versions and commit.
 """
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 import python_ref
 from bench.timer import copy_bandwidth, environment, measure
-from swiftvlm_kernels import _backend
+from swiftvlm_kernels import _backend, schemas
 
 # Shapes of real models. n_text: the non-visual tokens of a typical prompt.
 MODELS = {
@@ -32,8 +31,8 @@ MODELS = {
 }
 KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
 MERGE_RATIO = 0.05  # Z = 5% of the rest
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-       "restore")
+# the ops in their padded form (the packed varlen ops are timed through bench.ragged)
+OPS = tuple(op for op in schemas.OPS if "cu_seqlens" not in schemas.SIGNATURES[op].names)
 PROVIDERS = ("eager", "compile", "cpu", "triton", "cuda", "naive")
 
 
@@ -159,7 +158,7 @@ def _backend_fn(provider, op, device_type):
     why = _backend.unavailable_reason(provider, device_type)
     if why is not None:
         return None, why
-    return getattr(importlib.import_module(_backend._MODULES[provider]), op), None
+    return getattr(_backend.module(op, device_type, provider), op), None
 
 
 def get_fn(provider, op, device_type):

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 
+from swiftvlm_kernels import schemas
 from swiftvlm_kernels._build import TORCH_TARGET_VERSION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,8 @@ SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 SECTOR = 32
 
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-       "restore")
+# the ops in their padded form (the packed varlen ops run the same kernels)
+OPS = tuple(op for op in schemas.OPS if "cu_seqlens" not in schemas.SIGNATURES[op].names)
 
 
 def blocks_per_sm(regs: int, warps: int, smem: int) -> int:

@@ -72,7 +72,7 @@ def compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None
     n_new = n - M + m_new
     dev = h.device
     keep, rest = keep_idx.to(torch.long), rest_idx.to(torch.long)
-    k_b, r_b = (keep >= 0).sum(1), (rest >= 0).sum(1)
+    r_b = (rest >= 0).sum(1)
     start = vis_start.to(torch.long)[:, None]
     # new block position of each kept entry and each target (ascending slots merged), padding after
     q = torch.arange(K, device=dev)[None, :]

@@ -12,17 +12,10 @@ from .ops import (bypass_align, bypass_align_into, compact, group_merge, restore
 
 __version__ = "0.1.0"
 
+from .schemas import OPS
+
 __all__ = [
-    "tv_score",
-    "topk_select",
-    "score_select",
-    "group_merge",
-    "bypass_align",
-    "bypass_align_into",
-    "compact",
-    "restore",
-    "tv_score_varlen",
-    "score_select_varlen",
+    *OPS,  # the ops' Python wrappers
     "available_backends",
     "set_backend",
     "use_backend",

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Optional
 
+from .schemas import OPS
+
 log = logging.getLogger("swiftvlm_kernels")
 
-OPS = ("tv_score", "topk_select", "score_select", "group_merge", "bypass_align", "bypass_align_into", "compact",
-       "restore", "tv_score_varlen", "score_select_varlen")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 # Preference per op on CUDA tensors; an unavailable backend is skipped with one log line.

@@ -13,11 +13,13 @@ import os
 
 import torch
 
+from .schemas import RAGGED
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _fail(msg):
+def fail(msg):
     raise ValueError(msg)
 
 
@@ -25,14 +27,14 @@ def _debug():
     return os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
 
 
-def _readable(t):
+def readable(t):
     """True when t holds values (not a fake or meta tensor)."""
     return type(t) is torch.Tensor or not torch._subclasses.fake_tensor.is_fake(t)  # plain tensors: fast
 
 
 def _read_values(t):
     """True when the values of t may be read here without a host sync (or debug mode asks for it)."""
-    if not _readable(t):
+    if not readable(t):
         return False
     if t.is_cpu:
         return True
@@ -49,77 +51,77 @@ def _min_max(t):
 
 def _tensor(name, t):
     if not isinstance(t, torch.Tensor):
-        _fail(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        fail(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
-def _rank(name, t, rank, layout):
+def check_rank(name, t, rank, layout):
     _tensor(name, t)
     if t.dim() != rank:
-        _fail(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+        fail(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
 
 
 def _float(name, t):
     if t.dtype not in FLOAT_DTYPES:
-        _fail(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+        fail(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
 
 
 def _same(name, t, ref_name, ref, dtype=True):
     if t.device != ref.device:
-        _fail(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+        fail(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
     if dtype and t.dtype != ref.dtype:
-        _fail(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+        fail(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
 
 
-def _int(name, value, lo, hi, what):
+def check_int(name, value, lo, hi, what):
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        _fail(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+        fail(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if not lo <= value <= hi:
-        _fail(f"{name}: expected {what} ({lo} <= {name} <= {hi}), got {value}")
+        fail(f"{name}: expected {what} ({lo} <= {name} <= {hi}), got {value}")
 
 
-def _at_least_one(name, size, what):
+def at_least_one(name, size, what):
     if size < 1:
-        _fail(f"{name}: expected at least one {what}, got 0")
+        fail(f"{name}: expected at least one {what}, got 0")
 
 
 def _finite(name, t):
     """With SWIFTVLM_DEBUG=1: no NaN or inf in t (the ops' results follow torch.softmax otherwise)."""
-    if _debug() and t.numel() and _readable(t) and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        _fail(f"{name}: contains NaN or inf (SWIFTVLM_DEBUG=1 checks; without it the results follow the "
+    if _debug() and t.numel() and readable(t) and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        fail(f"{name}: contains NaN or inf (SWIFTVLM_DEBUG=1 checks; without it the results follow the "
               "rules of the README's Errors section)")
 
 
 def _check_scores_common(q, k, vis_start, scale, key_mask):
     """q, k, vis_start, scale and key_mask of tv_score / score_select; returns (B, L)."""
-    _rank("q", q, 3, "[B, H, D]")
+    check_rank("q", q, 3, "[B, H, D]")
     _float("q", q)
-    _rank("k", k, 4, "[B, Hkv, L, D]")
+    check_rank("k", k, 4, "[B, Hkv, L, D]")
     _same("k", k, "q", q)
     B, H, D = q.shape
     _, Hkv, L, Dk = k.shape
-    _at_least_one("q", H, "query head (q.shape[1])")
-    _at_least_one("q", D, "feature per head (q.shape[2], D)")
+    at_least_one("q", H, "query head (q.shape[1])")
+    at_least_one("q", D, "feature per head (q.shape[2], D)")
     if k.shape[0] != B:
-        _fail(f"k: expected batch size {B} (q.shape[0]), got {k.shape[0]}")
+        fail(f"k: expected batch size {B} (q.shape[0]), got {k.shape[0]}")
     if Dk != D:
-        _fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
+        fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
     if Hkv == 0 or H % Hkv != 0:
-        _fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
-    _rank("vis_start", vis_start, 1, "[B]")
+        fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
+    check_rank("vis_start", vis_start, 1, "[B]")
     if vis_start.dtype not in INT_DTYPES:
-        _fail(f"vis_start: expected dtype int32 or int64, got {vis_start.dtype}")
+        fail(f"vis_start: expected dtype int32 or int64, got {vis_start.dtype}")
     _same("vis_start", vis_start, "q", q, dtype=False)
     if vis_start.shape[0] != B:
-        _fail(f"vis_start: expected shape [{B}] (one start per sample), got {tuple(vis_start.shape)}")
+        fail(f"vis_start: expected shape [{B}] (one start per sample), got {tuple(vis_start.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
-        _fail(f"scale: expected a finite float, got {scale!r}")
+        fail(f"scale: expected a finite float, got {scale!r}")
     if key_mask is not None:
-        _rank("key_mask", key_mask, 2, "[B, L]")
+        check_rank("key_mask", key_mask, 2, "[B, L]")
         if key_mask.dtype != torch.bool:
-            _fail(f"key_mask: expected dtype torch.bool (True = valid key), got {key_mask.dtype}")
+            fail(f"key_mask: expected dtype torch.bool (True = valid key), got {key_mask.dtype}")
         _same("key_mask", key_mask, "q", q, dtype=False)
         if tuple(key_mask.shape) != (B, L):
-            _fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
+            fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
     _finite("q", q)
     _finite("k", k)
     return B, L
@@ -127,23 +129,23 @@ def _check_scores_common(q, k, vis_start, scale, key_mask):
 
 def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
     B, L = _check_scores_common(q, k, vis_start, scale, key_mask)
-    _int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
+    check_int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + vis_len > L:
-            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
+            fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
                   f"(vis_len = {vis_len}), got values in [{lo}, {hi}]")
 
 
 def check_topk_select(scores, k):
-    _rank("scores", scores, 2, "[B, N]")
+    check_rank("scores", scores, 2, "[B, N]")
     _float("scores", scores)
-    _int("k", k, 0, scores.shape[1], "the number of indices to keep, in [0, N]")
+    check_int("k", k, 0, scores.shape[1], "the number of indices to keep, in [0, N]")
 
 
 def check_score_select(q, k, vis_start, vis_len, keep, scale, key_mask=None):
     check_tv_score(q, k, vis_start, vis_len, scale, key_mask)
-    _int("keep", keep, 0, vis_len, "the number of visual tokens to keep, in [0, vis_len]")
+    check_int("keep", keep, 0, vis_len, "the number of visual tokens to keep, in [0, vis_len]")
 
 
 # ---- ragged batches: per-sample counts as int tensors [B] with the padded width as an int ----
@@ -155,8 +157,8 @@ def _counts(name, t, B, ref_name, ref, what):
 
 def _width_int(name, value, lo, hi, what):
     if value is None:
-        _fail(f"{name}: expected the padded width (an int), got None")
-    _int(name, value, lo, hi, what)
+        fail(f"{name}: expected the padded width (an int), got None")
+    check_int(name, value, lo, hi, what)
 
 
 def _per_sample(name, t, lo, hi, what):
@@ -169,48 +171,29 @@ def _per_sample(name, t, lo, hi, what):
     bad = ((v < low) | (v > high)).nonzero()
     if bad.numel():
         b = int(bad[0, 0])
-        _fail(f"{name}: expected {what} ({int(low[b])} <= {name}[b] <= {int(high[b])}), got {name}[{b}] = {int(v[b])}")
+        fail(f"{name}: expected {what} ({int(low[b])} <= {name}[b] <= {int(high[b])}), got {name}[{b}] = {int(v[b])}")
 
 
 def fill_widths(op, args, kwargs):
-    """The arguments of a ragged overload as one positional list (its keyword-only ones appended in
-    schema order) with the padded widths (max_*) filled: a width left out is computed from the counts
-    on CPU tensors; on other devices it must be given (reading the counts would synchronise with the
-    host, like FlashAttention's max_seqlen)."""
-    keywords, widths = RAGGED[op]
-    positional = RAGGED_POSITIONAL[op]  # the optional trailing positional ones default to None
-    args = list(args) + [None] * (positional - len(args)) + [kwargs.get(name) for name in keywords]
-    for name, counts_at in widths.items():
-        i = len(args) - len(keywords) + keywords.index(name)
+    """The arguments of a ragged or packed overload as one positional list (its keyword-only ones
+    appended in schema order) with the padded widths (max_*) filled: a width left out is computed from
+    the counts on CPU tensors; on other devices it must be given (reading the counts would synchronise
+    with the host, like FlashAttention's max_seqlen)."""
+    form = RAGGED[op]
+    # the optional trailing positional ones default to None
+    args = list(args) + [None] * (form.positional - len(args)) + [kwargs.get(name) for name in form.keywords]
+    for width, counts_at, counts_name in form.counts:
+        i = form.positional + form.keywords.index(width)
         if args[i] is not None:
             continue
         counts = args[counts_at]
-        if isinstance(counts, torch.Tensor) and _readable(counts) and counts.device.type == "cpu":
+        if isinstance(counts, torch.Tensor) and readable(counts) and counts.device.type == "cpu":
             args[i] = int(counts.max()) if counts.numel() else 0
         else:
             where = f"{counts.device.type} tensors" if isinstance(counts, torch.Tensor) else "these inputs"
-            _fail(f"{name}: expected the padded width (an int) for {where}: it is computed only from CPU counts "
-                  f"(reading {RAGGED_COUNT_NAMES[op][counts_at]} on a device would synchronise with the host)")
+            fail(f"{width}: expected the padded width (an int) for {where}: it is computed only from CPU counts "
+                 f"(reading {counts_name} on a device would synchronise with the host)")
     return args
-
-
-# ragged overload -> (its keyword-only arguments in schema order, {padded width: position of its counts})
-RAGGED = {
-    "tv_score.ragged": (("max_vis_len",), {"max_vis_len": 3}),
-    "topk_select.ragged": (("lengths", "max_k"), {"max_k": 1}),
-    "score_select.ragged": (("max_vis_len", "max_keep"), {"max_vis_len": 3, "max_keep": 4}),
-    "group_merge.ragged": (("lengths", "max_groups"), {"max_groups": 1}),
-    "compact.ragged": (("max_merged",), {"max_merged": 4}),
-    # max_seqlen only sizes the kernels' grids: left out, they cover all `total` packed keys
-    "tv_score_varlen": (("max_vis_len", "max_seqlen"), {"max_vis_len": 4}),
-    "score_select_varlen": (("max_vis_len", "max_keep", "max_seqlen"), {"max_vis_len": 4, "max_keep": 5}),
-}
-RAGGED_POSITIONAL = {"tv_score.ragged": 6, "topk_select.ragged": 2, "score_select.ragged": 7, "group_merge.ragged": 2,
-                     "tv_score_varlen": 6, "score_select_varlen": 7, "compact.ragged": 5}
-RAGGED_COUNT_NAMES = {"tv_score.ragged": {3: "vis_len"}, "topk_select.ragged": {1: "k"},
-                      "score_select.ragged": {3: "vis_len", 4: "keep"}, "group_merge.ragged": {1: "num_groups"},
-                      "tv_score_varlen": {4: "vis_len"}, "score_select_varlen": {4: "vis_len", 5: "keep"},
-                      "compact.ragged": {4: "num_merged"}}
 
 
 def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
@@ -224,35 +207,35 @@ def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vi
 
 
 def check_tv_score_varlen(q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_len=None, max_seqlen=None):
-    _rank("q", q, 3, "[B, H, D]")
+    check_rank("q", q, 3, "[B, H, D]")
     _float("q", q)
-    _rank("k", k, 3, "[total, Hkv, D] (packed keys)")
+    check_rank("k", k, 3, "[total, Hkv, D] (packed keys)")
     _same("k", k, "q", q)
     B, H, D = q.shape
     total, Hkv, Dk = k.shape
-    _at_least_one("q", H, "query head (q.shape[1])")
-    _at_least_one("q", D, "feature per head (q.shape[2], D)")
+    at_least_one("q", H, "query head (q.shape[1])")
+    at_least_one("q", D, "feature per head (q.shape[2], D)")
     if Dk != D:
-        _fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
+        fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
     if Hkv == 0 or H % Hkv != 0:
-        _fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
+        fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
     _index("cu_seqlens", cu_seqlens, "q", q, (B + 1,), "([B + 1], each sample's first packed row, then total)")
     _index("vis_start", vis_start, "q", q, (B,), "([B], each span's start within its sample)")
     _counts("vis_len", vis_len, B, "q", q, "the number of visual tokens")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
-        _fail(f"scale: expected a finite float, got {scale!r}")
+        fail(f"scale: expected a finite float, got {scale!r}")
     if max_seqlen is not None:
-        _int("max_seqlen", max_seqlen, 0, total, "the longest sample, at most total = k.shape[0]")
+        check_int("max_seqlen", max_seqlen, 0, total, "the longest sample, at most total = k.shape[0]")
     _width_int("max_vis_len", max_vis_len, 0, total if max_seqlen is None else max_seqlen,
                "the padded width of the visual spans, at most the longest sample")
     _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")
     if _read_values(cu_seqlens):
         cu = cu_seqlens.to(torch.long).cpu()
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            _fail(f"cu_seqlens: expected ascending offsets from 0 to total = {total} (k.shape[0]), got {cu.tolist()[:8]}")
+            fail(f"cu_seqlens: expected ascending offsets from 0 to total = {total} (k.shape[0]), got {cu.tolist()[:8]}")
         lengths = cu[1:] - cu[:-1]
         if max_seqlen is not None and B and int(lengths.max()) > max_seqlen:
-            _fail(f"max_seqlen: expected at least the longest sample ({int(lengths.max())} keys), got {max_seqlen}")
+            fail(f"max_seqlen: expected at least the longest sample ({int(lengths.max())} keys), got {max_seqlen}")
         if _read_values(vis_start) and _read_values(vis_len):
             _per_sample("vis_start", vis_start, 0, lengths - vis_len.to(torch.long).cpu(),
                         "a visual span inside its sample: vis_start[b] + vis_len[b] <= its length")
@@ -271,7 +254,7 @@ def check_score_select_varlen(q, k, cu_seqlens, vis_start, vis_len, keep, scale,
 
 
 def check_topk_select_ragged(scores, k, lengths=None, max_k=None):
-    _rank("scores", scores, 2, "[B, N]")
+    check_rank("scores", scores, 2, "[B, N]")
     _float("scores", scores)
     B, N = scores.shape
     _counts("k", k, B, "scores", scores, "the number of indices to keep")
@@ -295,17 +278,17 @@ def check_score_select_ragged(q, k, vis_start, vis_len, keep, scale, key_mask=No
 
 
 def check_group_merge(h, num_groups):
-    _rank("h", h, 3, "[B, R, d]")
+    check_rank("h", h, 3, "[B, R, d]")
     _float("h", h)
     R = h.shape[1]
     if R == 0:
-        _fail("h: expected at least one rest token (R >= 1), got R = 0")
-    _int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
+        fail("h: expected at least one rest token (R >= 1), got R = 0")
+    check_int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
     _finite("h", h)
 
 
 def check_group_merge_ragged(h, num_groups, lengths=None, max_groups=None):
-    _rank("h", h, 3, "[B, R, d]")
+    check_rank("h", h, 3, "[B, R, d]")
     _float("h", h)
     B, R, _ = h.shape
     _counts("num_groups", num_groups, B, "h", h, "the number of groups")
@@ -323,33 +306,33 @@ def check_group_merge_ragged(h, num_groups, lengths=None, max_groups=None):
 
 
 def check_bypass_align(h_rest, group, merged_now, merged_then):
-    _rank("h_rest", h_rest, 3, "[B, R, d]")
+    check_rank("h_rest", h_rest, 3, "[B, R, d]")
     _float("h_rest", h_rest)
     B, R, d = h_rest.shape
-    _rank("group", group, 2, "[B, R]")
+    check_rank("group", group, 2, "[B, R]")
     if group.dtype not in INT_DTYPES:
-        _fail(f"group: expected dtype int64 or int32, got {group.dtype}")
+        fail(f"group: expected dtype int64 or int32, got {group.dtype}")
     _same("group", group, "h_rest", h_rest, dtype=False)
     if tuple(group.shape) != (B, R):
-        _fail(f"group: expected shape [{B}, {R}] ([B, R], one group id per rest token), got {tuple(group.shape)}")
+        fail(f"group: expected shape [{B}, {R}] ([B, R], one group id per rest token), got {tuple(group.shape)}")
     for name, m in (("merged_now", merged_now), ("merged_then", merged_then)):
-        _rank(name, m, 3, "[B, Z, d]")
+        check_rank(name, m, 3, "[B, Z, d]")
         _same(name, m, "h_rest", h_rest)
         if m.shape[0] != B or m.shape[2] != d:
-            _fail(f"{name}: expected shape [{B}, Z, {d}], got {tuple(m.shape)}")
+            fail(f"{name}: expected shape [{B}, Z, {d}], got {tuple(m.shape)}")
     if merged_now.shape != merged_then.shape:
-        _fail(f"merged_then: expected the shape of merged_now {tuple(merged_now.shape)}, got {tuple(merged_then.shape)}")
+        fail(f"merged_then: expected the shape of merged_now {tuple(merged_now.shape)}, got {tuple(merged_then.shape)}")
     Z = merged_now.shape[1]  # Z = 0 leaves every row's group -1 (a ragged batch without merged tokens)
     if group.numel() and _read_values(group):
         lo, hi = _min_max(group)
         if lo < -1 or hi >= Z:
-            _fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]) or -1 (a padding row, left "
+            fail(f"group: expected ids in [0, {Z}) (Z = merged_now.shape[1]) or -1 (a padding row, left "
                   f"unchanged), got values in [{lo}, {hi}]")
 
 
 def _byte_span(t):
     """[start, end) bytes of t's elements in memory, or None for an empty or unreadable tensor."""
-    if t.numel() == 0 or not _readable(t) or t.device.type == "meta":
+    if t.numel() == 0 or not readable(t) or t.device.type == "meta":
         return None
     extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
     low = t.data_ptr() + t.element_size() * sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())
@@ -373,53 +356,53 @@ def _writable(name, dst, inputs):
     """dst may be written in place: no zero strides, no internal overlap, no shared memory with the
     inputs, no autograd history to corrupt (as torch's own in-place ops refuse)."""
     if any(stride == 0 and size > 1 for size, stride in zip(dst.shape, dst.stride())):
-        _fail(f"{name}: expected a tensor without zero strides (an expanded view writes one element many "
+        fail(f"{name}: expected a tensor without zero strides (an expanded view writes one element many "
               f"times), got strides {tuple(dst.stride())} for shape {tuple(dst.shape)}")
     if dst.requires_grad or (dst._base is not None and dst._base.requires_grad):
-        _fail(f"{name}: expected a tensor that does not require grad (nor its base): the op writes it in place "
+        fail(f"{name}: expected a tensor that does not require grad (nor its base): the op writes it in place "
               "and has no gradient; use a detached tensor or torch.no_grad() on a copy")
     span = _byte_span(dst)
     if span is None:
         return
     if torch._debug_has_internal_overlap(dst) != 0 and not _strides_separate(dst):
-        _fail(f"{name}: expected a tensor whose elements do not overlap each other, got strides {tuple(dst.stride())}")
+        fail(f"{name}: expected a tensor whose elements do not overlap each other, got strides {tuple(dst.stride())}")
     for other_name, other in inputs:
         other_span = _byte_span(other)
         if other_span is not None and other_span[0] < span[1] and span[0] < other_span[1]:
-            _fail(f"{name}: expected memory that does not overlap {other_name} (the op reads {other_name} while "
+            fail(f"{name}: expected memory that does not overlap {other_name} (the op reads {other_name} while "
                   "it writes dst); pass a separate tensor")
 
 
 def check_bypass_align_into(dst, rows, h_rest, group, merged_now, merged_then):
     check_bypass_align(h_rest, group, merged_now, merged_then)
     B, R, d = h_rest.shape
-    _rank("dst", dst, 3, "[B, M, d]")
+    check_rank("dst", dst, 3, "[B, M, d]")
     _same("dst", dst, "h_rest", h_rest)
     if dst.shape[0] != B or dst.shape[2] != d:
-        _fail(f"dst: expected shape [{B}, M, {d}], got {tuple(dst.shape)}")
-    _rank("rows", rows, 2, "[B, R]")
+        fail(f"dst: expected shape [{B}, M, {d}], got {tuple(dst.shape)}")
+    check_rank("rows", rows, 2, "[B, R]")
     if rows.dtype not in INT_DTYPES:
-        _fail(f"rows: expected dtype int64 or int32, got {rows.dtype}")
+        fail(f"rows: expected dtype int64 or int32, got {rows.dtype}")
     _same("rows", rows, "h_rest", h_rest, dtype=False)
     if tuple(rows.shape) != (B, R):
-        _fail(f"rows: expected shape [{B}, {R}] ([B, R], one destination row per rest token), got {tuple(rows.shape)}")
+        fail(f"rows: expected shape [{B}, {R}] ([B, R], one destination row per rest token), got {tuple(rows.shape)}")
     _writable("dst", dst, (("rows", rows), ("h_rest", h_rest), ("group", group), ("merged_now", merged_now),
                            ("merged_then", merged_then)))
     if rows.numel() and _read_values(rows):
         lo, hi = _min_max(rows)
         if lo < -1 or hi >= dst.shape[1]:
-            _fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]) or -1 (nothing written), "
+            fail(f"rows: expected row indices in [0, {dst.shape[1]}) (dst.shape[1]) or -1 (nothing written), "
                   f"got values in [{lo}, {hi}]")
 
 
 def _index(name, t, ref_name, ref, shape, layout):
     """An int32 / int64 tensor of `shape` on ref's device."""
-    _rank(name, t, len(shape), layout)
+    check_rank(name, t, len(shape), layout)
     if t.dtype not in INT_DTYPES:
-        _fail(f"{name}: expected dtype int64 or int32, got {t.dtype}")
+        fail(f"{name}: expected dtype int64 or int32, got {t.dtype}")
     _same(name, t, ref_name, ref, dtype=False)
     if tuple(t.shape) != tuple(shape):
-        _fail(f"{name}: expected shape {list(shape)} {layout}, got {list(t.shape)}")
+        fail(f"{name}: expected shape {list(shape)} {layout}, got {list(t.shape)}")
 
 
 def _in_range(name, t, lo, hi, what):
@@ -427,53 +410,53 @@ def _in_range(name, t, lo, hi, what):
     if t.numel() and _read_values(t):
         low, high = _min_max(t)
         if low < lo or high >= hi:
-            _fail(f"{name}: expected {what} in [{lo}, {hi}), got values in [{low}, {high}]")
+            fail(f"{name}: expected {what} in [{lo}, {hi}), got values in [{low}, {high}]")
 
 
 def check_compact(h, vis_start, keep_idx, rest_idx, num_merged):
-    _rank("h", h, 3, "[B, n, d]")
+    check_rank("h", h, 3, "[B, n, d]")
     _float("h", h)
     B, n, _ = h.shape
     _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
-    _rank("keep_idx", keep_idx, 2, "[B, k]")
-    _rank("rest_idx", rest_idx, 2, "[B, R]")
+    check_rank("keep_idx", keep_idx, 2, "[B, k]")
+    check_rank("rest_idx", rest_idx, 2, "[B, R]")
     k, R = keep_idx.shape[1], rest_idx.shape[1]
     _index("keep_idx", keep_idx, "h", h, (B, k), "([B, k], kept block slots)")
     _index("rest_idx", rest_idx, "h", h, (B, R), "([B, R], rest block slots)")
     M = k + R
     if M > n:
-        _fail(f"keep_idx, rest_idx: expected k + R <= n = {n} (the visual block lies in the sequence), "
+        fail(f"keep_idx, rest_idx: expected k + R <= n = {n} (the visual block lies in the sequence), "
               f"got k + R = {M}")
-    _int("num_merged", num_merged, 0, R, "the number of merged tokens Z, in [0, R]")
+    check_int("num_merged", num_merged, 0, R, "the number of merged tokens Z, in [0, R]")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + M > n:
-            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + k + R <= n = {n} "
+            fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + k + R <= n = {n} "
                   f"(k + R = {M}), got values in [{lo}, {hi}]")
     if B and M and _read_values(keep_idx):
         slots = torch.cat([keep_idx, rest_idx], 1).to(torch.long)
         _in_range("keep_idx, rest_idx", slots, 0, M, "block slots")
         seen = torch.zeros(B, M, dtype=torch.bool).scatter_(1, slots, True)
         if not bool(seen.all()):
-            _fail(f"keep_idx, rest_idx: expected the slots 0..{M - 1} of each sample's block exactly once "
+            fail(f"keep_idx, rest_idx: expected the slots 0..{M - 1} of each sample's block exactly once "
                   "(a partition, as score_select returns)")
         for name, t in (("keep_idx", keep_idx), ("rest_idx", rest_idx)):
             if t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all()):
-                _fail(f"{name}: expected ascending slots in each row (as score_select returns them)")
+                fail(f"{name}: expected ascending slots in each row (as score_select returns them)")
 
 
 def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
-    _rank("h", h, 3, "[B, n, d]")
+    check_rank("h", h, 3, "[B, n, d]")
     _float("h", h)
     B, n, _ = h.shape
     _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
-    _rank("keep_idx", keep_idx, 2, "[B, K]")
-    _rank("rest_idx", rest_idx, 2, "[B, M]")
+    check_rank("keep_idx", keep_idx, 2, "[B, K]")
+    check_rank("rest_idx", rest_idx, 2, "[B, M]")
     K, M = keep_idx.shape[1], rest_idx.shape[1]
     _index("keep_idx", keep_idx, "h", h, (B, K), "([B, K], kept block slots, then -1)")
     _index("rest_idx", rest_idx, "h", h, (B, M), "([B, M], rest block slots, then -1; M: the block's width)")
     if K > M or M > n:
-        _fail(f"keep_idx, rest_idx: expected K <= M <= n = {n} (rest_idx is as wide as the visual block, as "
+        fail(f"keep_idx, rest_idx: expected K <= M <= n = {n} (rest_idx is as wide as the visual block, as "
               f"score_select.ragged returns it), got K = {K}, M = {M}")
     _counts("num_merged", num_merged, B, "h", h, "the number of merged tokens")
     _width_int("max_merged", max_merged, 0, M, "the padded width of merged_rows, in [0, M]")
@@ -481,7 +464,7 @@ def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merge
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + M > n:
-            _fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + M <= n = {n} (M = {M}), "
+            fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + M <= n = {n} (M = {M}), "
                   f"got values in [{lo}, {hi}]")
     if B and M and _read_values(keep_idx) and _read_values(rest_idx):
         keep, rest = keep_idx.to(torch.long).cpu(), rest_idx.to(torch.long).cpu()
@@ -490,38 +473,38 @@ def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merge
             valid = t >= 0
             if t.shape[1] > 1 and not bool(((t[:, 1:] > t[:, :-1]) | ~valid[:, 1:]).all() and
                                              (valid[:, :-1] | ~valid[:, 1:]).all()):
-                _fail(f"{name}: expected each row's slots ascending, then -1 (as score_select.ragged returns them)")
+                fail(f"{name}: expected each row's slots ascending, then -1 (as score_select.ragged returns them)")
         seen = torch.zeros(B, M + 1, dtype=torch.long)
         seen.scatter_add_(1, torch.cat([keep, rest], 1).clamp_min(-1) % (M + 1), torch.ones(B, K + M, dtype=torch.long))
         if bool((seen[:, :M] > 1).any()):
-            _fail("keep_idx, rest_idx: expected each block slot at most once in a sample (kept or rest)")
+            fail("keep_idx, rest_idx: expected each block slot at most once in a sample (kept or rest)")
         if _read_values(num_merged):
             _per_sample("num_merged", num_merged, 0, (rest >= 0).sum(1), "at most the sample's rest tokens")
 
 
 def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
-    _rank("h", h, 3, "[B, n', d]")
+    check_rank("h", h, 3, "[B, n', d]")
     _float("h", h)
     B, n_cur, d = h.shape
-    _rank("inverse", inverse, 2, "[B, n]")
+    check_rank("inverse", inverse, 2, "[B, n]")
     n = inverse.shape[1]
     _index("inverse", inverse, "h", h, (B, n), "([B, n], compact's inverse)")
     _index("vis_start", vis_start, "h", h, (B,), "([B], one start per sample)")
-    _rank("rest_idx", rest_idx, 2, "[B, R]")
+    check_rank("rest_idx", rest_idx, 2, "[B, R]")
     R = rest_idx.shape[1]
     _index("rest_idx", rest_idx, "h", h, (B, R), "([B, R], rest block slots)")
-    _rank("h_rest", h_rest, 3, "[B, R, d]")
+    check_rank("h_rest", h_rest, 3, "[B, R, d]")
     _same("h_rest", h_rest, "h", h)
     if tuple(h_rest.shape) != (B, R, d):
-        _fail(f"h_rest: expected shape [{B}, {R}, {d}] ([B, R, d]), got {list(h_rest.shape)}")
+        fail(f"h_rest: expected shape [{B}, {R}, {d}] ([B, R, d]), got {list(h_rest.shape)}")
     _index("group", group, "h", h, (B, R), "([B, R], one group id per rest token)")
-    _rank("merged_then", merged_then, 3, "[B, Z, d]")
+    check_rank("merged_then", merged_then, 3, "[B, Z, d]")
     _same("merged_then", merged_then, "h", h)
     Z = merged_then.shape[1]
     if merged_then.shape[0] != B or merged_then.shape[2] != d:
-        _fail(f"merged_then: expected shape [{B}, Z, {d}], got {list(merged_then.shape)}")
+        fail(f"merged_then: expected shape [{B}, Z, {d}], got {list(merged_then.shape)}")
     if n_cur == 0 and B and n:
-        _fail("h: expected at least one row to restore from (n' >= 1)")
+        fail("h: expected at least one row to restore from (n' >= 1)")
     _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
     _in_range("inverse", inverse, -2, B * n_cur, "flattened rows of h (or -1: restored, -2: ragged block padding)")
     _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")
@@ -529,7 +512,7 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0:
-            _fail(f"vis_start: expected values >= 0, got values in [{lo}, {hi}]")
+            fail(f"vis_start: expected values >= 0, got values in [{lo}, {hi}]")
         if R:
             rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
             _in_range("rest_idx", torch.where(rest_idx >= 0, rows, torch.where(rest_idx == -1, 0, -1)), 0, n,
@@ -538,9 +521,9 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
             rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
             restored = (rest_idx >= 0) & (group >= 0)
             if ((rest_idx >= 0) & (group < 0)).any():
-                _fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
+                fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
             times = torch.zeros(B, n + 1, dtype=torch.long)
             times.scatter_add_(1, torch.where(restored, rows, n).clamp(0, n).cpu(), torch.ones(B, R, dtype=torch.long))
             if not torch.equal(times[:, :n] > 0, (inverse == -1).cpu()) or (times[:, :n] > 1).any():
-                _fail("inverse, rest_idx: expected the rows marked -1 in inverse to be exactly the rows the rest "
+                fail("inverse, rest_idx: expected the rows marked -1 in inverse to be exactly the rows the rest "
                       "entries restore (vis_start + rest_idx), each once")

@@ -21,13 +21,14 @@ import os
 import torch
 
 from . import _build
+from .schemas import OPS, SIGNATURES
 
-__all__ = ["available", "reason", "tv_score", "topk_select", "score_select", "group_merge", "bypass_align",
-           "bypass_align_into", "compact", "restore", "tv_score_varlen", "score_select_varlen"]
+__all__ = ["available", "reason", *OPS]
 
-_OPS = ("tv_score_cuda", "topk_select_cuda", "score_select_cuda", "group_merge_cuda", "bypass_align_cuda",
-        "bypass_align_into_cuda", "compact_cuda", "restore_cuda", "tv_score_ragged_cuda", "score_select_ragged_cuda",
-        "topk_select_ragged_cuda", "compact_ragged_cuda", "group_merge_ragged_cuda")
+# the C++ ops of csrc/torch_bindings.cpp: one per padded op, one per ragged overload (the packed ops run
+# the ragged ones with cu_seqlens)
+_OPS = tuple(f"{op}_cuda" for op in OPS if "cu_seqlens" not in SIGNATURES[op].names) + tuple(
+    f"{name.split('.')[0]}_ragged_cuda" for name in SIGNATURES if name.endswith(".ragged"))
 
 
 def _check_ops(where: str) -> str:

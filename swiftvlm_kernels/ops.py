@@ -1,4 +1,4 @@
-"""The swiftvlm ops: each schema defined once, kernels registered by dispatch key, fake (meta)
+"""The swiftvlm ops: their schemas (schemas.py) registered with kernels by dispatch key, fake (meta)
 implementations, and the Python wrappers.
 
 `torch.ops.swiftvlm.<op>` dispatches by the inputs' device key, as torch's own ops do: the CPU
@@ -14,56 +14,19 @@ keyword-only `backend` that runs one call on a named backend (tests and benchmar
 """
 from __future__ import annotations
 
-import re
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend, _checks
+from .schemas import RAGGED, SCHEMAS, SIGNATURES
 
 _LIB = torch.library.Library("swiftvlm", "DEF")
 
-# name -> (schema, input check). The checks take exactly the schema's arguments.
-SCHEMAS: dict[str, tuple[str, Callable[..., None]]] = {
-    "tv_score": ("tv_score(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, float scale, "
-                 "Tensor? key_mask=None) -> Tensor", _checks.check_tv_score),
-    "topk_select": ("topk_select(Tensor scores, SymInt k) -> (Tensor, Tensor)", _checks.check_topk_select),
-    "score_select": ("score_select(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, SymInt keep, "
-                     "float scale, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select),
-    "group_merge": ("group_merge(Tensor h, SymInt num_groups) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge),
-    "bypass_align": ("bypass_align(Tensor h_rest, Tensor group, Tensor merged_now, Tensor merged_then) -> Tensor",
-                     _checks.check_bypass_align),
-    "bypass_align_into": ("bypass_align_into(Tensor(a!) dst, Tensor rows, Tensor h_rest, Tensor group, "
-                          "Tensor merged_now, Tensor merged_then) -> ()", _checks.check_bypass_align_into),
-    "compact": ("compact(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, SymInt num_merged) "
-                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _checks.check_compact),
-    "restore": ("restore(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, "
-                "Tensor group, Tensor merged_rows, Tensor merged_then) -> Tensor", _checks.check_restore),
-    # Ragged batches (per-sample counts as int tensors [B]): overloads of the same ops, chosen by
-    # torch.ops.swiftvlm.<op>(...) when a count is a tensor. The padded widths (max_*) are keyword-only.
-    "tv_score.ragged": ("tv_score.ragged(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, float scale, "
-                        "Tensor? key_mask=None, *, SymInt? max_vis_len=None) -> Tensor",
-                        _checks.check_tv_score_ragged),
-    "topk_select.ragged": ("topk_select.ragged(Tensor scores, Tensor k, *, Tensor? lengths=None, "
-                           "SymInt? max_k=None) -> (Tensor, Tensor)", _checks.check_topk_select_ragged),
-    "score_select.ragged": ("score_select.ragged(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, Tensor keep, "
-                            "float scale, Tensor? key_mask=None, *, SymInt? max_vis_len=None, "
-                            "SymInt? max_keep=None) -> (Tensor, Tensor, Tensor)", _checks.check_score_select_ragged),
-    "group_merge.ragged": ("group_merge.ragged(Tensor h, Tensor num_groups, *, Tensor? lengths=None, "
-                           "SymInt? max_groups=None) -> (Tensor, Tensor, Tensor)", _checks.check_group_merge_ragged),
-    "compact.ragged": ("compact.ragged(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, "
-                       "Tensor num_merged, *, SymInt? max_merged=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-                       _checks.check_compact_ragged),
-    # Packed batches (FlashAttention varlen / vLLM layout): keys [total, Hkv, D] and cu_seqlens [B + 1].
-    "tv_score_varlen": ("tv_score_varlen(Tensor q, Tensor k, Tensor cu_seqlens, Tensor vis_start, Tensor vis_len, "
-                        "float scale, *, SymInt? max_vis_len=None, SymInt? max_seqlen=None) -> Tensor",
-                        _checks.check_tv_score_varlen),
-    "score_select_varlen": ("score_select_varlen(Tensor q, Tensor k, Tensor cu_seqlens, Tensor vis_start, "
-                            "Tensor vis_len, Tensor keep, float scale, *, SymInt? max_vis_len=None, "
-                            "SymInt? max_keep=None, SymInt? max_seqlen=None) -> (Tensor, Tensor, Tensor)",
-                            _checks.check_score_select_varlen),
-}
+# overload -> its input check, which takes exactly the schema's arguments (schemas.SCHEMAS)
+CHECKS: dict[str, Callable[..., None]] = {name: getattr(_checks, "check_" + name.replace(".", "_"))
+                                          for name in SCHEMAS}
 
 
 def _kernel(op: str, check: Callable, device_type: Optional[str]) -> Callable:
@@ -85,16 +48,16 @@ def _kernel(op: str, check: Callable, device_type: Optional[str]) -> Callable:
         args = _checks.fill_widths(op, args, kwargs)
         return (kernel if device_type else any_device)(*args)
 
-    if op in _checks.RAGGED:
+    if op in RAGGED:
         return ragged
     return kernel if device_type else any_device
 
 
-for _name, (_schema, _check) in SCHEMAS.items():
+for _name, _schema in SCHEMAS.items():
     _LIB.define(_schema)
-    _LIB.impl(_name, _kernel(_name, _check, "cpu"), "CPU")
-    _LIB.impl(_name, _kernel(_name, _check, "cuda"), "CUDA")
-    _LIB.impl(_name, _kernel(_name, _check, None), "CompositeExplicitAutograd")
+    _LIB.impl(_name, _kernel(_name, CHECKS[_name], "cpu"), "CPU")
+    _LIB.impl(_name, _kernel(_name, CHECKS[_name], "cuda"), "CUDA")
+    _LIB.impl(_name, _kernel(_name, CHECKS[_name], None), "CompositeExplicitAutograd")
 
 
 # ---- fake (meta) implementations: output shapes from the arguments alone ----
@@ -143,7 +106,7 @@ def _(dst, rows, h_rest, group, merged_now, merged_then):
 def _(h, vis_start, keep_idx, rest_idx, num_merged):
     _checks.check_compact(h, vis_start, keep_idx, rest_idx, num_merged)
     B, n, d = h.shape
-    k, R = keep_idx.shape[1], rest_idx.shape[1]
+    R = rest_idx.shape[1]
     n_new = n - R + num_merged
     return (h.new_empty((B, n_new, d)), h.new_empty((B, n_new), dtype=torch.int64), h.new_empty((B, R, d)),
             h.new_empty((B, num_merged), dtype=torch.int64), h.new_empty((B, n), dtype=torch.int64))
@@ -158,12 +121,12 @@ def _(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
 def _fake_args(op, args, kwargs):
     """A ragged fake's arguments, checked: the padded widths must be given (under tracing the counts
     have no values)."""
-    for name in _checks.RAGGED[op][1]:
-        if kwargs.get(name) is None and not all(_checks._readable(a) for a in args if isinstance(a, Tensor)):
-            _checks._fail(f"{name}: expected the padded width (an int) when tracing (torch.compile, export, "
+    for name, _, _ in RAGGED[op].counts:
+        if kwargs.get(name) is None and not all(_checks.readable(a) for a in args if isinstance(a, Tensor)):
+            _checks.fail(f"{name}: expected the padded width (an int) when tracing (torch.compile, export, "
                           "meta tensors): the counts have no values then")
     full = _checks.fill_widths(op, args, kwargs)
-    SCHEMAS[op][1](*full)
+    CHECKS[op](*full)
     return full
 
 
@@ -221,20 +184,11 @@ def _(*args, **kwargs):
 
 # ---- Python wrappers: the same ops with defaults and a keyword-only backend switch ----
 
-def _argument_kinds(schema: str):
-    """[(name, kind)] of a schema string (keyword-only ones included, in order): kind is Tensor, Tensor?,
-    SymInt, SymInt? or float."""
-    params = schema[schema.index("(") + 1:schema.rindex(") ->")]
-    return [(p.split()[1].split("=")[0], re.sub(r"\(a!\)", "", p.split()[0])) for p in params.split(", ") if p != "*"]
-
-
-_KINDS = {op: _argument_kinds(schema) for op, (schema, _) in SCHEMAS.items()}
-
-
 def _python_types(op: str, args) -> None:
     """ValueError naming the argument when a Python value has the wrong type (the dispatcher would
     raise a RuntimeError, and would take a bool for an int)."""
-    for (name, kind), value in zip(_KINDS[op], args):
+    sig = SIGNATURES[op]
+    for (name, kind), value in zip(sig.positional + sig.keyword, args):
         if kind.endswith("?") and value is None:
             continue
         if kind.startswith("Tensor"):
@@ -244,25 +198,25 @@ def _python_types(op: str, args) -> None:
         else:
             ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a float"
         if not ok:
-            _checks._fail(f"{name}: expected {want}, got {type(value).__name__} {value!r}"[:200])
+            _checks.fail(f"{name}: expected {want}, got {type(value).__name__} {value!r}"[:200])
 
 
 def _call(op: str, backend: Optional[str], *args, **kwargs):
     """One call of `op` (an overload name such as "tv_score.ragged" included; keyword-only arguments
     in kwargs): torch.ops.swiftvlm (the device's default backend) or the named backend, validated as
     the registered kernels validate."""
-    keywords = _checks.RAGGED[op][0] if op in _checks.RAGGED else ()
+    keywords = RAGGED[op].keywords if op in RAGGED else ()
     _python_types(op, tuple(args) + tuple(kwargs.get(n) for n in keywords))
     if backend is None:
         base, _, overload = op.partition(".")
         return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")(*args, **kwargs)
     if torch.compiler.is_compiling():
-        _checks._fail(f"backend: a per-call backend ({backend!r}) runs that backend's Python function outside the "
+        _checks.fail(f"backend: a per-call backend ({backend!r}) runs that backend's Python function outside the "
                       "op, which torch.compile cannot trace; choose it with swiftvlm_kernels.set_backend / "
                       "use_backend before compiling and call without backend=")
     if keywords:
         args = _checks.fill_widths(op, args, kwargs)
-    SCHEMAS[op][1](*args)
+    CHECKS[op](*args)
     base = op.split(".")[0]
     device = next(a for a in args if isinstance(a, Tensor)).device
     return getattr(_backend.module(base, device.type, backend), base)(*args)
@@ -272,14 +226,14 @@ def _per_sample_counts(name, value, q):
     """An int count as an int tensor [B] on q's device (the varlen and ragged ops take tensors)."""
     if isinstance(value, Tensor):
         return value
-    _checks._int(name, value, 0, value if isinstance(value, int) and value >= 0 else 0, f"a count ({name})")
+    _checks.check_int(name, value, 0, value if isinstance(value, int) and value >= 0 else 0, f"a count ({name})")
     return torch.full((q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0,), value, dtype=torch.int64,
                       device=q.device if isinstance(q, Tensor) else None)
 
 
 def _no_width(name, value, counts):
     if value is not None:
-        _checks._fail(f"{name}: a padded width goes with per-sample counts ({counts} as an int tensor [B]), "
+        _checks.fail(f"{name}: a padded width goes with per-sample counts ({counts} as an int tensor [B]), "
                       f"got {name}={value!r} with an int {counts}")
 
 
@@ -287,8 +241,8 @@ def _scale(q, scale):
     """The softmax scale: `scale`, else D ** -0.5 (ValueError naming q when it has no head dim)."""
     if scale is not None:
         return scale
-    _checks._rank("q", q, 3, "[B, H, D]")
-    _checks._at_least_one("q", q.shape[2], "feature per head (q.shape[2], D)")
+    _checks.check_rank("q", q, 3, "[B, H, D]")
+    _checks.at_least_one("q", q.shape[2], "feature per head (q.shape[2], D)")
     return q.shape[2] ** -0.5
 
 
@@ -349,7 +303,7 @@ def topk_select(scores: Tensor, k: Union[int, Tensor], *, lengths: Optional[Tens
     """
     if isinstance(k, Tensor) or lengths is not None:
         if not isinstance(k, Tensor):
-            _checks._int("k", k, 0, scores.shape[1] if isinstance(scores, Tensor) and scores.dim() == 2 else k,
+            _checks.check_int("k", k, 0, scores.shape[1] if isinstance(scores, Tensor) and scores.dim() == 2 else k,
                          "the number of indices to keep")
             max_k = k if max_k is None else max_k
             k = torch.full((scores.shape[0],), k, dtype=torch.int64, device=scores.device)
@@ -387,11 +341,11 @@ def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Te
         B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0
         device = q.device if isinstance(q, Tensor) else None
         if not isinstance(vis_len, Tensor):
-            _checks._int("vis_len", vis_len, 0, vis_len, "the number of visual tokens")
+            _checks.check_int("vis_len", vis_len, 0, vis_len, "the number of visual tokens")
             max_vis_len = vis_len if max_vis_len is None else max_vis_len
             vis_len = torch.full((B,), vis_len, dtype=torch.int64, device=device)
         if not isinstance(keep, Tensor):
-            _checks._int("keep", keep, 0, keep, "the number of visual tokens to keep")
+            _checks.check_int("keep", keep, 0, keep, "the number of visual tokens to keep")
             max_keep = keep if max_keep is None else max_keep
             keep = torch.full((B,), keep, dtype=torch.int64, device=device)
         return _call("score_select.ragged", backend, q, k, vis_start, vis_len, keep, scale, key_mask,
@@ -425,7 +379,7 @@ def group_merge(h: Tensor, num_groups: Union[int, Tensor], *, lengths: Optional[
     """
     if isinstance(num_groups, Tensor) or lengths is not None:
         if not isinstance(num_groups, Tensor):
-            _checks._int("num_groups", num_groups, 0, num_groups, "the number of groups")
+            _checks.check_int("num_groups", num_groups, 0, num_groups, "the number of groups")
             max_groups = num_groups if max_groups is None else max_groups
             num_groups = torch.full((h.shape[0] if isinstance(h, Tensor) and h.dim() == 3 else 0,), num_groups,
                                     dtype=torch.int64, device=h.device if isinstance(h, Tensor) else None)

@@ -20,7 +20,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import sysconfig
 import types
 
 from swiftvlm_kernels._build import TORCH_TARGET_VERSION

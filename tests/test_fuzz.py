@@ -15,21 +15,15 @@ from hypothesis import strategies as st
 
 import python_ref
 import swiftvlm_kernels  # noqa: F401  (registers the ops)
+from swiftvlm_kernels.schemas import OPS, SIGNATURES
 
 EXAMPLES = int(os.environ.get("SWIFTVLM_FUZZ_EXAMPLES", 150))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="SWIFTVLM_FUZZ_EXAMPLES" not in os.environ,
                     suppress_health_check=list(HealthCheck))
 
-ARGS = {
-    "tv_score": ("q", "k", "vis_start", "vis_len", "scale", "key_mask"),
-    "topk_select": ("scores", "k"),
-    "score_select": ("q", "k", "vis_start", "vis_len", "keep", "scale", "key_mask"),
-    "group_merge": ("h", "num_groups"),
-    "bypass_align": ("h_rest", "group", "merged_now", "merged_then"),
-    "bypass_align_into": ("dst", "rows", "h_rest", "group", "merged_now", "merged_then"),
-    "compact": ("h", "vis_start", "keep_idx", "rest_idx", "num_merged"),
-    "restore": ("h", "inverse", "vis_start", "rest_idx", "h_rest", "group", "merged_rows", "merged_then"),
-}
+# the padded-form ops and their arguments, from the registered schemas
+ARGS = {op: tuple(name for name, _ in SIGNATURES[op].positional) for op in OPS
+        if "cu_seqlens" not in SIGNATURES[op].names}
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 WRONG = [torch.float64, torch.int64, torch.bool]
 

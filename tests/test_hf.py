@@ -521,8 +521,8 @@ def test_pdrop_official_variant(llava):
         # decoding: layer l's cache holds shifts[l] rows; the new token's position there is L - (L - rows)
         e = text.embed_tokens(token[:, None])
         for layer, n_l in zip(layers, shifts):
-            kc, vc = cache.layers[layer.self_attn.layer_idx].keys, cache.layers[layer.self_attn.layer_idx].values
-            assert kc.shape[2] == n_l
+            cached = cache.layers[layer.self_attn.layer_idx]
+            assert cached.keys.shape[2] == n_l and cached.values.shape[2] == n_l
         e_pos = torch.full((B, 1), L)
         for layer, n_l in zip(layers, shifts):
             cos, sin = text.rotary_emb(e, e_pos - (L - n_l))

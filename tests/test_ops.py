@@ -118,9 +118,20 @@ def op_overload(op):
 
 
 def test_every_op_has_samples():
-    from swiftvlm_kernels.ops import SCHEMAS
+    from swiftvlm_kernels.schemas import SCHEMAS
 
     assert set(SAMPLES) == set(SCHEMAS)
+
+
+def test_every_backend_implements_every_op():
+    import importlib
+
+    from swiftvlm_kernels.schemas import OPS
+
+    for module in ("python_ref", "swiftvlm_kernels.cpu", "swiftvlm_kernels.triton_kernels",
+                   "swiftvlm_kernels.cuda_backend"):
+        mod = importlib.import_module(module)
+        assert all(callable(getattr(mod, op, None)) for op in OPS), module
 
 
 @pytest.mark.parametrize("op,args,kwargs", CASES)
