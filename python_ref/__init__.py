@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the swiftvlm ops.
 
-These define the semantics of ``../shared/SPEC.md`` in plain, vectorised PyTorch (fp32 math for
+These implement docs/semantics.md in plain, vectorised PyTorch (fp32 math for
 fp32/fp16/bf16 input, no Python loops over tokens). Every kernel backend is tested against them, and
 they serve as the ``torch`` backend of ``torch.ops.swiftvlm.*``.
 """
