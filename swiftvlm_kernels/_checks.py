@@ -478,6 +478,11 @@ def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merge
         seen.scatter_add_(1, torch.cat([keep, rest], 1).clamp_min(-1) % (M + 1), torch.ones(B, K + M, dtype=torch.long))
         if bool((seen[:, :M] > 1).any()):
             fail("keep_idx, rest_idx: expected each block slot at most once in a sample (kept or rest)")
+        # a sample of m_b = k_b + r_b slots partitions exactly its first m_b slots 0..m_b - 1 (no gap)
+        m_b = (keep >= 0).sum(1) + (rest >= 0).sum(1)
+        if not torch.equal(seen[:, :M] > 0, torch.arange(M)[None, :] < m_b[:, None]):
+            fail("keep_idx, rest_idx: expected each sample's kept and rest slots to partition its block's first "
+                 "k_b + r_b slots 0..k_b + r_b - 1 (no gap), as score_select.ragged returns them")
         if _read_values(num_merged):
             _per_sample("num_merged", num_merged, 0, (rest >= 0).sum(1), "at most the sample's rest tokens")
 

@@ -201,22 +201,30 @@ def _python_types(op: str, args) -> None:
             _checks.fail(f"{name}: expected {want}, got {type(value).__name__} {value!r}"[:200])
 
 
+def prepare(op: str, args, kwargs) -> list:
+    """The arguments of one call of `op` (an overload name) as a backend function takes them (keyword-only
+    ones appended, padded widths filled), validated as the registered kernels validate them."""
+    keywords = RAGGED[op].keywords if op in RAGGED else ()
+    _python_types(op, tuple(args) + tuple(kwargs.get(n) for n in keywords))
+    args = _checks.fill_widths(op, args, kwargs) if keywords else list(args)
+    CHECKS[op](*args)
+    return args
+
+
 def _call(op: str, backend: Optional[str], *args, **kwargs):
     """One call of `op` (an overload name such as "tv_score.ragged" included; keyword-only arguments
     in kwargs): torch.ops.swiftvlm (the device's default backend) or the named backend, validated as
     the registered kernels validate."""
-    keywords = RAGGED[op].keywords if op in RAGGED else ()
-    _python_types(op, tuple(args) + tuple(kwargs.get(n) for n in keywords))
     if backend is None:
+        keywords = RAGGED[op].keywords if op in RAGGED else ()
+        _python_types(op, tuple(args) + tuple(kwargs.get(n) for n in keywords))
         base, _, overload = op.partition(".")
         return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")(*args, **kwargs)
     if torch.compiler.is_compiling():
         _checks.fail(f"backend: a per-call backend ({backend!r}) runs that backend's Python function outside the "
                       "op, which torch.compile cannot trace; choose it with swiftvlm_kernels.set_backend / "
                       "use_backend before compiling and call without backend=")
-    if keywords:
-        args = _checks.fill_widths(op, args, kwargs)
-    CHECKS[op](*args)
+    args = prepare(op, args, kwargs)
     base = op.split(".")[0]
     device = next(a for a in args if isinstance(a, Tensor)).device
     return getattr(_backend.module(base, device.type, backend), base)(*args)

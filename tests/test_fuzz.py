@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import python_ref
 import swiftvlm_kernels  # noqa: F401  (registers the ops)
-from swiftvlm_kernels.schemas import OPS, SIGNATURES
+from swiftvlm_kernels.schemas import OPS, RAGGED, SIGNATURES
 
 EXAMPLES = int(os.environ.get("SWIFTVLM_FUZZ_EXAMPLES", 150))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="SWIFTVLM_FUZZ_EXAMPLES" not in os.environ,
@@ -224,3 +224,191 @@ def test_every_op_on_triton_rejects_or_matches_the_reference(op, data):
         assert a.shape == b.shape and a.dtype == b.dtype
         if not a.is_floating_point() and op in ("topk_select", "compact"):
             assert torch.equal(a, b), op
+
+
+# ---------------------------------------------------------------- the ragged and packed overloads
+# Per-sample counts as int tensors, padded widths as keyword-only ints: counts past the widths, widths
+# past the shapes, negative counts, gaps and overlaps in compact's slots. A call either raises a
+# ValueError naming one of the overload's arguments or gives python_ref's result (bit for bit on the cpu
+# backend; on Triton and the emulated CUDA kernels: integer outputs exact, scores within fp32 rounding).
+
+RAGGED_OPS = sorted(RAGGED)
+
+
+def rarely(draw, percent):
+    """True in about `percent` % of the draws (Hypothesis' floats lean to 0, so no float threshold)."""
+    return draw(st.integers(0, 999)) >= 1000 - 10 * percent  # small integers are drawn most
+
+
+def _floats(draw, shape):
+    """floats() whose dtype is wrong only rarely."""
+    x = floats(draw, shape, wrong=0)
+    return x.to(torch.float64) if rarely(draw, 3) else x
+
+
+def _counts(draw, B, high):
+    """Per-sample counts in [0, high], now and then one out of range."""
+    values = [draw(st.integers(0, max(high, 0))) for _ in range(B)]
+    if B and rarely(draw, 8):
+        values[draw(st.integers(0, B - 1))] = draw(st.sampled_from([-1, high + 1, high + 5]))
+    return torch.tensor(values, dtype=draw(st.sampled_from([torch.int64, torch.int32])))
+
+
+def _width(draw, counts, cap):
+    """The padded width of counts: usually max(counts) plus a little, sometimes too small or past cap."""
+    top = int(counts.max()) if counts.numel() else 0
+    kind = draw(st.integers(0, 99))
+    if kind < 5:
+        return max(top - 1, 0) if top else draw(st.sampled_from([-1, 0]))
+    if kind < 8:
+        return cap + 1
+    return min(top + draw(st.integers(0, 2)), max(cap, top))
+
+
+@st.composite
+def ragged_args(draw, op):
+    """(args, kwargs) of one call of a ragged or packed overload."""
+    B = size(draw, 1, 3)
+    if op in ("tv_score.ragged", "score_select.ragged", "tv_score_varlen", "score_select_varlen"):
+        Hkv, G, D = size(draw, 1, 2), size(draw, 1, 3), size(draw, 1, 5)
+        L = size(draw, 1, 12)
+        q = _floats(draw, (B, Hkv * G, D))
+        k = floats(draw, (B, Hkv, L, D), wrong=0).to(q.dtype)
+        vis_len = _counts(draw, B, L)
+        W = _width(draw, vis_len, L)
+        vis_start = torch.tensor([draw(st.integers(0, max(L - max(int(n), 0), 0))) for n in vis_len])
+        if rarely(draw, 4):
+            vis_start[0] = L
+        keep = _counts(draw, B, max(int(vis_len.clamp_min(0).min()), 0))
+        K = _width(draw, keep, max(W, 0))
+        if op.endswith("_varlen"):
+            lengths = [draw(st.integers(min(int(s) + max(int(n), 0), L), L)) for s, n in zip(vis_start, vis_len)]
+            cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            packed = torch.cat([k[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)]) if B else \
+                k[:, :, :0].reshape(0, Hkv, D)
+            if rarely(draw, 4):
+                cu = cu.flip(0)
+            kw = dict(max_vis_len=W, max_seqlen=draw(st.sampled_from([None, max(lengths), L + 1])))
+            if op == "tv_score_varlen":
+                return [q, packed, cu, vis_start, vis_len, 0.5], kw
+            return [q, packed, cu, vis_start, vis_len, keep, 0.5], dict(kw, max_keep=K)
+        mask = (torch.rand(B, L, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) > 0.2) \
+            if draw(st.booleans()) else None
+        if op == "tv_score.ragged":
+            return [q, k, vis_start, vis_len, 0.5, mask], dict(max_vis_len=W)
+        return [q, k, vis_start, vis_len, keep, 0.5, mask], dict(max_vis_len=W, max_keep=K)
+    if op == "topk_select.ragged":
+        N = size(draw, 0, 20)
+        scores = _floats(draw, (B, N))
+        lengths = _counts(draw, B, N) if draw(st.booleans()) else None
+        k = _counts(draw, B, min(int(lengths.clamp_min(0).min()), N) if lengths is not None else N)
+        return [scores, k], dict(lengths=lengths, max_k=_width(draw, k, N))
+    if op == "group_merge.ragged":
+        R, d = size(draw, 0, 9), size(draw, 1, 5)
+        h = _floats(draw, (B, R, d))
+        lengths = _counts(draw, B, R) if draw(st.booleans()) else None
+        top = lengths.clamp_min(0) if lengths is not None else torch.full((B,), R)
+        Z = torch.tensor([draw(st.integers(min(1, int(n)), max(int(n), 0))) for n in top])
+        if rarely(draw, 8):
+            Z[0] = draw(st.sampled_from([0, int(top[0]) + 1, -1]))
+        return [h, Z], dict(lengths=lengths, max_groups=_width(draw, Z, R))
+    assert op == "compact.ragged", op
+    d = size(draw, 1, 4)
+    M = size(draw, 1, 8)
+    n = M + size(draw, 0, 4)
+    m_b = [draw(st.integers(0, M)) for _ in range(B)]  # each sample's block slots
+    k_b = [draw(st.integers(0, m)) for m in m_b]
+    K = max(k_b) + draw(st.integers(0, 1))
+    K = min(K, M)
+    keep = torch.full((B, K), -1, dtype=torch.long)
+    rest = torch.full((B, M), -1, dtype=torch.long)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    for b in range(B):
+        perm = torch.randperm(m_b[b], generator=g)
+        keep[b, :k_b[b]] = perm[:k_b[b]].sort().values
+        rest[b, :m_b[b] - k_b[b]] = perm[k_b[b]:].sort().values
+    corrupt = draw(st.sampled_from(["none"] * 12 + ["gap", "overlap", "order", "range"]))
+    b = draw(st.integers(0, B - 1))
+    r_b = m_b[b] - k_b[b]
+    if corrupt == "gap" and r_b:  # the sample's last rest slot moved past its block
+        rest[b, r_b - 1] = m_b[b] if m_b[b] < M else rest[b, r_b - 1]
+    elif corrupt == "overlap" and r_b and k_b[b]:
+        rest[b, 0] = keep[b, 0]
+    elif corrupt == "order" and r_b > 1:
+        rest[b, :r_b] = rest[b, :r_b].flip(0)
+    elif corrupt == "range":
+        rest[b, 0] = draw(st.sampled_from([-2, M, M + 3]))
+    num_merged = torch.tensor([draw(st.integers(0, m - kk)) for m, kk in zip(m_b, k_b)])
+    if rarely(draw, 8):
+        num_merged[b] = r_b + 1
+    max_merged = _width(draw, num_merged, M)
+    vis_start = torch.tensor([draw(st.integers(0, n - M)) for _ in range(B)])
+    if rarely(draw, 4):
+        vis_start[b] = n - M + 1
+    return [_floats(draw, (B, n, d)), vis_start, keep, rest, num_merged], dict(max_merged=max_merged)
+
+
+def _ragged_names(op):
+    return SIGNATURES[op].names + ("keep_idx", "rest_idx")
+
+
+def _ragged_backends():
+    import shutil
+
+    out = [pytest.param("cpu", id="cpu")]
+    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+        reason="the triton backend needs a GPU or TRITON_INTERPRET=1")))
+    out.append(pytest.param("cuda-emu", id="cuda-emu", marks=pytest.mark.skipif(
+        shutil.which("g++") is None, reason="the CUDA emulation compiles csrc/ with g++")))
+    return out
+
+
+def on_backend(backend, op, args, kwargs):
+    """One call of a ragged / packed overload on `backend`: cpu through torch.ops.swiftvlm (the CPU
+    key's kernel), triton and cuda-emu (the emulated CUDA kernels, as backend="cuda" on a GPU) through
+    the op's own argument handling and checks, then the backend's function."""
+    from swiftvlm_kernels import ops
+
+    base, _, overload = op.partition(".")
+    if backend == "cpu":
+        return getattr(getattr(torch.ops.swiftvlm, base), overload or "default")(*args, **kwargs)
+    full = ops.prepare(op, args, kwargs)
+    if backend == "triton":
+        import swiftvlm_kernels.triton_kernels as module
+    else:
+        import cuda_emulator
+
+        module = cuda_emulator.backend()
+    return getattr(module, base)(*full)
+
+
+@settings(max_examples=max(10, EXAMPLES // 3), deadline=None, derandomize="SWIFTVLM_FUZZ_EXAMPLES" not in os.environ,
+          suppress_health_check=list(HealthCheck))
+@given(st.data())
+@pytest.mark.parametrize("backend", _ragged_backends())
+@pytest.mark.parametrize("op", RAGGED_OPS)
+def test_every_ragged_overload_rejects_or_matches_the_reference(op, backend, data):
+    args, kwargs = data.draw(ragged_args(op))
+    try:
+        out = on_backend(backend, op, [a.clone() if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+    except ValueError as e:
+        head, colon, _ = str(e).partition(":")
+        assert colon and all(n.strip() in _ragged_names(op) for n in head.split(",")), f"{op}: {e}"
+        return
+    from swiftvlm_kernels import _checks
+
+    full = _checks.fill_widths(op, args, kwargs)
+    want = getattr(python_ref, op.split(".")[0])(*full)
+    outs, wants = (out, want) if isinstance(out, tuple) else ((out,), (want,))
+    if "score_select" in op and backend != "cpu":  # near-ties: the selection of the backend's own scores
+        sig = SIGNATURES[op].names
+        counts, width = full[sig.index("vis_len")], full[sig.index("max_keep")]
+        wants = (*python_ref.topk_select(out[2], full[sig.index("keep")], counts, width), want[2])
+    for a, b in zip(outs, wants):
+        assert a.shape == b.shape and a.dtype == b.dtype, op
+        if backend == "cpu" or not a.is_floating_point():
+            assert same(a, b), f"{op} on {backend}: differs from python_ref"
+        else:
+            assert torch.equal(a.isnan(), b.isnan()), op
+            torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-6)
