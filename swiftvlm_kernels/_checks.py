@@ -32,6 +32,12 @@ def readable(t):
     return type(t) is torch.Tensor or not torch._subclasses.fake_tensor.is_fake(t)  # plain tensors: fast
 
 
+def value_checks_run(t) -> bool:
+    """Whether the checks that read tensor values run for tensors on t's device (CPU tensors always;
+    others only with SWIFTVLM_DEBUG=1, since reading a device value synchronises with the host)."""
+    return t.device.type == "cpu" or _debug()
+
+
 def _read_values(t):
     """True when the values of t may be read here without a host sync (or debug mode asks for it)."""
     if not readable(t):

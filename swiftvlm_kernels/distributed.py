@@ -20,6 +20,16 @@ the same reduced buffer), and topk_select is deterministic with ties to the lowe
 choice depends on the rank. Against one rank with all heads the kept tokens are the same unless two
 scores lie within that rounding of each other at the k-th place (the tests check this).
 
+Failing together. Every rank validates all of its arguments (shapes, dtypes, counts, keep, num_heads)
+before the first collective. Then, where value checks run (CPU tensors always; GPU tensors with
+SWIFTVLM_DEBUG=1 or `check=True`, since it reads one small tensor on the host), one small all_reduce
+carries each rank's verdict and a fingerprint of what must be replicated (the shapes, the head count,
+the scale, vis_start, the counts, keep and the key mask): if any rank's inputs were refused, or the
+ranks disagree, EVERY rank raises a ValueError (a refused rank its own error; the others one naming
+the process group). Without that check (GPU tensors, the default: no host sync in the hot path), a
+rank whose inputs are refused raises before the collective, and its peers wait in the all_reduce until
+the process group's timeout: the `timeout=` the user gives torch.distributed.init_process_group.
+
 group_merge, bypass_align, compact and restore act on hidden states, which tensor parallelism
 replicates on every rank (after the row-parallel output projection's all_reduce): they run as they
 are, each rank computing the same result. The engine (`PruningEngine(..., process_group=...)`) uses
@@ -28,12 +38,13 @@ in a CUDA graph (NCCL collectives can be captured).
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _checks, ops
 
 __all__ = ["tp_score_select", "tp_tv_score", "shard_heads"]
 
@@ -47,9 +58,99 @@ def _world(group) -> int:
     return dist.get_world_size(group)
 
 
+def _heads(q, num_heads, world: int) -> int:
+    """H, the query heads of all ranks, checked against this rank's H_r (q validated first)."""
+    local = q.shape[1]
+    heads = local * world if num_heads is None else num_heads
+    if not isinstance(heads, int) or isinstance(heads, bool) or local < 1 or heads < local or heads % local:
+        raise ValueError(f"num_heads: expected a positive multiple of this rank's {local} query heads "
+                         f"(the heads of all {world} ranks), got {num_heads!r}")
+    return heads
+
+
+_FINGERPRINT = 8  # int64 words: the same size on every rank, whatever its inputs
+
+
+def _fingerprint(values, device) -> Tensor:
+    """int64 [_FINGERPRINT]: shapes, ints, float bits and position-weighted sums of tensors, folded into
+    a fixed number of words (equal inputs give equal fingerprints on every rank; computed on the device,
+    nothing read back)."""
+    parts = []
+    for v in values:
+        if isinstance(v, Tensor):
+            flat = v.detach().reshape(-1).to(device=device, dtype=torch.int64)
+            weights = torch.arange(1, flat.numel() + 1, device=device, dtype=torch.int64) * 1_000_003 + 7
+            parts += [torch.tensor([flat.numel()], device=device), (flat * weights).sum().view(1)]
+        elif isinstance(v, float):
+            parts.append(torch.tensor([struct.unpack("<q", struct.pack("<d", v))[0]], device=device))
+        else:
+            parts.append(torch.tensor([-1 if v is None else int(v)], device=device, dtype=torch.int64))
+    flat = torch.cat(parts + [torch.tensor([len(parts)], device=device)])
+    position = torch.arange(flat.numel(), device=device)
+    folded = torch.zeros(_FINGERPRINT, dtype=torch.int64, device=device)
+    return folded.index_add_(0, position % _FINGERPRINT, flat * (position * 2_654_435_761 + 1))
+
+
+def _agree(refused: Optional[ValueError], fingerprint: Tensor, group) -> None:
+    """One small all_reduce (MAX of [refused, fingerprint, ~fingerprint]: the largest and, bit-inverted,
+    the smallest value of each word): every rank raises when any rank's inputs were refused or the
+    ranks' fingerprints differ."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(refused is not None)], device=fingerprint.device, dtype=torch.int64)
+    both = torch.cat([flag, fingerprint, torch.bitwise_not(fingerprint)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    reduced = both.tolist()
+    if refused is not None:
+        raise refused
+    n = fingerprint.numel()
+    if reduced[0]:
+        raise ValueError("process_group: another rank's inputs were refused (its ValueError says why); every rank "
+                         "of the tensor-parallel group raises together")
+    if reduced[1:1 + n] != [~x for x in reduced[1 + n:]]:
+        raise ValueError("vis_start, vis_len, keep, key_mask: the ranks of the process group disagree on the shapes "
+                         "(B, L, D, this rank's heads, the widths), the head count, the scale or the replicated inputs "
+                         "(vis_start, the counts, keep, key_mask); tensor parallelism needs the same batch on every "
+                         "rank")
+
+
+def _prepared(op: str, args: list, kwargs: dict, num_heads, group, check: Optional[bool], extra=()):
+    """Validate a tp call's arguments on this rank before any collective, and, where value checks run
+    (or check=True), make the ranks agree (module docstring). Returns (world, H)."""
+    world = _world(group)
+    refused, heads = None, None
+    try:
+        ops.prepare(op, list(args), kwargs)
+        heads = _heads(args[0], num_heads, world)
+    except ValueError as e:
+        refused = e
+    q = args[0]
+    if check is None:
+        check = _checks.value_checks_run(q) if isinstance(q, Tensor) else True
+    if check:
+        device = q.device if isinstance(q, Tensor) else torch.device("cpu")
+        shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)] if refused is None else []
+        values = [heads, *[d for shape in shapes for d in shape], *args[2:], *kwargs.values(), *extra]
+        _agree(refused, _fingerprint(values, device) if refused is None else
+               torch.zeros(_FINGERPRINT, dtype=torch.int64, device=device), group)
+    elif refused is not None:
+        raise refused
+    return world, heads
+
+
+def _tv_score_all_heads(q, k, vis_start, vis_len, scale, key_mask, heads, group, max_vis_len, backend) -> Tensor:
+    import torch.distributed as dist
+
+    scores = ops.tv_score(q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len, backend=backend)
+    scores.mul_(float(q.shape[1]))  # this rank's heads: their mean x their count = their sum
+    dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=group)
+    return scores.div_(float(heads))  # the mean over all H heads (Eq. 1)
+
+
 def tp_tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor], scale: Optional[float] = None,
                 key_mask: Optional[Tensor] = None, *, num_heads: Optional[int] = None, process_group=None,
-                max_vis_len: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+                max_vis_len: Optional[int] = None, backend: Optional[str] = None,
+                check: Optional[bool] = None) -> Tensor:
     """tv_score over the heads of every rank of `process_group`, from this rank's heads.
 
     Parameters
@@ -61,6 +162,8 @@ def tp_tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Ten
         int tensor [B] for a ragged batch).
     num_heads : H, the query heads of all ranks together; default H_r x the group's size.
     process_group : the tensor-parallel group (None: the default group).
+    check : make the ranks agree before scoring (module docstring); None: where value checks run
+        (CPU tensors, or SWIFTVLM_DEBUG=1).
 
     Returns
     -------
@@ -70,31 +173,29 @@ def tp_tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Ten
     Raises
     ------
     ValueError
-        torch.distributed not initialised; num_heads not a positive multiple of H_r.
+        torch.distributed not initialised; num_heads not a positive multiple of H_r; any argument
+        `ops.tv_score` refuses; with the check, any rank's refusal or the ranks' disagreement (on
+        every rank).
     """
-    import torch.distributed as dist
-
-    world = _world(process_group)
-    scores = ops.tv_score(q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len, backend=backend)
-    local = q.shape[1]  # q is a valid [B, H_r, D] once tv_score has checked it
-    heads = local * world if num_heads is None else num_heads
-    if not isinstance(heads, int) or isinstance(heads, bool) or local < 1 or heads < local or heads % local:
-        raise ValueError(f"num_heads: expected a positive multiple of this rank's {local} query heads "
-                         f"(the heads of all {world} ranks), got {num_heads!r}")
-    scores.mul_(float(local))  # this rank's heads: their mean x their count = their sum
-    dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=process_group)
-    return scores.div_(float(heads))  # the mean over all H heads (Eq. 1)
+    scale = ops.default_scale(q, scale)
+    if isinstance(vis_len, Tensor):
+        op, kwargs = "tv_score.ragged", {"max_vis_len": max_vis_len}
+    else:
+        op, kwargs = "tv_score", {}
+    _, heads = _prepared(op, [q, k, vis_start, vis_len, scale, key_mask], kwargs, num_heads, process_group, check)
+    return _tv_score_all_heads(q, k, vis_start, vis_len, scale, key_mask, heads, process_group, max_vis_len, backend)
 
 
 def tp_score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor], keep: Union[int, Tensor],
                     scale: Optional[float] = None, key_mask: Optional[Tensor] = None, *,
                     num_heads: Optional[int] = None, process_group=None, max_vis_len: Optional[int] = None,
-                    max_keep: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+                    max_keep: Optional[int] = None, backend: Optional[str] = None,
+                    check: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
     """score_select across the ranks of a tensor-parallel group (module docstring).
 
     Parameters
     ----------
-    q, k, num_heads, process_group : as for `tp_tv_score` (this rank's heads).
+    q, k, num_heads, process_group, check : as for `tp_tv_score` (this rank's heads).
     vis_start, vis_len, keep, scale, key_mask, max_vis_len, max_keep, backend : as for
         `ops.score_select` (int tensors vis_len / keep [B] for a ragged batch).
 
@@ -105,20 +206,27 @@ def tp_score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int,
     Raises
     ------
     ValueError
-        as `tp_tv_score` and `ops.topk_select`.
+        as `tp_tv_score` and `ops.score_select`, before any collective.
     """
+    scale = ops.default_scale(q, scale)
     ragged = isinstance(vis_len, Tensor) or isinstance(keep, Tensor)
     if ragged:
-        counts = vis_len if isinstance(vis_len, Tensor) else torch.full((q.shape[0],), vis_len, dtype=torch.long,
-                                                                       device=q.device)
+        B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0
+        device = q.device if isinstance(q, Tensor) else None
+        counts = vis_len if isinstance(vis_len, Tensor) else torch.full((B,), vis_len, dtype=torch.long, device=device)
+        keeps = keep if isinstance(keep, Tensor) else torch.full((B,), keep, dtype=torch.long, device=device)
         width = max_vis_len if max_vis_len is not None else (vis_len if isinstance(vis_len, int) else None)
-        scores = tp_tv_score(q, k, vis_start, counts, scale, key_mask, num_heads=num_heads,
-                             process_group=process_group, max_vis_len=width, backend=backend)
         k_max = max_keep if max_keep is not None else (keep if isinstance(keep, int) else None)
-        keep_idx, rest_idx = ops.topk_select(scores, keep, lengths=counts, max_k=k_max, backend=backend)
+        args = [q, k, vis_start, counts, keeps, scale, key_mask]
+        _, heads = _prepared("score_select.ragged", args, {"max_vis_len": width, "max_keep": k_max}, num_heads,
+                             process_group, check)
+        scores = _tv_score_all_heads(q, k, vis_start, counts, scale, key_mask, heads, process_group, width, backend)
+        keep_idx, rest_idx = ops.topk_select(scores, keeps, lengths=counts, max_k=k_max, backend=backend)
     else:
-        scores = tp_tv_score(q, k, vis_start, vis_len, scale, key_mask, num_heads=num_heads,
-                             process_group=process_group, max_vis_len=max_vis_len, backend=backend)
+        _, heads = _prepared("score_select", [q, k, vis_start, vis_len, keep, scale, key_mask], {}, num_heads,
+                             process_group, check)
+        scores = _tv_score_all_heads(q, k, vis_start, vis_len, scale, key_mask, heads, process_group, max_vis_len,
+                                     backend)
         keep_idx, rest_idx = ops.topk_select(scores, keep, max_k=max_keep, backend=backend)
     return keep_idx, rest_idx, scores
 

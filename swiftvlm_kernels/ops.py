@@ -224,10 +224,10 @@ def _call(op: str, backend: Optional[str], *args, **kwargs):
         _checks.fail(f"backend: a per-call backend ({backend!r}) runs that backend's Python function outside the "
                       "op, which torch.compile cannot trace; choose it with swiftvlm_kernels.set_backend / "
                       "use_backend before compiling and call without backend=")
-    args = prepare(op, args, kwargs)
+    full = prepare(op, args, kwargs)
     base = op.split(".")[0]
-    device = next(a for a in args if isinstance(a, Tensor)).device
-    return getattr(_backend.module(base, device.type, backend), base)(*args)
+    device = next(a for a in full if isinstance(a, Tensor)).device
+    return getattr(_backend.module(base, device.type, backend), base)(*full)
 
 
 def _per_sample_counts(name, value, q):
@@ -245,7 +245,7 @@ def _no_width(name, value, counts):
                       f"got {name}={value!r} with an int {counts}")
 
 
-def _scale(q, scale):
+def default_scale(q, scale):
     """The softmax scale: `scale`, else D ** -0.5 (ValueError naming q when it has no head dim)."""
     if scale is not None:
         return scale
@@ -280,7 +280,7 @@ def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    scale = _scale(q, scale)
+    scale = default_scale(q, scale)
     if isinstance(vis_len, Tensor):
         return _call("tv_score.ragged", backend, q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len)
     _no_width("max_vis_len", max_vis_len, "vis_len")
@@ -344,7 +344,7 @@ def score_select(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Te
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    scale = _scale(q, scale)
+    scale = default_scale(q, scale)
     if isinstance(vis_len, Tensor) or isinstance(keep, Tensor):
         B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 3 else 0
         device = q.device if isinstance(q, Tensor) else None
@@ -521,7 +521,7 @@ def tv_score_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Tensor,
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    scale = _scale(q, scale)
+    scale = default_scale(q, scale)
     if not isinstance(vis_len, Tensor):
         max_vis_len = vis_len if max_vis_len is None else max_vis_len
     vis_len = _per_sample_counts("vis_len", vis_len, q)
@@ -550,7 +550,7 @@ def score_select_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, vis_start: Ten
     ------
     ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    scale = _scale(q, scale)
+    scale = default_scale(q, scale)
     if not isinstance(vis_len, Tensor):
         max_vis_len = vis_len if max_vis_len is None else max_vis_len
     if not isinstance(keep, Tensor):

@@ -133,6 +133,63 @@ def test_tensor_parallel_scoring_on_gloo(world):
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
 
 
+def _raises(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+def _check_failing_together(rank, world):
+    """Each rank's bad input, or ranks that disagree, make EVERY rank raise (no rank returns while its
+    peer raises, none is left waiting); a rank that raises without the check leaves its peer to the
+    process group's timeout, which the user sets."""
+    q, k, mask = _inputs(8, 2, 5)
+    q_r, k_r = shard_heads(q, k, rank, world)
+    # an invalid keep on rank 0 only: rank 0 raises its own error, the peer a ValueError naming the group
+    keep = 20 if rank == 0 else 5
+    _raises("^keep" if rank == 0 else "^process_group: another rank", tp_score_select, q_r, k_r, VIS_START, N_V,
+            keep, 0.35, mask)
+    # ranks with different vis_start: both raise
+    start = VIS_START + (1 if rank == 1 else 0)
+    _raises("disagree", tp_score_select, q_r, k_r, start, N_V, 5, 0.35, mask)
+    # different counts of a ragged batch: both raise
+    counts = torch.tensor([12, 7, 10 - rank])
+    _raises("disagree", tp_score_select, q_r, k_r, VIS_START, counts, torch.tensor([5, 2, 4]), 0.35, mask,
+            max_vis_len=N_V, max_keep=5)
+    # a different shape of the same size: [2, 6] scores on rank 0, [3, 4] on rank 1 (12 values each)
+    b, n = (2, 6) if rank == 0 else (3, 4)
+    _raises("disagree", tp_tv_score, q_r[:b], k_r[:b], VIS_START[:b], n, 0.35)
+    # and the agreeing call still works after all that
+    tp_score_select(q_r, k_r, VIS_START, N_V, 5, 0.35, mask)
+
+
+def _failing_worker(rank, world, init_file):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    torch.set_num_threads(1)
+    try:
+        _check_failing_together(rank, world)
+        q, k, mask = _inputs(8, 2, 5)
+        q_r, k_r = shard_heads(q, k, rank, world)
+        if rank == 0:  # without the check: rank 0 raises before the collective ...
+            _raises("^keep", tp_score_select, q_r, k_r, VIS_START, N_V, 20, 0.35, mask, check=False)
+        else:  # ... and its peer waits in the all_reduce only until the group's timeout
+            import time
+
+            start = time.monotonic()
+            with pytest.raises(RuntimeError):
+                tp_score_select(q_r, k_r, VIS_START, N_V, 5, 0.35, mask, check=False)
+            assert time.monotonic() - start < 30
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_fail_together_on_gloo():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+
+
 def test_shard_heads_follows_the_global_gqa_rule():
     """Rank r's query head i is global head r H/W + i; the KV head it reads locally
     (i // (H_r / Hkv_r)) is the global KV head that global head reads."""
