@@ -180,7 +180,9 @@ def _config(**changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"text_config__rope_theta": 0}, r"text_config\.rope_theta: expected a finite number > 0"),
+    ({"text_config__rope_theta": 0}, r"text_config\.rope_theta: expected a finite number > 1"),
+    ({"text_config__rope_theta": 1e-300}, r"text_config\.rope_theta: expected a finite number > 1"),
+    ({"text_config__rope_theta": 1.0}, r"text_config\.rope_theta: expected a finite number > 1"),
     ({"text_config__rope_theta": -5.0}, r"text_config\.rope_theta"),
     ({"text_config__rms_norm_eps": -1e-6}, r"text_config\.rms_norm_eps: expected a finite number >= 0"),
     ({"text_config__rope_scaling": {"rope_type": "linear", "factor": 0}}, r"rope_scaling\.factor: expected a finite number > 0"),

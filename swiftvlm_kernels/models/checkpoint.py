@@ -137,7 +137,9 @@ def parse_config(config: Mapping, source: str = "config"):
     if text.head_dim % 2:
         raise ValueError(f"{t}.head_dim: expected an even number (RoPE rotates pairs), got {text.head_dim}")
     text.rms_norm_eps = _real(f"{t}.rms_norm_eps", text.rms_norm_eps)
-    text.rope_theta = _real(f"{t}.rope_theta", text.rope_theta, open_low=True)
+    # RoPE's base: > 1 (at or below 1 the frequencies 1 / theta ** (2i / D) are not decreasing, and near 0
+    # they overflow fp32: rope_theta = 1e-300 would give inf frequencies and NaN logits)
+    text.rope_theta = _real(f"{t}.rope_theta", text.rope_theta, low=1.0, open_low=True)
     for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         setattr(text, name, _bool(f"{t}.{name}", getattr(text, name)))
     activation(text.hidden_act, f"{t}.hidden_act")
@@ -172,7 +174,7 @@ def _rope_parameters(text, where) -> dict:
     if kind not in ("default", "linear", "llama3"):
         raise ValueError(f"{where}: RoPE type {kind!r} is not supported (default, linear, llama3)")
     theta = rope.get("rope_theta", text.rope_theta)
-    out = {"rope_type": kind, "rope_theta": _real(f"{where}.rope_scaling.rope_theta", theta, open_low=True)}
+    out = {"rope_type": kind, "rope_theta": _real(f"{where}.rope_scaling.rope_theta", theta, low=1.0, open_low=True)}
     if kind in ("linear", "llama3"):
         if "factor" not in rope:
             raise ValueError(f"{where}.rope_scaling.factor: required for RoPE type {kind!r}, missing")
