@@ -15,7 +15,8 @@ DATASET_DIR holds `data.jsonl`, one JSON object per line, in one of two forms:
   "question": "...", "answer": "..."}. The prompt is the processor's chat template with one image
   and the question, or `--prompt` ("{question}" is replaced; it must hold the image token).
   A prediction is correct when its first line, lower-cased and stripped of surrounding spaces and
-  final punctuation, equals the answer so normalised.
+  final punctuation, equals the answer so normalised (`swiftvlm_kernels.apps.evaluation.normalise`,
+  the `eval` command's rule).
 - token form (no processor; any model): {"input_ids": [...], "tensors": "s0.safetensors",
   "answer_ids": [...]}: the prompt's token ids, a safetensors file with the image tensors the model
   takes (pixel_values, and image_sizes / image_grid_thw / mm_token_type_ids as the model needs),
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import string
 import sys
 import time
 from pathlib import Path
@@ -75,20 +75,17 @@ def read_dataset(root, limit: Optional[int] = None) -> list:
     ValueError: naming the line and field of a malformed entry, a path outside root, an unreadable or
         oversized safetensors file, an empty dataset or one that mixes both forms.
     """
+    from swiftvlm_kernels.apps.evaluation import json_object
+
     root = Path(root)
     data = root / "data.jsonl"
     if not data.is_file():
         raise ValueError(f"dataset: expected {data} (one JSON object per line)")
     entries = []
     for line, raw in enumerate(data.read_text().splitlines(), start=1):
-        if not raw.strip():
+        item = json_object(raw, data.name, line)
+        if item is None:
             continue
-        try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data.jsonl line {line}: not JSON ({err})") from None
-        if not isinstance(item, dict):
-            raise ValueError(f"data.jsonl line {line}: expected a JSON object")
         if "input_ids" in item:
             entries.append({"input_ids": _int_list(item["input_ids"], "input_ids", line),
                             "answer_ids": _int_list(item.get("answer_ids"), "answer_ids", line),
@@ -131,13 +128,6 @@ def _check_tensors(path: Path, line: int) -> Path:
     if "pixel_values" not in names:
         raise ValueError(f"data.jsonl line {line}: {path.name}: expected a pixel_values tensor")
     return path
-
-
-def normalise(text: str) -> str:
-    """An answer for exact match: its first line, lower-cased, without surrounding spaces and final
-    punctuation."""
-    text = text.strip().split("\n")[0].strip().lower()
-    return text.rstrip(string.punctuation + " ").strip()
 
 
 def _token_batches(entries, batch_size, pad_id, device):
@@ -250,6 +240,7 @@ def evaluate(checkpoint, dataset, methods=("none", "swiftvlm"), *, budget_ratio=
     """
     import transformers
     from swiftvlm_kernels import hf
+    from swiftvlm_kernels.apps.evaluation import normalise
 
     entries = read_dataset(dataset, limit)
     tokens = "input_ids" in entries[0]

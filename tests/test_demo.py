@@ -2,8 +2,8 @@
 random-weight stage view (--random)."""
 import re
 
-from swiftvlm_kernels.demo import main
-from swiftvlm_kernels.png import read_png
+from swiftvlm_kernels.apps.demo import main
+from swiftvlm_kernels.apps.png import read_png
 
 
 def test_demo_answers_held_out_questions_and_writes_a_picture_per_method(tmp_path, capsys):

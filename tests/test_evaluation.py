@@ -1,4 +1,4 @@
-"""`python -m swiftvlm_kernels eval` (swiftvlm_kernels/evaluation.py) and the embedded trained tiny
+"""`python -m swiftvlm_kernels eval` (swiftvlm_kernels/apps/evaluation/) and the embedded trained tiny
 LLaVA: the shipped weights reach their recorded accuracy exactly, the evaluation's prompts are the
 training's, its outputs agree with each other, and dataset folders are read like the synthetic set
 and validated."""
@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from swiftvlm_kernels import evaluation, synth
-from swiftvlm_kernels.__main__ import main as cli_main
-from swiftvlm_kernels.models.tiny import TRAINED_DIR, trained_prompt, trained_record, trained_tiny_llava, trained_vocab
-from swiftvlm_kernels.png import read_png, write_png
+from swiftvlm_kernels.apps import evaluation, synth
+from swiftvlm_kernels.apps.cli import main as cli_main
+from swiftvlm_kernels.apps.png import read_png, write_png
+from swiftvlm_kernels.apps.trained import (TRAINED_DIR, trained_prompt, trained_record, trained_tiny_llava,
+                                           trained_vocab)
 
 @pytest.fixture(scope="module")
 def model():

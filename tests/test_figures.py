@@ -1,9 +1,9 @@
-"""swiftvlm_kernels.figures: text lands where asked, the plot draws each method's markers at its
+"""swiftvlm_kernels.apps.figures: text lands where asked, the plot draws each method's markers at its
 points, the kept-token panels keep the kept patches' pixels and fade the others."""
 import pytest
 import torch
 
-from swiftvlm_kernels import figures
+from swiftvlm_kernels.apps import figures
 
 
 def test_text_draws_its_glyphs_inside_its_box():

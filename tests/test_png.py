@@ -1,4 +1,4 @@
-"""swiftvlm_kernels.png: the writer round-trips through the reader; the reader undoes every PNG row
+"""swiftvlm_kernels.apps.png: the writer round-trips through the reader; the reader undoes every PNG row
 filter, reads grey / grey+alpha / RGB / RGBA, and refuses malformed or oversized files before it
 inflates them."""
 import struct
@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from swiftvlm_kernels.png import SIGNATURE, decode_png, encode_png, read_png, write_png
+from swiftvlm_kernels.apps.png import SIGNATURE, decode_png, encode_png, read_png, write_png
 
 
 def _chunk(kind, data):

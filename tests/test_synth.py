@@ -1,9 +1,9 @@
-"""The synthetic VQA generator (swiftvlm_kernels/synth.py): deterministic, answers consistent with the
+"""The synthetic VQA generator (swiftvlm_kernels/apps/synth.py): deterministic, answers consistent with the
 image, fine-grained answers carried by a few patches, inputs the LLaVA forward takes."""
 import pytest
 import torch
 
-from swiftvlm_kernels import synth
+from swiftvlm_kernels.apps import synth
 
 
 def test_deterministic_and_independent_of_order():

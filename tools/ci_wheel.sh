@@ -20,9 +20,11 @@ echo "ci_wheel: built $(basename "$SDIST") and, from it, $(basename "$WHEEL")"
 "$PY" - "$WHEEL" <<'PYEOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/weights/tiny-vqa/model.safetensors",
-        "swiftvlm_kernels/weights/tiny-vqa/config.json", "swiftvlm_kernels/weights/tiny-vqa/vocab.json",
-        "swiftvlm_kernels/weights/tiny-vqa/train.json", "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
+need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/apps/weights/tiny-vqa/model.safetensors",
+        "swiftvlm_kernels/apps/weights/tiny-vqa/config.json", "swiftvlm_kernels/apps/weights/tiny-vqa/vocab.json",
+        "swiftvlm_kernels/apps/weights/tiny-vqa/train.json", "swiftvlm_kernels/apps/weights/tiny-vqa/prompt.json",
+        "swiftvlm_kernels/__main__.py", "swiftvlm_kernels/apps/cli.py", "swiftvlm_kernels/apps/evaluation/__init__.py",
+        "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
         "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
 missing = need - names
 assert not missing, f"the wheel lacks {sorted(missing)}"

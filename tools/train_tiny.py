@@ -1,8 +1,8 @@
-"""Train a tiny LLaVA (llava-hf layout) on the synthetic VQA task of swiftvlm_kernels/synth.py.
+"""Train a tiny LLaVA (llava-hf layout) on the synthetic VQA task of swiftvlm_kernels/apps/synth.py.
 
     python3 tools/train_tiny.py --out build/tiny-trained    # 1600 steps, about 20 minutes on 2 CPU cores
 
-The shipped model (swiftvlm_kernels/weights/tiny-vqa/) is this command's output with the defaults.
+The shipped model (swiftvlm_kernels/apps/weights/tiny-vqa/) is this command's output with the defaults.
 
 The model: a CLIP-style ViT (96 x 96 images, patch 8: 144 patches, hidden 96, 3 layers of which the
 LLaVA forward reads the second to last), a two-layer GELU projector, and a LLaMA-style decoder of 12
@@ -42,9 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from swiftvlm_kernels import synth  # noqa: E402
+from swiftvlm_kernels.apps import synth  # noqa: E402
 from swiftvlm_kernels.models.llava import LlavaForward  # noqa: E402
-from swiftvlm_kernels.models.tiny import _hub_key, tiny_llava_config, tiny_tensors  # noqa: E402
+from swiftvlm_kernels.models.tiny import hub_key, tiny_llava_config, tiny_tensors  # noqa: E402
 
 
 def trained_config() -> dict:
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     result = evaluate(model, args.eval, question_first=args.question_first)
     check = evaluate(model, min(args.eval, 200), question_first=args.question_first)  # a slice the tests re-evaluate exactly
     for name, p in model.named_parameters():  # trained values over the initial checkpoint's
-        tensors[_hub_key(name)] = p.detach().clone().contiguous()
+        tensors[hub_key(name)] = p.detach().clone().contiguous()
     from safetensors.torch import save_file
 
     args.out.mkdir(parents=True, exist_ok=True)

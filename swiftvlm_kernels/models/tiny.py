@@ -47,7 +47,7 @@ def tiny_llava_config() -> dict:
     }
 
 
-def _hub_key(name: str) -> str:
+def hub_key(name: str) -> str:
     """The llava-hf checkpoint key of a LlavaForward parameter name."""
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
@@ -84,7 +84,7 @@ def tiny_tensors(config=None, seed=0) -> dict:
     for part in ("weight", "bias"):
         shapes["vision_tower.post_layernorm." + part] = (vision.hidden_size,)
     gen = torch.Generator().manual_seed(seed)
-    return {_hub_key(name): _draw(name, shapes[name], gen) for name in sorted(shapes)}
+    return {hub_key(name): _draw(name, shapes[name], gen) for name in sorted(shapes)}
 
 
 def tiny_llava(dtype=torch.float32, device="cpu", seed=0, config=None) -> LlavaForward:
@@ -134,54 +134,3 @@ def tiny_inputs(batch=2, *, text_len=12, left_pad=0, seed=0, config=None, device
     pixel_values = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
     return {"input_ids": input_ids.to(device), "pixel_values": pixel_values.to(device),
             "attention_mask": attention_mask.to(device)}
-
-
-TRAINED_DIR = Path(__file__).resolve().parents[1] / "weights" / "tiny-vqa"
-
-
-def trained_vocab(path=None) -> tuple:
-    """The word vocabulary (vocab.json) of a word-vocabulary checkpoint (default: the embedded
-    trained tiny LLaVA's): token id = index; validated (a list of distinct non-empty strings)."""
-    path = Path(TRAINED_DIR if path is None else path) / "vocab.json"
-    if not path.is_file():
-        raise ValueError(f"vocab.json: expected a file at {path}")
-    if path.stat().st_size > 1 << 20:
-        raise ValueError(f"{path}: expected at most 1 MiB")
-    words = json.loads(path.read_text(encoding="utf-8"))
-    if not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)
-            and len(set(words)) == len(words)):
-        raise ValueError(f"{path}: expected a JSON list of distinct non-empty strings")
-    return tuple(words)
-
-
-def trained_prompt(path=None) -> dict:
-    """prompt.json of a word-vocabulary checkpoint (default: the embedded one): {"question_first":
-    bool}, whether the prompt holds the question before the image too. Absent: {"question_first": False}."""
-    path = Path(TRAINED_DIR if path is None else path) / "prompt.json"
-    if not path.is_file():
-        return {"question_first": False}
-    if path.stat().st_size > 1 << 16:
-        raise ValueError(f"{path}: expected at most 64 KiB")
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if not (isinstance(doc, dict) and isinstance(doc.get("question_first"), bool)):
-        raise ValueError(f"{path}: expected a JSON object with a bool question_first")
-    return {"question_first": doc["question_first"]}
-
-
-def trained_record(path=None) -> dict:
-    """train.json of a checkpoint trained by tools/train_tiny.py (default: the embedded one): the
-    training settings and the recorded held-out accuracy."""
-    path = Path(TRAINED_DIR if path is None else path) / "train.json"
-    if not path.is_file():
-        raise ValueError(f"train.json: expected a file at {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def trained_tiny_llava(dtype=torch.float32, device="cpu") -> LlavaForward:
-    """The embedded tiny LLaVA trained on the synthetic VQA task (swiftvlm_kernels.synth), loaded
-    from the package's safetensors (tools/train_tiny.py made it; train.json holds its record)."""
-    if not (TRAINED_DIR / "model.safetensors").is_file():
-        raise ValueError(f"the trained tiny LLaVA: expected {TRAINED_DIR / 'model.safetensors'} (the package data "
-                         "is missing; reinstall swiftvlm_kernels)")
-    return LlavaForward.from_pretrained(TRAINED_DIR, dtype, device)
-

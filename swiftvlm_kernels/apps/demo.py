@@ -1,5 +1,5 @@
 """`python -m swiftvlm_kernels demo`: vanilla, SwiftVLM, FastV and PDrop on the embedded tiny LLaVA
-trained on the synthetic VQA task (swiftvlm_kernels.synth; nothing downloaded). For a few held-out
+trained on the synthetic VQA task (swiftvlm_kernels.apps.synth; nothing downloaded). For a few held-out
 questions, each method's answer against the truth at one visual-token budget, the prefill FLOPs
 against vanilla, and one PNG per method (in --out) with each image and the visual tokens kept at
 each stage: kept patches bright, the others faded, the patches the answer depends on outlined (the
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .pruning import prefill_flops
-from .pruning import FastV, PDrop, SwiftVLM
-from .models.tiny import tiny_inputs, tiny_llava
+from ..models.tiny import tiny_inputs, tiny_llava
+from ..pruning import FastV, PDrop, SwiftVLM, prefill_flops
+from .options import positive, require_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,14 +29,14 @@ def _ids(t):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="visual tokens per layer on average, merged ones counted (default: N_v / 3)")
-    parser.add_argument("--questions", type=_positive, default=5,
+    parser.add_argument("--questions", type=positive, default=5,
                         help="held-out questions to answer (default 5: one of each type first)")
     parser.add_argument("--out", type=Path, default=Path("swiftvlm-demo"),
                         help="folder for the kept-token pictures (default swiftvlm-demo)")
     parser.add_argument("--random", action="store_true",
                         help="the random-weight tiny LLaVA's stage view instead (no answers, no pictures)")
-    parser.add_argument("--batch", type=_positive, default=2, help="--random: samples; odd ones are left-padded")
-    parser.add_argument("--new-tokens", type=_positive, default=8, help="--random: greedy tokens to generate")
+    parser.add_argument("--batch", type=positive, default=2, help="--random: samples; odd ones are left-padded")
+    parser.add_argument("--new-tokens", type=positive, default=8, help="--random: greedy tokens to generate")
     parser.add_argument("--seed", type=int, default=0, help="--random: weights and inputs seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -44,16 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="swiftvlm op backend (default: auto)")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
-
-
 def run(args) -> int:
-    from .__main__ import require_backend
-
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -95,10 +86,10 @@ def _pick(n: int) -> list:
 
 
 def _run_trained(args):
-    from . import evaluation, synth
+    from . import evaluation
     from .figures import kept_tokens_figure
-    from .models.tiny import trained_record, trained_tiny_llava
     from .png import write_png
+    from .trained import trained_record, trained_tiny_llava
 
     model = trained_tiny_llava(DTYPES[args.dtype], args.device)
     model.backend = args.backend
@@ -107,10 +98,7 @@ def _run_trained(args):
     grid = int(round(n_vis ** 0.5))
     share = (args.budget / n_vis) if args.budget is not None else 1 / 3
     chosen = _pick(args.questions)
-    items = [evaluation.Item(s.image, " ".join(s.question), s.answer, s.kind,
-                             tuple((c * synth.CELL, r * synth.CELL, (c + 1) * synth.CELL, (r + 1) * synth.CELL)
-                                   for r, c in s.cells_in_question()))
-             for _, s in chosen]
+    items = [evaluation.synthetic_item(s) for _, s in chosen]
     prompts = evaluation.prompts_for(None, model)
     inputs = evaluation.batch_inputs(items, prompts, model, args.device, DTYPES[args.dtype])
     held = record["held_out"]

@@ -1,6 +1,6 @@
 """Pictures without a plotting library: a 5 x 7 bitmap font, lines and boxes on uint8 [3, H, W]
 canvases, the accuracy-against-budget plot of the evaluation, and the kept-token panels of the demo
-(the SwiftVLM paper's Fig. 6 style). Written as PNG by `swiftvlm_kernels.png`."""
+(the SwiftVLM paper's Fig. 6 style). Written as PNG by `swiftvlm_kernels.apps.png`."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence

@@ -1,0 +1,150 @@
+"""`python -m swiftvlm_kernels eval`: accuracy of vanilla, SwiftVLM, FastV and PDrop against the
+visual-token budget, per question type, on the embedded trained tiny LLaVA (or any llava-hf
+checkpoint directory) and the synthetic held-out set (or a dataset folder of your own).
+
+    python -m swiftvlm_kernels eval [--n 1000] [--budgets 0.5,0.333,0.222,0.2] [--out swiftvlm-eval]
+        [--model CHECKPOINT_DIR] [--data DATASET_DIR] [--methods vanilla,swiftvlm,fastv,pdrop]
+
+What is measured. Every method and budget answers the same questions greedily through the
+project's LLaVA forward (`LlavaForward`, the swiftvlm ops). A budget is the share of the visual
+tokens the language model keeps per layer on average (merged tokens counted; `budget_ratio`), so
+all methods spend the same prefill at one budget. Layers: FastV at layer 2 (its paper's K), PDrop at
+2, L/2 and 3L/4, SwiftVLM at the library's default for the depth (`hf.default_layers`: 2, 4, 6 at
+12 layers); `--layers` overrides. A budget below what a method's first stage allows (the layers
+before it run every visual token: 2 of 12 layers are already 1/6 of the tokens) is reported as
+n/a. Besides accuracy the evaluation reports, where the questions name their patches (the
+synthetic set; `boxes` in a dataset), the share of those patches the last stage keeps.
+
+Outputs in --out: results.csv (one row per method, budget and question type), results.json (the
+same, with the settings), results.md (the table in Markdown), accuracy.png (accuracy against budget; the unpruned model dashed). The
+table is printed.
+
+Checkpoints: a directory with config.json and model.safetensors in the llava-hf layout. Prompts are
+built with its vocab.json (a word vocabulary: the embedded model's; prompt.json says whether the
+question also comes before the image) when present, else with its
+Hugging Face tokenizer (`transformers.AutoTokenizer`, local files only) and the LLaVA-1.5 template
+"USER: <image>\\n{question} ASSISTANT:". A word-vocabulary model answers with one token; a
+tokenizer model generates up to --max-new-tokens and is correct when its first line, lower-cased
+and stripped of surrounding spaces and final punctuation, equals the answer so normalised.
+
+Dataset folders: `questions.jsonl`, one JSON object per line: {"image": "a.png", "question": "...",
+"answer": "...", "kind": "colour" (optional, default "all"), "boxes": [[x0, y0, x1, y1], ...]
+(optional: the pixel boxes the answer depends on)}. Images are PNG (read by swiftvlm_kernels.apps.png;
+other formats need Pillow), resized to the model's image size. Files are untrusted: paths must stay
+inside the folder, fields are type-checked, image sizes are checked before decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..options import positive, require_backend
+from .data import MAX_LINES, Item, dataset_items, json_object, synthetic_item, synthetic_items, target_patches
+from .prompts import TokenizerPrompts, WordPrompts, batch_inputs, normalise, pixels, prompts_for
+from .report import kinds_of, markdown_table, table, write_outputs
+from .run import DEFAULT_BUDGETS, METHODS, NAMES, Progress, Result, eval_layers, evaluate, make_method
+
+__all__ = ["add_arguments", "run", "load_model", "Item", "Result", "synthetic_item", "synthetic_items",
+           "dataset_items", "json_object", "target_patches", "MAX_LINES", "WordPrompts", "TokenizerPrompts",
+           "prompts_for", "normalise", "pixels", "batch_inputs", "DEFAULT_BUDGETS", "METHODS", "NAMES", "Progress",
+           "eval_layers", "make_method", "evaluate", "kinds_of", "table", "markdown_table", "write_outputs"]
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0.5,0.333, got {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected shares in (0, 1], got {text!r}")
+    return values
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+    bad = [n for n in names if n not in METHODS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(METHODS)}, got {text!r}")
+    return names
+
+
+def _layers(text: str) -> dict:
+    """--layers swiftvlm=2:4:6,fastv=2,pdrop=2:6:9"""
+    out = {}
+    for part in text.split(","):
+        name, _, spec = part.partition("=")
+        name = name.strip().lower()
+        if name not in METHODS[1:] or not spec:
+            raise argparse.ArgumentTypeError(f"expected METHOD=L1:L2:... for swiftvlm, fastv or pdrop, got {part!r}")
+        try:
+            out[name] = tuple(int(v) for v in spec.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integer layers, got {spec!r}") from None
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an llava-hf checkpoint directory (default: the embedded trained tiny LLaVA)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a dataset folder with questions.jsonl (default: the synthetic held-out set)")
+    parser.add_argument("--n", type=positive, default=1000, help="questions (default 1000)")
+    parser.add_argument("--budgets", type=_budgets, default=DEFAULT_BUDGETS,
+                        help="shares of the visual tokens per layer (default 0.5,0.333,0.222,0.2)")
+    parser.add_argument("--methods", type=_methods, default=METHODS, help="default vanilla,swiftvlm,fastv,pdrop")
+    parser.add_argument("--layers", type=_layers, default=None, help="e.g. swiftvlm=2:4:6,fastv=2,pdrop=2:6:9")
+    parser.add_argument("--batch-size", type=positive, default=50)
+    parser.add_argument("--max-new-tokens", type=positive, default=8, help="tokenizer models: answer length")
+    parser.add_argument("--out", type=Path, default=Path("swiftvlm-eval"), help="output folder (default swiftvlm-eval)")
+    parser.add_argument("--backend", default=None, choices=("auto", "torch", "cpu", "triton", "cuda"),
+                        help="swiftvlm op backend (default: auto)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive, default=None, help="CPU threads (default: torch's)")
+
+
+def load_model(model_dir: Optional[Path], device="cpu"):
+    """The embedded trained tiny LLaVA (None) or a checkpoint directory's model, fp32 on `device`."""
+    from ...models.llava import LlavaForward
+    from ..trained import TRAINED_DIR
+
+    path = TRAINED_DIR if model_dir is None else model_dir
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model: expected a directory with config.json and model.safetensors, got {path}")
+    return LlavaForward.from_pretrained(path, device=device)
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    require_backend(args.backend, device.type)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device)
+    model.backend = args.backend
+    model.eval()
+    prompts = prompts_for(args.model, model)
+    items = synthetic_items(args.n) if args.data is None else dataset_items(args.data, args.n)
+    layers = {**eval_layers(model.num_layers), **(args.layers or {})}
+    where = "embedded trained tiny LLaVA" if args.model is None else str(args.model)
+    data = "synthetic held-out set (split 1)" if args.data is None else str(args.data)
+    print(f"model: {where} ({model.num_visual_tokens} visual tokens, {model.num_layers} layers); data: {data}, "
+          f"{len(items)} questions")
+    print("layers: " + ", ".join(f"{NAMES[m]} {layers[m]}" for m in args.methods if m != "vanilla"))
+    runs = sum(1 if m == "vanilla" else len(args.budgets) for m in args.methods)
+    batches = math.ceil(len(items) / args.batch_size)
+    progress = Progress(runs * batches)
+    results = evaluate(model, items, prompts, args.methods, args.budgets, layers, args.batch_size,
+                       args.max_new_tokens, progress, device)
+    print(table(results))
+    settings = {"model": where, "data": data, "n": len(items), "budgets": list(args.budgets),
+                "methods": list(args.methods), "layers": {k: list(v) for k, v in layers.items()},
+                "backend": args.backend or "auto", "device": str(device), "torch": torch.__version__}
+    title = f"accuracy against visual-token budget ({len(items)} questions)"
+    paths = write_outputs(results, args.out, settings, title)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,154 @@
+"""The methods and the evaluation loop: every method at every budget answers the same questions
+(see the package docstring); a Result per method and budget."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ...pruning import FastV, PDrop, SwiftVLM, prefill_flops
+from .data import Item, target_patches
+from .prompts import batch_inputs, normalise
+
+DEFAULT_BUDGETS = (0.5, 1 / 3, 2 / 9, 0.2)
+METHODS = ("vanilla", "swiftvlm", "fastv", "pdrop")
+NAMES = {"vanilla": "vanilla", "swiftvlm": "SwiftVLM", "fastv": "FastV", "pdrop": "PDrop"}
+
+
+@dataclass
+class Result:
+    """One method at one budget: correct answers and target patches kept, per question kind."""
+    method: str
+    budget: Optional[float]
+    tokens_per_layer: float
+    flops_share: float
+    right: dict = field(default_factory=dict)
+    total: dict = field(default_factory=dict)
+    target_kept: dict = field(default_factory=dict)
+    target_total: dict = field(default_factory=dict)
+    feasible: bool = True
+
+    def accuracy(self, kind: Optional[str] = None) -> Optional[float]:
+        if not self.feasible:
+            return None
+        r = sum(self.right.values()) if kind is None else self.right.get(kind, 0)
+        t = sum(self.total.values()) if kind is None else self.total.get(kind, 0)
+        return r / t if t else None
+
+    def target_share(self, kind: Optional[str] = None) -> Optional[float]:
+        if not self.feasible:
+            return None
+        r = sum(self.target_kept.values()) if kind is None else self.target_kept.get(kind, 0)
+        t = sum(self.target_total.values()) if kind is None else self.target_total.get(kind, 0)
+        return r / t if t else None
+
+
+def eval_layers(num_layers: int) -> dict:
+    """Default layers per method for a decoder of num_layers (see the package docstring)."""
+    from ...hf import default_layers
+
+    pdrop = tuple(sorted({2, *(max(3, min(num_layers - 1, round(num_layers * f))) for f in (0.5, 0.75))}))
+    return {"swiftvlm": default_layers(num_layers, "swiftvlm"), "fastv": (2,), "pdrop": pdrop}
+
+
+def make_method(name: str, budget: float, layers: Sequence[int]):
+    """The pruning object of `name` at `budget` (a share of the visual tokens) and `layers`."""
+    if name == "swiftvlm":
+        return SwiftVLM(layers=tuple(layers), budget_ratio=budget)
+    if name == "fastv":
+        return FastV(layer=layers[0], budget_ratio=budget)
+    if name == "pdrop":
+        return PDrop(layers=tuple(layers), budget_ratio=budget)
+    raise ValueError(f"--methods: expected names from {', '.join(METHODS)}, got {name!r}")
+
+
+class Progress:
+    """A one-line progress bar on a stream (only drawn when the stream is a terminal, else one line
+    per 10 %)."""
+
+    def __init__(self, total: int, stream=None, label: str = "eval"):
+        self.total, self.done, self.label = max(1, total), 0, label
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start, self.last_decile = time.time(), -1
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        frac = min(1.0, self.done / self.total)
+        elapsed = time.time() - self.start
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        line = f"{self.label} [{bar}] {self.done}/{self.total} {elapsed:.0f}s (eta {eta:.0f}s) {note}"
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if self.done >= self.total:
+                self.stream.write("\n")
+        elif int(10 * frac) > self.last_decile:
+            self.last_decile = int(10 * frac)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _predict(model, prompts, inputs, pruning, max_new_tokens: int):
+    """(predicted answers as text or ids, the stages' kept indices)."""
+    with torch.no_grad():
+        out = model(**inputs, pruning=pruning)
+        if prompts.one_token:
+            return out.last_logits.argmax(-1).tolist(), out.kept
+        tokens = model.generate(**inputs, pruning=pruning, max_new_tokens=max_new_tokens)
+    return [prompts.decode(row) for row in tokens.tolist()], out.kept
+
+
+def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = METHODS,
+             budgets: Sequence[float] = DEFAULT_BUDGETS, layers: Optional[dict] = None, batch_size: int = 32,
+             max_new_tokens: int = 8, progress: Optional[Progress] = None, device="cpu",
+             dtype=torch.float32) -> list[Result]:
+    """Every method at every budget (vanilla once) on `items`; see the package docstring."""
+    layers = {**eval_layers(model.num_layers), **(layers or {})}
+    text = model.text_config
+    grid = int(round(math.sqrt(model.num_visual_tokens - model.keep_cls)))
+    runs: list[tuple[str, Optional[float]]] = [(m, None) if m == "vanilla" else (m, b)
+                                               for m in methods for b in ((None,) if m == "vanilla" else budgets)]
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    inputs = [batch_inputs(b, prompts, model, device, dtype) for b in batches]
+    targets = [[target_patches(it, (it.image.shape[1], it.image.shape[2]), grid) for it in b] for b in batches]
+    # the FLOPs share is reported for the questions' mean prompt length
+    n_text = round(sum(int(i["attention_mask"].sum()) for i in inputs) / max(1, len(items))) - model.num_visual_tokens
+    results = []
+    for method, budget in runs:
+        pruning = None
+        try:
+            pruning = None if budget is None else make_method(method, budget, layers[method])
+            plan = model.plan_for(pruning)
+        except ValueError:  # a budget below what the method's layers allow
+            results.append(Result(NAMES[method], budget, float("nan"), float("nan"), feasible=False))
+            if progress:
+                progress.update(len(batches), f"{NAMES[method]} {budget:.0%}: n/a")
+            continue
+        flops = prefill_flops(text, n_text, model.num_visual_tokens, plan).total / \
+            prefill_flops(text, n_text, model.num_visual_tokens).total
+        per_layer = plan.average_visual_tokens() if plan else float(model.num_visual_tokens)
+        res = Result(NAMES[method], budget, per_layer, flops)
+        for batch, inp, tg in zip(batches, inputs, targets):
+            pred, kept = _predict(model, prompts, inp, pruning, max_new_tokens)
+            for b, it in enumerate(batch):
+                if prompts.one_token:
+                    ok = pred[b] == prompts.answer_id(it.answer)
+                else:
+                    ok = normalise(pred[b]) == normalise(it.answer)
+                res.right[it.kind] = res.right.get(it.kind, 0) + int(ok)
+                res.total[it.kind] = res.total.get(it.kind, 0) + 1
+                if len(tg[b]):
+                    last = kept[-1][b] if kept else torch.arange(model.num_visual_tokens)
+                    hit = torch.isin(tg[b].to(last.device), last).sum().item()
+                    res.target_kept[it.kind] = res.target_kept.get(it.kind, 0) + hit
+                    res.target_total[it.kind] = res.target_total.get(it.kind, 0) + len(tg[b])
+            if progress:
+                label = NAMES[method] if budget is None else f"{NAMES[method]} {budget:.0%}"
+                progress.update(1, label)
+        results.append(res)
+    return results

@@ -1,0 +1,61 @@
+"""The embedded tiny LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth) by
+tools/train_tiny.py: its weights (weights/tiny-vqa/: config.json, model.safetensors, vocab.json,
+prompt.json, train.json) and the readers of a word-vocabulary checkpoint's files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..models.llava import LlavaForward
+
+TRAINED_DIR = Path(__file__).resolve().parent / "weights" / "tiny-vqa"
+
+
+def trained_vocab(path=None) -> tuple:
+    """The word vocabulary (vocab.json) of a word-vocabulary checkpoint (default: the embedded
+    trained tiny LLaVA's): token id = index; validated (a list of distinct non-empty strings)."""
+    path = Path(TRAINED_DIR if path is None else path) / "vocab.json"
+    if not path.is_file():
+        raise ValueError(f"vocab.json: expected a file at {path}")
+    if path.stat().st_size > 1 << 20:
+        raise ValueError(f"{path}: expected at most 1 MiB")
+    words = json.loads(path.read_text(encoding="utf-8"))
+    if not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)
+            and len(set(words)) == len(words)):
+        raise ValueError(f"{path}: expected a JSON list of distinct non-empty strings")
+    return tuple(words)
+
+
+def trained_prompt(path=None) -> dict:
+    """prompt.json of a word-vocabulary checkpoint (default: the embedded one): {"question_first":
+    bool}, whether the prompt holds the question before the image too. Absent: {"question_first": False}."""
+    path = Path(TRAINED_DIR if path is None else path) / "prompt.json"
+    if not path.is_file():
+        return {"question_first": False}
+    if path.stat().st_size > 1 << 16:
+        raise ValueError(f"{path}: expected at most 64 KiB")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not (isinstance(doc, dict) and isinstance(doc.get("question_first"), bool)):
+        raise ValueError(f"{path}: expected a JSON object with a bool question_first")
+    return {"question_first": doc["question_first"]}
+
+
+def trained_record(path=None) -> dict:
+    """train.json of a checkpoint trained by tools/train_tiny.py (default: the embedded one): the
+    training settings and the recorded held-out accuracy."""
+    path = Path(TRAINED_DIR if path is None else path) / "train.json"
+    if not path.is_file():
+        raise ValueError(f"train.json: expected a file at {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def trained_tiny_llava(dtype=torch.float32, device="cpu") -> LlavaForward:
+    """The embedded tiny LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth), loaded
+    from the package's safetensors (tools/train_tiny.py made it; train.json holds its record)."""
+    if not (TRAINED_DIR / "model.safetensors").is_file():
+        raise ValueError(f"the trained tiny LLaVA: expected {TRAINED_DIR / 'model.safetensors'} (the package data "
+                         "is missing; reinstall swiftvlm_kernels)")
+    return LlavaForward.from_pretrained(TRAINED_DIR, dtype, device)
+
