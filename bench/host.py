@@ -123,12 +123,12 @@ def op_overhead(rounds: int = 30) -> list[dict]:
                 return ready
 
             _backend.default(op, "cpu")  # resolve once, then swap in the stub for the layer's cost
-            real = _backend._resolved[("cpu", op)]
-            _backend._resolved[("cpu", op)] = stub
+            real = _backend.resolved[("cpu", op)]
+            _backend.resolved[("cpu", op)] = stub
             try:
                 t_layer = measure({"stub": lambda: stub(*args), "op": lambda: via(*args)}, rounds=rounds)
             finally:
-                _backend._resolved[("cpu", op)] = real
+                _backend.resolved[("cpu", op)] = real
             t = measure({"direct": lambda: direct(*args), "op": lambda: via(*args)}, rounds=rounds)
             rows.append(dict(op=op, layer_us=(t_layer["op"].min - t_layer["stub"].min) * 1e6,
                              direct_us=t["direct"].min * 1e6, op_us=t["op"].min * 1e6,

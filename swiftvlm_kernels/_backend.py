@@ -40,7 +40,7 @@ _MODULES = {"torch": "python_ref", "cpu": "swiftvlm_kernels.cpu", "triton": "swi
             "cuda": "swiftvlm_kernels.cuda_backend"}
 
 _requested = "auto"
-_resolved: dict[tuple[str, str], Callable] = {}  # (device type, op) -> function, filled on first use
+resolved: dict[tuple[str, str], Callable] = {}  # (device type, op) -> function, filled on first use
 _logged: set = set()
 
 
@@ -102,9 +102,9 @@ def module(op: str, device_type: str, backend: Optional[str] = None) -> ModuleTy
 
 def default(op: str, device_type: str) -> Callable:
     """The function the op's kernel for `device_type` runs: resolved once, then a dict lookup."""
-    fn = _resolved.get((device_type, op))
+    fn = resolved.get((device_type, op))
     if fn is None:
-        fn = _resolved[(device_type, op)] = getattr(module(op, device_type), op)
+        fn = resolved[(device_type, op)] = getattr(module(op, device_type), op)
     return fn
 
 
@@ -115,7 +115,7 @@ def set_backend(name: Optional[str] = None) -> str:
     global _requested
     previous = _requested
     _requested = requested(os.environ.get("SWIFTVLM_BACKEND", "auto") if name is None else name)
-    _resolved.clear()
+    resolved.clear()
     return previous
 
 

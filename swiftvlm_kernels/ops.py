@@ -34,7 +34,7 @@ def _kernel(op: str, check: Callable, device_type: Optional[str]) -> Callable:
     overload runs the op's backend function with the padded widths filled in, as trailing arguments).
     device_type None: the catch-all key of the remaining devices, resolved per device."""
     base = op.split(".")[0]
-    key, resolved, default = (device_type, base), _backend._resolved, _backend.default
+    key, resolved, default = (device_type, base), _backend.resolved, _backend.default
 
     def kernel(*args):
         check(*args)

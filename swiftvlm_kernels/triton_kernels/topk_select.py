@@ -22,7 +22,7 @@ Rows of up to MAX_REGISTER_N scores (the benchmark rows: 576 to 16384) are read 
   snapping), each a block-wide reduction of up to 32 keys a thread; ~12 us at N = 16384 (was ~53 us).
 Longer rows (MAX_REGISTER_N < N) take the chunked path: an exact radix select over 4-bit digits
 (8 counting passes re-reading the row in chunks of CHUNK), then one chunked pass writing keep and rest.
-The row helpers (_select_row, _select_row_chunked) also serve score_select (tv_score.py), whose last
+The row helpers (select_row, select_row_chunked) also serve score_select (tv_score.py), whose last
 scoring program of a sample selects on the scores it has just merged.
 """
 import torch
@@ -56,7 +56,7 @@ def _sortable_key(x):
 
 
 @triton.jit
-def _load_keys(row_ptr, idx, N, stride_n):
+def load_keys(row_ptr, idx, N, stride_n):
     """Keys of row[idx] (any float dtype, read in place through stride_n), 0 past N.
 
     Loads bypass L1 (.cg): score_select reads scores that other programs of its launch just wrote.
@@ -154,7 +154,7 @@ def _write_block(key, idx, valid, hi, eq_key, need_eq, n_above, n_equal, keep_ro
 
 
 @triton.jit
-def _select_row(key, idx, N, K, keep_row, rest_row, row_ptr, stride_n, BLOCK_N: tl.constexpr,
+def select_row(key, idx, N, K, keep_row, rest_row, row_ptr, stride_n, BLOCK_N: tl.constexpr,
                 OUT_BLOCK: tl.constexpr):
     """Write keep_row[0:K] and rest_row[0:N-K] (int64 indices, ascending) for register-resident keys.
 
@@ -173,14 +173,14 @@ def _select_row(key, idx, N, K, keep_row, rest_row, row_ptr, stride_n, BLOCK_N: 
         n_equal = zero
         for start in range(0, N, OUT_BLOCK):
             j = start + tl.arange(0, OUT_BLOCK)
-            n_above, n_equal = _write_block(_load_keys(row_ptr, j, N, stride_n), j, j < N, hi, eq_key, need_eq,
+            n_above, n_equal = _write_block(load_keys(row_ptr, j, N, stride_n), j, j < N, hi, eq_key, need_eq,
                                             n_above, n_equal, keep_row, rest_row)
 
 
 @triton.jit
-def _select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.constexpr,
+def select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.constexpr,
                         RADIX_BITS: tl.constexpr):
-    """_select_row for rows of any length: radix select over RADIX_BITS-bit digits, the row re-read in chunks."""
+    """select_row for rows of any length: radix select over RADIX_BITS-bit digits, the row re-read in chunks."""
     offs = tl.arange(0, BLOCK)
     digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)
     # Radix select of the K-th largest key T, high bits first. Invariant: T lies in
@@ -193,7 +193,7 @@ def _select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.c
         at_least = tl.zeros([1 << RADIX_BITS], dtype=tl.int32)  # at_least[j] = #keys >= bounds[j]
         for start in range(0, N, BLOCK):
             idx = start + offs
-            key = _load_keys(row_ptr, idx, N, stride_n)
+            key = load_keys(row_ptr, idx, N, stride_n)
             at_least += tl.sum(((key[None, :] >= bounds[:, None]) & (idx < N)[None, :]).to(tl.int32), axis=1)
         # the largest digit whose bucket start still has >= K keys at or above it (K = 0 -> all ones)
         digit = tl.sum((at_least >= K).to(tl.int32), axis=0) - 1
@@ -208,7 +208,7 @@ def _select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.c
     for start in range(0, N, BLOCK):
         idx = start + offs
         valid = idx < N
-        key = _load_keys(row_ptr, idx, N, stride_n)
+        key = load_keys(row_ptr, idx, N, stride_n)
         eq = ((key == prefix) & valid).to(tl.int32)
         eq_rank = n_eq + tl.cumsum(eq, axis=0) - eq
         keep = (((key > prefix) & valid) | ((eq != 0) & (eq_rank < need_eq))).to(tl.int32)
@@ -220,7 +220,7 @@ def _select_row_chunked(row_ptr, stride_n, N, K, keep_row, rest_row, BLOCK: tl.c
 
 
 @triton.jit
-def _fill_minus_one(ptr, lo, hi, BLOCK: tl.constexpr):
+def fill_minus_one(ptr, lo, hi, BLOCK: tl.constexpr):
     """ptr[lo:hi] = -1 (int64): the padding of a ragged row's index list."""
     for start in range(lo, hi, BLOCK):
         j = start + tl.arange(0, BLOCK)
@@ -254,13 +254,13 @@ def _topk_select_kernel(scores_ptr, keep_ptr, rest_ptr, len_ptr, k_ptr, N, K, KW
         n_b, k_b = _ragged_counts(len_ptr, k_ptr, b, N, K, HAS_LENGTHS, K_TENSOR)
     if IN_REGISTERS:
         idx = tl.arange(0, BLOCK_N)
-        _select_row(_load_keys(row, idx, n_b, stride_n), idx, n_b, k_b, keep_row, rest_row, row, stride_n, BLOCK_N,
+        select_row(load_keys(row, idx, n_b, stride_n), idx, n_b, k_b, keep_row, rest_row, row, stride_n, BLOCK_N,
                     OUT_BLOCK)
     else:
-        _select_row_chunked(row, stride_n, n_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+        select_row_chunked(row, stride_n, n_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
     if RAGGED:  # each index list ascending, then -1
-        _fill_minus_one(keep_row, k_b, KW, 1024)
-        _fill_minus_one(rest_row, n_b - k_b, RW, 1024)
+        fill_minus_one(keep_row, k_b, KW, 1024)
+        fill_minus_one(rest_row, n_b - k_b, RW, 1024)
 
 
 def row_config(n):

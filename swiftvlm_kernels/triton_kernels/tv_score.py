@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import on_device, pow2
 from . import topk_select as _topk
-from .topk_select import RADIX_BITS, _fill_minus_one, _load_keys, _select_row, _select_row_chunked, row_config
+from .topk_select import RADIX_BITS, fill_minus_one, load_keys, select_row, select_row_chunked, row_config
 
 TILE_ELEMENTS = 4096  # fp32 products per [BLOCK_G, BLOCK_L, BLOCK_D] tile: 16 a thread at 8 warps (8192 spills on sm_80)
 MIN_BLOCK_L = 16
@@ -164,13 +164,13 @@ def _visual_scores_kernel(vis_ptr, max_ptr, sum_ptr, cnt_ptr, logit_ptr, out_ptr
                 k_b = tl.minimum(tl.maximum(tl.load(kcnt_ptr + b).to(tl.int64), 0), v_b)
             if IN_REGISTERS:
                 idx = tl.arange(0, BLOCK_N)
-                _select_row(_load_keys(row, idx, v_b, 1), idx, v_b, k_b, keep_row, rest_row, row, 1, BLOCK_N,
+                select_row(load_keys(row, idx, v_b, 1), idx, v_b, k_b, keep_row, rest_row, row, 1, BLOCK_N,
                             OUT_BLOCK)
             else:
-                _select_row_chunked(row, 1, v_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
+                select_row_chunked(row, 1, v_b, k_b, keep_row, rest_row, BLOCK_N, RADIX_BITS)
             if RAGGED:  # each index list ascending, then -1
-                _fill_minus_one(keep_row, k_b, KW, 1024)
-                _fill_minus_one(rest_row, v_b - k_b, RW, 1024)
+                fill_minus_one(keep_row, k_b, KW, 1024)
+                fill_minus_one(rest_row, v_b - k_b, RW, 1024)
 
 
 def _stats_tile(rows, D):
