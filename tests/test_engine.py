@@ -129,7 +129,7 @@ def test_stage_op_counts_and_no_host_sync(model, inputs):
 def test_the_prefill_issues_no_host_sync(model):
     """Beyond the input checks (which read input_ids on the host once), nothing syncs."""
     inputs = tiny_inputs(2, left_pad=2)
-    checked = model._check_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], True)
+    checked = model.check_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], True)
     with OpCounter() as counter:
         model.prefill(*checked[:3], model.plan_for(SwiftVLM()))
     assert counter.syncs == 0, counter.by_name

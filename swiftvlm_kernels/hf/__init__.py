@@ -45,186 +45,16 @@ than input_ids' length); `last_prefill(model).token_index` maps them to input po
 """
 from __future__ import annotations
 
-import contextlib
-import types
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from torch import nn
 
-import torch
-from torch import Tensor, nn
-
-from ..pruning import FastV, PDrop, PruningPlan, RaggedPlan, SwiftVLM
-from . import _decoder, _profile
-from .compat import check_release
+from ..pruning import FastV, PDrop, SwiftVLM
 from ._profile import layer_profile
+from .patch import SUPPORTED, PrefillRecord, apply, apply_on_load, is_applied, last_prefill, model_family
 
 __all__ = ["apply", "apply_on_load", "is_applied", "last_prefill", "PrefillRecord", "default_layers", "default_method", "layer_profile",
            "SUPPORTED"]
 
-# class name -> model family (the families share the decoder loop; they differ in how positions
-# are formed, which `_decoder` reads from the family)
-SUPPORTED = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava_next",
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-}
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
-
-
-@dataclass
-class PrefillRecord:
-    """What the last pruned prefill of a patched model did.
-
-    plan          the PruningPlan (or RaggedPlan) it executed.
-    kept          per stage, int64 [B, k_s]: the visual-token ids (0..N_v-1 within each sample's span)
-                  kept there (a ragged batch: ascending, then -1).
-    token_index   int64 [B, n]: each row of the returned hidden states / logits, its position in
-                  input_ids (a ragged batch's block padding rows: -1).
-    layer_lengths the rows each layer's KV cache holds after the prefill.
-    """
-    plan: object
-    kept: list
-    token_index: Tensor
-    layer_lengths: list = field(default_factory=list)
-
-
-@dataclass
-class _State:
-    pruning: object
-    backend: Optional[str]
-    family: str
-    image_token_id: int
-    input_ids: Optional[Tensor] = None
-    last: Optional[PrefillRecord] = None
-    profile: Optional["_profile.Profile"] = None
-
-
-def _family(model) -> Optional[str]:
-    for cls in type(model).__mro__:
-        if cls.__name__ in SUPPORTED:
-            return SUPPORTED[cls.__name__]
-    return None
-
-
-def _check_pruning(pruning) -> None:
-    if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
-        raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
-                         f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
-
-
-def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Module:
-    """Patch a loaded transformers VLM in place so that its prefill prunes visual tokens.
-
-    Parameters
-    ----------
-    model: a `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
-        `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration` (or a subclass).
-    pruning: a pruning method (`SwiftVLM(...)`, `FastV(...)`, `PDrop(...)`; its plan is made per call
-        for the call's visual-token count and the model's depth), a `PruningPlan` / `RaggedPlan`
-        for one exact input shape, or None to restore the original model.
-    backend: the swiftvlm ops' backend for every op (None: each device's default).
-
-    Returns
-    -------
-    The same model object (patched, or restored with pruning=None). Calling `apply` again replaces
-    the pruning method.
-
-    Raises
-    ------
-    ValueError: an unsupported model class or attention implementation, sliding-window attention,
-        a pruning argument of the wrong type, or a float64 model with pruning.
-    """
-    family = _family(model)
-    if family is None:
-        raise ValueError(f"model: expected one of {', '.join(SUPPORTED)}, got {type(model).__name__}")
-    import transformers
-
-    check_release(transformers.__version__)
-    outer = model.model
-    text = outer.language_model
-    if pruning is None:
-        if getattr(model, "_swiftvlm_state", None) is not None:
-            outer.__dict__.pop("forward", None)
-            text.__dict__.pop("forward", None)
-            text.__dict__.pop("_swiftvlm_state", None)
-            del model._swiftvlm_state
-        return model
-    _check_pruning(pruning)
-    if getattr(pruning, "official", False) and family.startswith("qwen"):
-        raise ValueError("pruning: PDrop(official=True) renumbers 1-D positions after a drop; Qwen2-VL's M-RoPE "
-                         "positions have no such renumbering (use official=False)")
-    if backend is not None:
-        from .._backend import requested
-        requested(backend)
-    config = text.config
-    attn = getattr(config, "_attn_implementation", None) or "eager"
-    if attn not in ATTENTION:
-        raise ValueError(f"model: attention implementation {attn!r} is not supported with pruning; expected one of "
-                         f"{', '.join(ATTENTION)} (load with attn_implementation='sdpa')")
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])) or \
-            getattr(config, "use_sliding_window", False):
-        raise ValueError("model: sliding-window attention layers are not supported with pruning")
-    if next(text.parameters()).dtype == torch.float64:
-        raise ValueError("pruning: the swiftvlm ops take float32, float16 or bfloat16 hidden states; this model "
-                         "is float64 (load it in float32 to prune)")
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(model.config, "image_token_index", None)
-    if image_token_id is None:
-        raise ValueError("model: its config has no image_token_id / image_token_index")
-    state = getattr(model, "_swiftvlm_state", None)
-    if state is not None:
-        state.pruning, state.backend = pruning, backend
-        return model
-    state = _State(pruning, backend, family, int(image_token_id))
-    original = outer.forward  # the bound class method
-
-    def forward(*args, **kwargs):
-        state.input_ids = kwargs.get("input_ids", args[0] if args else None)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            state.input_ids = None
-
-    outer.forward = forward
-    text._swiftvlm_state = state
-    text.forward = types.MethodType(_decoder.forward, text)
-    model._swiftvlm_state = state
-    return model
-
-
-def is_applied(model: nn.Module) -> bool:
-    """Whether `model` is patched.
-
-    Parameters
-    ----------
-    model: any module.
-
-    Returns
-    -------
-    True when `apply` patched it with a pruning method (and `apply(model, None)` has not undone it).
-    """
-    return getattr(model, "_swiftvlm_state", None) is not None
-
-
-def last_prefill(model: nn.Module) -> Optional[PrefillRecord]:
-    """What the last pruned prefill of a patched model did.
-
-    Parameters
-    ----------
-    model: a model patched by `apply`.
-
-    Returns
-    -------
-    Its PrefillRecord (kept tokens per stage, each row's input position, each layer's cache length);
-    None before the first pruned prefill or when the model is not patched.
-    """
-    state = getattr(model, "_swiftvlm_state", None)
-    return None if state is None else state.last
-
-
-# Default pruning layers per family (SwiftVLM Sec. 3.2; see NOTES / README "Use it with transformers")
+# Default pruning layers per family (SwiftVLM Sec. 3.2; README "Use it with transformers")
 _PAPER_LAYERS = (3, 11, 15)  # LLaVA-1.5-7B, 32 layers: the paper's selection
 
 
@@ -280,58 +110,10 @@ def default_method(model: nn.Module, method: str = "swiftvlm", **kwargs):
     ------
     ValueError: an unsupported model or method.
     """
-    if _family(model) is None:
+    if model_family(model) is None:
         raise ValueError(f"model: expected one of {', '.join(SUPPORTED)}, got {type(model).__name__}")
     num_layers = len(model.model.language_model.layers)
     layers = default_layers(num_layers, method)
     if method == "fastv":
         return FastV(layer=layers[0], **kwargs)
     return (SwiftVLM if method == "swiftvlm" else PDrop)(layers=layers, **kwargs)
-
-
-@contextlib.contextmanager
-def apply_on_load(pruning, *, backend: Optional[str] = None) -> Iterator[None]:
-    """Within the block, every supported transformers model loaded with `from_pretrained` (also
-    through the Auto classes) comes back patched by `apply(model, pruning, backend=backend)`: a way
-    to prune inside frameworks that load the model themselves (lmms-eval's llava_hf, qwen2_vl, ...).
-
-    Parameters
-    ----------
-    pruning: a pruning method or plan, as for `apply` (not None).
-    backend: the swiftvlm ops' backend (None: each device's default).
-
-    Returns
-    -------
-    A context manager; on exit the classes' `from_pretrained` are restored (models already loaded
-    stay patched; `apply(model, None)` restores one).
-
-    Raises
-    ------
-    ValueError: a pruning argument of the wrong type (None included).
-    """
-    if pruning is None:
-        raise ValueError("pruning: expected a pruning method or plan for apply_on_load, got None")
-    _check_pruning(pruning)
-    import transformers
-
-    patched = []
-    for name in SUPPORTED:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            continue
-        own = cls.__dict__.get("from_pretrained")
-        func = cls.from_pretrained.__func__
-
-        def load(klass, *args, __func=func, **kwargs):
-            return apply(__func(klass, *args, **kwargs), pruning, backend=backend)
-
-        cls.from_pretrained = classmethod(load)
-        patched.append((cls, own))
-    try:
-        yield
-    finally:
-        for cls, own in patched:
-            if own is None:
-                del cls.from_pretrained
-            else:
-                cls.from_pretrained = own

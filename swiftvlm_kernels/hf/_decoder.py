@@ -20,6 +20,11 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    key mask (see the package docstring).
 3. Anything else: the text model's original forward.
 
+The layer loop with its stages is `pruning.loop.run_layers`, which the minimal LLaVA forward runs
+too; the stages' scoring inputs are `pruning.loop.stage_inputs` / `last_query`, the visual-span
+checks `pruning.layout`. What is this path's own: the key tap, HF's masks, PDrop official's
+positions, the profiler's recording and replay, the per-layer cache tags.
+
 Host reads happen only in `_layout` (the input checks on input_ids / attention_mask of the prefill,
 as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
 """
@@ -33,7 +38,9 @@ from torch import Tensor
 
 from .. import ops
 from .compat import cache_parameter, function_cache_parameter, output_cache_field, pop_cache
-from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage
+from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage, loop
+from ..pruning.layout import RaggedLayout, SpanErrors, check_spans, ragged_layout
+from ..pruning.loop import StageInputs, Step, run_layers
 from ..pruning.plan import plan_for_counts
 
 _DROPPED_KWARGS = ("output_attentions", "output_hidden_states", "return_dict")
@@ -65,34 +72,10 @@ class _KeyTap:
         return getattr(self.cache, name)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, heads, n, D] rotated by cos / sin [B, n, D] (HF's rotate-half RoPE)."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-
-def _heads(proj, x: Tensor, head_dim: int) -> Tensor:
-    """proj(x) [B, n, heads * D] as [B, heads, n, D]."""
-    B, n = x.shape[:2]
-    return proj(x).view(B, n, -1, head_dim).transpose(1, 2)
-
-
-def _last_query(layer, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The layer's query of the last row of its input h [B, n, d]: [B, H, D] after RoPE."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(h[:, -1:])
-    return _rotate(_heads(attn.q_proj, x, attn.head_dim), cos[:, -1:], sin[:, -1:])[:, :, 0]
-
-
-def _stage_inputs(layer, seq: Sequence) -> tuple[Tensor, Tensor]:
-    """A stage acting before `layer`: its last query [B, H, D] and keys of every row [B, Hkv, n, D]."""
-    attn = layer.self_attn
-    cos, sin = seq.carry["cos"], seq.carry["sin"]
-    x = layer.input_layernorm(seq.h)
-    k = _rotate(_heads(attn.k_proj, x, attn.head_dim), cos, sin)
-    q = _rotate(_heads(attn.q_proj, x[:, -1:], attn.head_dim), cos[:, -1:], sin[:, -1:])[:, :, 0]
-    return q, k
+def _stage_inputs(layer, seq: Sequence) -> StageInputs:
+    """Layer's last query [B, H, D] and keys of every row [B, Hkv, n, D] on seq (HF's rotary tables)."""
+    _, k, q_last = loop.stage_inputs(layer, seq.h, seq.carry["cos"], seq.carry["sin"])
+    return StageInputs(q_last, k.transpose(1, 2))
 
 
 def _real_rows(seq: Sequence) -> Tensor:
@@ -153,16 +136,20 @@ def _output(h, cache):
     return BaseModelOutputWithPast(last_hidden_state=h, **{output_cache_field(BaseModelOutputWithPast): cache})
 
 
-@dataclass
-class _Layout:
-    vis_start: Tensor          # int32 [B]
-    width: int                 # visual block rows (the widest sample's count)
-    counts: list               # per-sample visual tokens (host ints)
-    src: Optional[Tensor]      # ragged: int64 [B, W] each row's input row (b * L + i), -1 for padding
+# This path's wording of the visual-span errors (pruning.layout.check_spans checks them).
+_SPAN_ERRORS = SpanErrors(
+    left_padding="attention_mask: pruning supports left padding only (each row 0...0 1...1, the last token valid); "
+                 "use tokenizer padding_side='left'",
+    not_contiguous="input_ids: sample {b}: its {n} image tokens are not contiguous; pruning takes one span of visual "
+                   "tokens per sample (images side by side form one pool)",
+    ends_with_image="input_ids: sample {b} ends with its image; pruning scores visual tokens with the last text "
+                    "token's query, so a text token must follow the image")
 
 
-def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int, device) -> _Layout:
-    """The visual spans of a prefill's input_ids (host-side checks); a ragged batch's padded layout."""
+def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
+            device) -> tuple[list, Tensor, Optional[RaggedLayout]]:
+    """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None): the
+    visual spans of a prefill's input_ids, checked on the host."""
     ids = ids.detach().cpu()
     B, L = ids.shape
     if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
@@ -171,43 +158,11 @@ def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int, 
                          f"0 = left padding) or None, got "
                          f"{type(attention_mask).__name__ if not isinstance(attention_mask, Tensor) else list(attention_mask.shape)}")
     valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    if (valid[:, :-1] & ~valid[:, 1:]).any() or not valid[:, -1].all():
-        raise ValueError("attention_mask: pruning supports left padding only (each row 0...0 1...1, the last "
-                         "token valid); use tokenizer padding_side='left'")
-    is_image = ids == image_token_id
-    counts, starts = [], []
-    for b in range(B):
-        where = is_image[b].nonzero().flatten().tolist()
-        if not where:
-            raise ValueError(f"input_ids: sample {b} has no image token (id {image_token_id}); a pruned batch needs "
-                             "visual tokens in every sample")
-        if where[-1] - where[0] + 1 != len(where):
-            raise ValueError(f"input_ids: sample {b}: its {len(where)} image tokens are not contiguous; pruning takes "
-                             "one span of visual tokens per sample (images side by side form one pool)")
-        if not valid[b, where[0]]:
-            raise ValueError(f"input_ids: sample {b}: image tokens fall in the padding")
-        if where[-1] == L - 1:
-            raise ValueError(f"input_ids: sample {b} ends with its image; pruning scores visual tokens with the "
-                             "last text token's query, so a text token must follow the image")
-        counts.append(len(where))
-        starts.append(where[0])
-    M = max(counts)
+    counts, starts = check_spans(ids, valid, image_token_id, _SPAN_ERRORS)
     if len(set(counts)) == 1:
-        return _Layout(torch.tensor(starts, dtype=torch.int32, device=device), M, counts, None)
-    # ragged: sample b's rows [its valid tokens, its block padded to M rows], left-padded to one width
-    lengths = [int(valid[b].sum()) + M - counts[b] for b in range(B)]
-    W = max(lengths)
-    src = torch.full((B, W), -1, dtype=torch.long)
-    vis_start = []
-    for b in range(B):
-        lead = L - int(valid[b].sum())
-        pad = W - lengths[b]
-        rows = torch.arange(lead, L)
-        new = torch.arange(pad, pad + len(rows))
-        new = torch.where(rows >= starts[b] + counts[b], new + M - counts[b], new)
-        src[b, new] = b * L + rows
-        vis_start.append(pad + starts[b] - lead)
-    return _Layout(torch.tensor(vis_start, dtype=torch.int32, device=device), M, counts, src.to(device))
+        return counts, torch.tensor(starts, dtype=torch.int32, device=device), None
+    ragged = ragged_layout(valid, counts, starts, device)
+    return counts, ragged.vis_start, ragged
 
 
 def _plan(pruning, counts: list, num_layers: int):
@@ -239,12 +194,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         raise ValueError(f"{cache_parameter(self)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
-    layout = _layout(ids, attention_mask, state.image_token_id, h.device)
+    counts, vis_start, ragged = _layout(ids, attention_mask, state.image_token_id, h.device)
     prof = state.profile
     if prof is None:
-        plan = _plan(state.pruning, layout.counts, len(layers))
+        plan = _plan(state.pruning, counts, len(layers))
     else:  # the layer profile (Sec. 3.2): a recording run (no plan) or one drop-only stage at layer 2
-        plan = None if prof.stage_scores is None else _profile_plan(layout.counts, len(layers), prof.keep_ratio)
+        plan = None if prof.stage_scores is None else _profile_plan(counts, len(layers), prof.keep_ratio)
     record = prof is not None and prof.scores_out is not None
     B, L = ids.shape
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
@@ -252,12 +207,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     cos, sin = cos.expand(B, L, -1), sin.expand(B, L, -1)
     key_mask = None if attention_mask is None else attention_mask.to(device=h.device, dtype=torch.bool)
     index = torch.arange(L, device=h.device).expand(B, L)
-    if layout.src is None:
-        seq = Sequence.begin(h, layout.vis_start, layout.width, key_mask, {"cos": cos, "sin": sin, "index": index},
+    if ragged is None:
+        seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"cos": cos, "sin": sin, "index": index},
                              left_padded=True)
         mask = _causal_mask(self, h, attention_mask, cache, layer_pos)  # HF's own mask for the full sequence
     else:  # the padded ragged layout: block padding rows are zero and invalid keys
-        src, W = layout.src, layout.src.shape[1]
+        src, W = ragged.src, ragged.src.shape[1]
         ok = src >= 0
         rows = src.clamp_min(0).view(-1)
 
@@ -270,29 +225,33 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         flat_index = torch.where(ok, src % L, -1)
         h, cos, sin = take(h), take(cos), take(sin)
         key_mask = ok if key_mask is None else ok & key_mask.reshape(-1)[rows].view(B, W)
-        seq = Sequence.begin(h, layout.vis_start, layout.width, key_mask,
-                             {"cos": cos, "sin": sin, "index": flat_index},
-                             vis_counts=torch.tensor(layout.counts, device=h.device))
+        seq = Sequence.begin(h, vis_start, ragged.width, key_mask, {"cos": cos, "sin": sin, "index": flat_index},
+                             vis_counts=ragged.counts)
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
     official = prof is None and bool(getattr(state.pruning, "official", False))
     if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
         real = _real_rows(seq)
-        seq.carry["pos0"] = rope_pos.expand(B, L) if layout.src is None else take_positions(rope_pos)
+        seq.carry["pos0"] = rope_pos.expand(B, L) if ragged is None else take_positions(rope_pos)
         seq.carry["rank0"] = real.cumsum(1) - real  # each real row's rank among real rows
     key_masks, lengths, shifts = [], [], []
     shift = None  # official: [B] visual tokens dropped before the last row so far
-    for i, layer in enumerate(layers, start=1):
-        s = plan.stage_before(i) if plan is not None else None
-        if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
-            seq = engine.restore(seq)
-            q_last, k = _stage_inputs(layer, seq)
-            seq = engine.select(seq, s, q_last, k)
-            mask = _causal_mask(self, seq.h, seq.key_mask)
+
+    def restaged(seq, s):  # a stage shortened the sequence: HF's mask for it (official: new positions first)
+        nonlocal mask, shift
+        if official:
+            real = _real_rows(seq)
+            dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
+            pos = seq.carry["pos0"] - dropped
+            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
+            shift = dropped[:, -1]
+        mask = _causal_mask(self, seq.h, seq.key_mask)
+
+    def run_layer(seq, step: Step):
+        layer = layers[step.layer - 1]
         cos, sin = seq.carry["cos"], seq.carry["sin"]
-        after = plan.stage_after(i) if plan is not None else None
-        tapped = (after is not None and not official) or record
-        q_last = _last_query(layer, seq.h, cos, sin) if tapped else None
+        tapped = (step.after is not None and not official) or record
+        q_last = loop.last_query(layer, layer.input_layernorm(seq.h[:, -1:]), cos, sin) if tapped else None
         tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
         seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                       use_cache=use_cache, **{cache_parameter(layer): tap}, **kwargs)
@@ -303,23 +262,18 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             counts, width = (seq.vis_len, None) if seq.vis_counts is None else (seq.vis_counts, seq.vis_len)
             prof.scores_out.append(ops.tv_score(q_last, tap.keys, seq.vis_start, counts, layer.self_attn.scaling,
                                                 seq.key_mask, max_vis_len=width, backend=state.backend))
-        if after is not None and official:  # layer i + 1's query and keys on layer i's output, then renumber
-            q_last, k = _stage_inputs(layers[i], seq)
-            seq = engine.select(seq, after, q_last, k)
-            real = _real_rows(seq)
-            dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
-            pos = seq.carry["pos0"] - dropped
-            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
-            shift = dropped[:, -1]
-            mask = _causal_mask(self, seq.h, seq.key_mask)
-        elif after is not None:  # first / drop-only stage: this layer's own query and keys
-            seq = engine.select(seq, after, q_last, tap.keys, None if prof is None else prof.stage_scores)
-            mask = _causal_mask(self, seq.h, seq.key_mask)
-    out = self.norm(seq.h)
-    from . import PrefillRecord
+        if step.after is None:
+            return None
+        if official:  # layer i + 1's query and keys on layer i's output
+            return _stage_inputs(layers[step.layer], seq)
+        return StageInputs(q_last, tap.keys)  # this layer's own query and keys
 
-    index = seq.carry["index"] if layout.src is None else torch.where(seq.key_mask, seq.carry["index"], -1)
-    state.last = PrefillRecord(plan, seq.kept, index, lengths)
+    seq = run_layers(seq, plan, engine, len(layers), run_layer,
+                     stage_inputs=lambda i, seq: _stage_inputs(layers[i - 1], seq), restaged=restaged,
+                     scores=lambda s: None if prof is None else prof.stage_scores)
+    out = self.norm(seq.h)
+    index = seq.carry["index"] if ragged is None else torch.where(seq.key_mask, seq.carry["index"], -1)
+    state.record(plan, seq.kept, index, lengths)
     if use_cache:
         cache._swiftvlm = _CacheInfo(key_masks, lengths, L, shifts if official else None)
     return _output(out, cache if use_cache else None)

@@ -10,18 +10,12 @@ The model's own pruning setting is restored afterwards (or the model unpatched, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional
 
-from torch import Tensor, nn
+from torch import nn
 
-
-@dataclass
-class Profile:
-    """What the decoder loop does for the profiler in one call."""
-    keep_ratio: float
-    scores_out: Optional[list] = None      # a recording run: receives each layer's fp32 [B, M] scores
-    stage_scores: Optional[Tensor] = None  # a replay run: the layer-2 stage's selection scores
+from ..pruning import FastV
+from .patch import Profile, apply, model_family
 
 
 def layer_profile(model: nn.Module, samples: Iterable[Mapping], metric: Callable[[Mapping, object], float], *,
@@ -48,10 +42,7 @@ def layer_profile(model: nn.Module, samples: Iterable[Mapping], metric: Callable
     ------
     ValueError: an unsupported model, keep_ratio outside (0, 1], fewer than 3 layers, no samples.
     """
-    from . import _family, apply
-    from ..pruning import FastV
-
-    if _family(model) is None:
+    if model_family(model) is None:
         raise ValueError(f"model: expected a supported transformers VLM, got {type(model).__name__}")
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio!r}")

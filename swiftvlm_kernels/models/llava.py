@@ -1,9 +1,12 @@
-"""LLaVA-1.5 in one file of plain PyTorch, with visual-token pruning (SwiftVLM, FastV, PDrop) through
-the pruning engine and the swiftvlm ops, and greedy decoding from the pruned KV caches.
+"""LLaVA-1.5 in plain PyTorch, with visual-token pruning (SwiftVLM, FastV, PDrop) through the pruning
+engine and the swiftvlm ops.
 
 Read top to bottom: the modules (CLIP vision tower, MLP projector, LLaMA decoder, named like the
-HF checkpoints so weights load by name), the KV cache, then `LlavaForward`: input checks, the
-prefill loop, the forward and generation. Checkpoint and config reading live in checkpoint.py.
+HF checkpoints so weights load by name), the KV cache, then `LlavaForward`: construction, input
+checks, the prefill (the decoder loop of `pruning/loop.py` with this model's layers, masks and
+caches) and the forward. Greedy decoding from the pruned KV caches lives in generate.py; checkpoint
+and config reading in checkpoint.py; the visual-span checks and the rotate-half RoPE are shared with
+the transformers path (`pruning/layout.py`, `pruning/loop.py`).
 
 Tensor layouts: hidden states [B, n, d]; q [B, n, H, D], k and v [B, n, Hkv, D] (the projections'
 own layout, so the engine moves rows with one index_select; attention reads them transposed).
@@ -19,9 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence
-from ..pruning.plan import plan_for_counts
+from ..pruning import PruningEngine, RaggedPlan, Sequence, loop
+from ..pruning.layout import RaggedLayout, SpanErrors, check_spans, ragged_layout
+from ..pruning.loop import StageInputs, Step, run_layers
+from ..pruning.plan import check_pruning, plan_for_counts
 from . import checkpoint
+from .generate import greedy
 
 
 class RMSNorm(nn.Module):
@@ -33,12 +39,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rope(x, cos, sin):
-    """x [B, n, heads, D] rotated by the tables cos, sin [B, n, D] (the rotate-half form, with the
-    sign of rotate_half folded into `sin`: rotate_half(x) * sin = roll(x, D / 2) * sin)."""
-    return x * cos[:, :, None] + x.roll(x.shape[-1] // 2, -1) * sin[:, :, None]
 
 
 def attend(q, k, v, mask):
@@ -119,12 +119,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
 
     def query(self, x, cos, sin):
-        """q [B, n, H, D] of the normed input x [B, n, d], rotated."""
-        return rope(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)), cos, sin)
+        """q [B, n, H, D] of the normed input x [B, n, d], rotated (`rope_table`'s sin: sign folded)."""
+        return loop.rope(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)), cos, sin, folded=True)
 
     def keys(self, x, cos, sin):
         """k [B, n, Hkv, D], rotated."""
-        return rope(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), cos, sin)
+        return loop.rope(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), cos, sin, folded=True)
 
     def values(self, x):
         return self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
@@ -208,17 +208,16 @@ class Inputs(NamedTuple):
     pixel_values: Tensor
     mask: Optional[Tensor]      # [B, L] valid tokens; None when nothing is padding
     counts: list                # visual tokens per sample (host ints)
-    layout: Optional["RaggedLayout"]  # a ragged batch's padded layout, else None
+    layout: Optional[RaggedLayout]  # a ragged batch's padded layout (with its image_rows), else None
 
 
-class RaggedLayout(NamedTuple):
-    """A ragged batch laid out padded: sample b's visual tokens at rows vis_start[b] .. + counts[b] of
-    a block `width` = max(counts) rows wide, then block padding; samples left-padded."""
-    src: Tensor         # int64 [B, L']: each row's flattened input_ids row (b * L + i), -1 for padding
-    vis_start: Tensor   # int32 [B]
-    counts: Tensor      # int64 [B]
-    image_rows: Tensor  # int64 [sum(counts)]: the flattened rows receiving the images' features
-    width: int
+# This forward's wording of the visual-span errors (pruning.layout.check_spans checks them).
+SPAN_ERRORS = SpanErrors(
+    left_padding="attention_mask: only left padding is supported (each row 0...0 1...1, the last token valid)",
+    not_contiguous="input_ids: sample {b}: the {n} image tokens are not contiguous (a sample's images sit side by "
+                   "side, one pool of visual tokens)",
+    ends_with_image="input_ids: sample {b} ends with the image; pruning scores visual tokens with the last text "
+                    "token's query, so a text token must follow the image")
 
 
 class LlavaForward(nn.Module):
@@ -333,9 +332,7 @@ class LlavaForward(nn.Module):
         per-sample counts that differ gives a RaggedPlan (each sample's plan for its own count)."""
         if pruning is None:
             return None
-        if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
-            raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
-                             f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
+        check_pruning(pruning)
         if getattr(pruning, "official", False):
             raise ValueError("pruning: PDrop(official=True) runs through swiftvlm_kernels.hf on a transformers "
                              "model; this forward runs the library's PDrop timing (official=False)")
@@ -345,7 +342,7 @@ class LlavaForward(nn.Module):
         counts = [self.num_visual_tokens] if n_vis is None else [n_vis] if isinstance(n_vis, int) else list(n_vis)
         return plan_for_counts(pruning, counts, self.num_layers)
 
-    def _check_inputs(self, input_ids, pixel_values, attention_mask, pruning) -> "Inputs":
+    def check_inputs(self, input_ids, pixel_values, attention_mask, pruning) -> Inputs:
         """Validated inputs on the model's device; attention_mask None when nothing is padding."""
         device = self.lm_head.weight.device
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -376,56 +373,41 @@ class LlavaForward(nn.Module):
         if not ((valid == 0) | (valid == 1)).all():
             raise ValueError("attention_mask: expected 0 / 1 values")
         valid = valid.bool()
-        if (valid[:, :-1] & ~valid[:, 1:]).any() or not valid[:, -1].all():
-            raise ValueError("attention_mask: only left padding is supported (each row 0...0 1...1, "
-                             "the last token valid)")
         per_image, I = self.num_visual_tokens, pixel_values.shape[0]
-        is_image = ids == self.image_token_id
-        counts, starts = [], []
-        for b in range(B):
-            where = is_image[b].nonzero().flatten().tolist()
-            if not where or len(where) % per_image:
-                raise ValueError(f"input_ids: sample {b} has {len(where)} image tokens (id {self.image_token_id}); "
-                                 f"expected a positive multiple of {per_image}, the features of one image")
-            if where[-1] - where[0] + 1 != len(where):
-                raise ValueError(f"input_ids: sample {b}: the {len(where)} image tokens are not contiguous (a "
-                                 "sample's images sit side by side, one pool of visual tokens)")
-            if not valid[b, where[0]]:
-                raise ValueError(f"input_ids: sample {b}: image tokens fall in the padding")
-            if pruning and where[-1] == L - 1:
-                raise ValueError(f"input_ids: sample {b} ends with the image; pruning scores visual tokens "
-                                 "with the last text token's query, so a text token must follow the image")
-            counts.append(len(where))
-            starts.append(where[0])
+        counts, starts = check_spans(ids, valid, self.image_token_id, SPAN_ERRORS, per_image=per_image,
+                                     text_after=bool(pruning))
         if sum(counts) != I * per_image:
             raise ValueError(f"pixel_values: the image tokens of input_ids ask for {sum(counts) // per_image} images "
                              f"({per_image} tokens each), got {I}")
         mask = None if valid.all() else valid.to(device)
-        layout = self._ragged_layout(valid, counts, starts, device) if len(set(counts)) > 1 else None
+        layout = ragged_layout(valid, counts, starts, device, image_rows=True) if len(set(counts)) > 1 else None
         return Inputs(input_ids.to(device), pixel_values.to(device), mask, counts, layout)
 
-    @staticmethod
-    def _ragged_layout(valid, counts, starts, device) -> "RaggedLayout":
-        """The padded layout of a ragged batch (host-side, from the checked inputs): each sample's
-        visual tokens followed by max(counts) - counts[b] padding rows, the samples left-padded to a
-        common length again."""
-        B, L = valid.shape
-        M = max(counts)
-        lengths = [int(valid[b].sum()) + M - counts[b] for b in range(B)]
-        width = max(lengths)
-        src = torch.full((B, width), -1, dtype=torch.long)
-        vis_start, image_rows = [], []
-        for b in range(B):
-            pad, lead = width - lengths[b], L - int(valid[b].sum())
-            start = pad + starts[b] - lead
-            rows = torch.arange(lead, L)  # the sample's valid tokens, in order
-            new = torch.arange(pad, pad + len(rows))
-            new = torch.where(rows >= starts[b] + counts[b], new + M - counts[b], new)
-            src[b, new] = b * L + rows
-            vis_start.append(start)
-            image_rows.append(b * width + start + torch.arange(counts[b]))
-        return RaggedLayout(src.to(device), torch.tensor(vis_start, device=device, dtype=torch.int32),
-                            torch.tensor(counts, device=device), torch.cat(image_rows).to(device), M)
+    def check_stage_scores(self, stage_scores, plan, B):  # noqa: C901
+        """stage_scores checked against the plan: one entry per stage, each None or fp32-able [B, M_s]
+        scores of the visual tokens that stage scores (on the model's device)."""
+        if stage_scores is None:
+            return None
+        if plan is None:
+            raise ValueError("stage_scores: given without pruning (there is no stage to score)")
+        if not isinstance(stage_scores, (list, tuple)) or len(stage_scores) != len(plan.stages):
+            raise ValueError(f"stage_scores: expected a list of {len(plan.stages)} entries (one per stage, each a "
+                             f"tensor or None), got {type(stage_scores).__name__} of length "
+                             f"{len(stage_scores) if isinstance(stage_scores, (list, tuple)) else '-'}")
+        device = self.lm_head.weight.device
+        out = []
+        for s, scores in enumerate(stage_scores):
+            if scores is None:
+                out.append(None)
+                continue
+            want = (B, plan.scored_widths(s) if isinstance(plan, RaggedPlan) else plan.scored_tokens(s))
+            if not isinstance(scores, Tensor) or not scores.is_floating_point() or tuple(scores.shape) != want:
+                raise ValueError(f"stage_scores[{s}]: expected a float tensor of shape {list(want)} (batch, the "
+                                 f"visual tokens stage {s + 1} scores), got "
+                                 f"{list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+                                 f"{'' if not isinstance(scores, Tensor) else ' ' + str(scores.dtype)}")
+            out.append(scores.to(device))
+        return out
 
     # -- the prefill --------------------------------------------------------------------------------
 
@@ -471,12 +453,11 @@ class LlavaForward(nn.Module):
 
     def prefill(self, input_ids, pixel_values, attention_mask, plan, *, caching=False, hidden=None,
                 scores=None, stage_scores=None, layout=None):
-        """The decoder layers over a sequence that the plan's stages shorten. Returns the final
-        sequence (its h after the last norm) and, with caching, the per-layer KV caches.
-        hidden / scores: lists that receive each layer's input (with its input positions) / each
-        layer's T-V scores."""
+        """The decoder layers over a sequence that the plan's stages shorten (`pruning.loop.run_layers`).
+        Returns the final sequence (its h after the last norm) and, with caching, the per-layer KV
+        caches. hidden / scores: lists that receive each layer's input (with its input positions) /
+        each layer's T-V scores."""
         B, L = input_ids.shape
-        scale = self.head_dim ** -0.5
         if layout is not None:  # a ragged batch: its padded layout, the block padding invalid keys
             vis_start, n_vis, attention_mask = layout.vis_start, layout.width, layout.src >= 0
             L = attention_mask.shape[1]
@@ -488,33 +469,39 @@ class LlavaForward(nn.Module):
             (attention_mask.long().cumsum(1) - 1).clamp_min(0)
         seq = Sequence.begin(h, vis_start, n_vis, attention_mask, carry={"rope": self.rope_table(positions, h.dtype)},
                              left_padded=layout is None, vis_counts=None if layout is None else layout.counts)
-        engine = PruningEngine(plan, scale, self.backend) if plan is not None else None
-        full_mask, caches = self.attention_mask(attention_mask), []
+        engine = PruningEngine(plan, self.head_dim ** -0.5, self.backend) if plan is not None else None
+        layers, caches = self.language_model.layers, []
+        full_mask = self.attention_mask(attention_mask)
         mask = full_mask
-        for i, layer in enumerate(self.language_model.layers, start=1):
+
+        def inputs_before(i, seq):  # a SwiftVLM stage >= 2 scores with layer i on the restored sequence
+            x, k, q_last = self.stage_inputs(layers[i - 1], seq)
+            return StageInputs(q_last, k.transpose(1, 2), (x, k))
+
+        def restaged(seq, s):
+            nonlocal mask
+            mask = self._corner(full_mask, seq)
+
+        def run_layer(seq, step: Step):
             x = k = None
-            s = plan.stage_before(i) if plan is not None else None
-            if s is not None:  # SwiftVLM stage >= 2: restore, score with this layer, run it on the kept set
-                seq = engine.restore(seq)
-                x, k, q_last = self.stage_inputs(layer, seq)
-                seq = engine.select(seq, s, q_last, k.transpose(1, 2), self._scores(stage_scores, s))
+            if step.prepared is not None and plan.stages[step.before].merge == 0:
                 # Reuse the scoring pass's normed input and keys for the layer's rows, unless the stage
                 # merged: a merged row then carries its group's mean, not the state they were computed
                 # on, and the layer computes its inputs afresh (fewer ops than patching Z rows).
-                x, k = (seq.take(x), seq.take(k)) if plan.stages[s].merge == 0 else (None, None)
-                mask = self._corner(full_mask, seq)
+                x, k = (seq.take(t) for t in step.prepared.extra)
             if hidden is not None:
                 hidden.append((seq.h, seq.index))
             cos, sin = seq.carry["rope"].unbind(2)
-            seq.h, q, k, v = layer(seq.h, cos, sin, mask, x=x, k=k)
+            seq.h, q, k, v = layers[step.layer - 1](seq.h, cos, sin, mask, x=x, k=k)
             if caching:
                 caches.append(KVCache(k, v, seq.key_mask))
             if scores is not None:
                 scores.append(self._layer_scores(seq, q, k))
-            s = plan.stage_after(i) if plan is not None else None
-            if s is not None:  # first / drop-only stage: this layer's own query and keys
-                seq = engine.select(seq, s, q[:, -1], k.transpose(1, 2), self._scores(stage_scores, s))
-                mask = self._corner(full_mask, seq)
+            # a first / drop-only stage after this layer scores with its own query and keys
+            return StageInputs(q[:, -1], k.transpose(1, 2)) if step.after is not None else None
+
+        seq = run_layers(seq, plan, engine, len(layers), run_layer, stage_inputs=inputs_before, restaged=restaged,
+                         scores=lambda s: self._scores(stage_scores, s))
         seq.h = self.language_model.norm(seq.h)
         return seq, caches
 
@@ -525,9 +512,7 @@ class LlavaForward(nn.Module):
         tokens' keys and one query). The layer then reuses x and the keys of its kept rows when the
         stage merges nothing (otherwise it recomputes them: pruning/flops.py counts that)."""
         cos, sin = seq.carry["rope"].unbind(2)
-        x = layer.input_layernorm(seq.h)
-        k = layer.self_attn.keys(x, cos, sin)
-        return x, k, layer.self_attn.query(x[:, -1:], cos[:, -1:], sin[:, -1:])[:, 0]
+        return loop.stage_inputs(layer, seq.h, cos, sin, folded=True)
 
     def _corner(self, full_mask, seq):
         """The attention mask of a pruned left-padded sequence: the input mask's [:n, :n] corner (a
@@ -541,32 +526,6 @@ class LlavaForward(nn.Module):
         vis_len, width = (seq.vis_len, None) if seq.vis_counts is None else (seq.vis_counts, seq.vis_len)
         return ops.tv_score(q[:, -1], k.transpose(1, 2), seq.vis_start, vis_len, self.head_dim ** -0.5, seq.key_mask,
                             max_vis_len=width, backend=self.backend)
-
-    def _stage_scores(self, stage_scores, plan, B):  # noqa: C901
-        """stage_scores checked against the plan: one entry per stage, each None or fp32-able [B, M_s]
-        scores of the visual tokens that stage scores (on the model's device)."""
-        if stage_scores is None:
-            return None
-        if plan is None:
-            raise ValueError("stage_scores: given without pruning (there is no stage to score)")
-        if not isinstance(stage_scores, (list, tuple)) or len(stage_scores) != len(plan.stages):
-            raise ValueError(f"stage_scores: expected a list of {len(plan.stages)} entries (one per stage, each a "
-                             f"tensor or None), got {type(stage_scores).__name__} of length "
-                             f"{len(stage_scores) if isinstance(stage_scores, (list, tuple)) else '-'}")
-        device = self.lm_head.weight.device
-        out = []
-        for s, scores in enumerate(stage_scores):
-            if scores is None:
-                out.append(None)
-                continue
-            want = (B, plan.scored_widths(s) if isinstance(plan, RaggedPlan) else plan.scored_tokens(s))
-            if not isinstance(scores, Tensor) or not scores.is_floating_point() or tuple(scores.shape) != want:
-                raise ValueError(f"stage_scores[{s}]: expected a float tensor of shape {list(want)} (batch, the "
-                                 f"visual tokens stage {s + 1} scores), got "
-                                 f"{list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
-                                 f"{'' if not isinstance(scores, Tensor) else ' ' + str(scores.dtype)}")
-            out.append(scores.to(device))
-        return out
 
     @staticmethod
     def _scores(stage_scores, s):
@@ -586,47 +545,20 @@ class LlavaForward(nn.Module):
         """
         self.plan_for(pruning)  # the pruning argument checked before the inputs
         hidden, scores = ([] if output_hidden_states else None), ([] if output_scores else None)
-        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, pruning is not None)
+        inputs = self.check_inputs(input_ids, pixel_values, attention_mask, pruning is not None)
         plan = self.plan_for(pruning, inputs.counts)
         seq, _ = self.prefill(inputs.input_ids, inputs.pixel_values, inputs.mask, plan, hidden=hidden, scores=scores,
-                              stage_scores=self._stage_scores(stage_scores, plan, inputs.input_ids.shape[0]),
+                              stage_scores=self.check_stage_scores(stage_scores, plan, inputs.input_ids.shape[0]),
                               layout=inputs.layout)
         logits = self.lm_head(seq.h if all_logits else seq.h[:, -1:])
         return LlavaOutput(logits, logits[:, -1], seq.kept, seq,
                            [h for h, _ in hidden] if hidden is not None else None,
                            [i for _, i in hidden] if hidden is not None else None, scores)
 
-    # -- decoding -----------------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, attention_mask=None, pruning=None, max_new_tokens=16, *,
                  stage_scores=None) -> Tensor:
-        """Greedy decoding after a (pruned) prefill: int64 [B, max_new_tokens]. Every layer attends
-        to the keys it kept in the prefill plus the new tokens'; new position ids continue from
-        each sample's unpadded prompt length (SPEC property 5). No early stop at EOS."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        self.plan_for(pruning)
-        inputs = self._check_inputs(input_ids, pixel_values, attention_mask, pruning is not None)
-        plan = self.plan_for(pruning, inputs.counts)
-        input_ids, pixel_values, mask, layout = inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.layout
-        if layout is not None:
-            mask = layout.src >= 0
-        limit = self.text_config.max_position_embeddings
-        if input_ids.shape[1] + max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens: the prompt's {input_ids.shape[1]} tokens and {max_new_tokens} new ones "
-                             f"exceed max_position_embeddings = {limit} of the config; expected at most "
-                             f"{max(0, limit - input_ids.shape[1])}")
-        seq, caches = self.prefill(input_ids, pixel_values, inputs.mask, plan, caching=True, layout=layout,
-                                   stage_scores=self._stage_scores(stage_scores, plan, input_ids.shape[0]))
-        token = self.lm_head(seq.h[:, -1]).argmax(-1)
-        tokens = [token]
-        prompt_len = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(1)
-        for t in range(max_new_tokens - 1):
-            cos, sin = self.rope_table((prompt_len + t)[:, None], seq.h.dtype).unbind(2)
-            h = self.language_model.embed_tokens(token)[:, None]
-            for layer, cache in zip(self.language_model.layers, caches):
-                h = layer(h, cos, sin, None, cache)[0]
-            token = self.lm_head(self.language_model.norm(h[:, -1])).argmax(-1)
-            tokens.append(token)
-        return torch.stack(tokens, 1)
+        """Greedy decoding after a (pruned) prefill: int64 [B, max_new_tokens] (generate.py). Every
+        layer attends to the keys it kept in the prefill plus the new tokens'; new position ids
+        continue from each sample's unpadded prompt length (SPEC property 5). No early stop at EOS."""
+        return greedy(self, input_ids, pixel_values, attention_mask, pruning, max_new_tokens, stage_scores=stage_scores)

@@ -12,6 +12,9 @@ pruning layer, the layer's last-token query and keys; it gets back the new seque
         if (s := plan.stage_after(i)) is not None:       # first / drop-only stage
             seq = engine.select(seq, s, q[:, :, -1], k)   # effective from layer i + 1
 
+`loop.run_layers` is this loop, written once for the library's models (hooks for the layer call
+and a stage's scoring inputs).
+
 A sequence. Text tokens are never pruned and each sample's visual tokens form one block of M rows
 starting at row vis_start[b], so the batch stays rectangular and every sample keeps its block at
 the same row. A ragged batch (samples with their own visual-token counts, `vis_counts`, and a

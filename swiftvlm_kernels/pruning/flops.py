@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .plan import PruningPlan, _as_int
+from .plan import PruningPlan, as_int
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _config_int(text_config, name: str) -> int:
         value = getattr(text_config, name, None)
     if value is None:
         raise ValueError(f"text_config: expected a field {name!r}, got {text_config!r}")
-    return _as_int(value, f"text_config.{name}", 1)
+    return as_int(value, f"text_config.{name}", 1)
 
 
 def _stage_overhead(plan: PruningPlan, s: int, n_text: int, d: int) -> int:
@@ -107,8 +107,8 @@ def prefill_flops(text_config, n_text: int, n_vis: int, pruning=None) -> Prefill
     d = _config_int(text_config, "hidden_size")
     m = _config_int(text_config, "intermediate_size")
     num_layers = _config_int(text_config, "num_hidden_layers")
-    n_text = _as_int(n_text, "n_text", 0)
-    n_vis = _as_int(n_vis, "n_vis", 0)
+    n_text = as_int(n_text, "n_text", 0)
+    n_vis = as_int(n_vis, "n_vis", 0)
     if pruning is None:
         per_layer = tuple(layer_flops(n_text + n_vis, d, m) for _ in range(num_layers))
         return PrefillFlops(sum(per_layer), per_layer, 0)

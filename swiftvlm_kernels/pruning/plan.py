@@ -67,7 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 METHODS = ("swiftvlm", "fastv", "pdrop")
 
 
-def _as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
+def as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
     """`value` as an int in [low, high]; a ValueError naming `name` otherwise (bool is no int)."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name}: expected an int, got {value!r}")
@@ -95,7 +95,7 @@ def _as_ints(values, name: str, length: int, low: int = 0) -> tuple[int, ...]:
         raise ValueError(f"{name}: expected a sequence of {length} ints, got {values!r}")
     if len(values) != length:
         raise ValueError(f"{name}: expected {length} values, got {len(values)}")
-    return tuple(_as_int(v, f"{name}[{i}]", low) for i, v in enumerate(values))
+    return tuple(as_int(v, f"{name}[{i}]", low) for i, v in enumerate(values))
 
 
 def _as_layers(layers) -> tuple[int, ...]:
@@ -123,9 +123,9 @@ class Stage:
     merge: int
 
     def __post_init__(self):
-        object.__setattr__(self, "layer", _as_int(self.layer, "Stage.layer", 1))
-        object.__setattr__(self, "keep", _as_int(self.keep, "Stage.keep", 0))
-        object.__setattr__(self, "merge", _as_int(self.merge, "Stage.merge", 0))
+        object.__setattr__(self, "layer", as_int(self.layer, "Stage.layer", 1))
+        object.__setattr__(self, "keep", as_int(self.keep, "Stage.keep", 0))
+        object.__setattr__(self, "merge", as_int(self.merge, "Stage.merge", 0))
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ class PruningPlan:
         if self.bypass is not (self.method == "swiftvlm"):
             raise ValueError(f"bypass: expected {self.method == 'swiftvlm'} for method "
                              f"{self.method!r}, got {self.bypass!r}")
-        n_vis = _as_int(self.n_vis, "n_vis", 1)
-        num_layers = _as_int(self.num_layers, "num_layers", 1)
+        n_vis = as_int(self.n_vis, "n_vis", 1)
+        num_layers = as_int(self.num_layers, "num_layers", 1)
         stages = tuple(self.stages) if isinstance(self.stages, Sequence) else None
         if not stages or not all(isinstance(st, Stage) for st in stages):
             raise ValueError(f"stages: expected a non-empty sequence of Stage, got {self.stages!r}")
@@ -305,11 +305,11 @@ class SwiftVLM:
         return PruningPlan("swiftvlm", n_vis, num_layers, stages, bypass=True)
 
     def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
-        n_vis = _as_int(n_vis, "n_vis", 1)
-        num_layers = _as_int(num_layers, "num_layers", 1)
+        n_vis = as_int(n_vis, "n_vis", 1)
+        num_layers = as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             for s, k in enumerate(self.keep):  # before the default merge counts read n_vis - k
-                _as_int(k, f"keep[{s}]", 0, n_vis)
+                as_int(k, f"keep[{s}]", 0, n_vis)
             merge = self.merge
             if merge is None:
                 merge = tuple(self._merge_count(n_vis - k) for k in self.keep[:-1])
@@ -331,17 +331,17 @@ class FastV:
     budget_ratio: Optional[float] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "layer", _as_int(self.layer, "layer", 1))
+        object.__setattr__(self, "layer", as_int(self.layer, "layer", 1))
         _check_budget_or_keep(self)
         if self.keep is not None:
-            object.__setattr__(self, "keep", _as_int(self.keep, "keep", 0))
+            object.__setattr__(self, "keep", as_int(self.keep, "keep", 0))
 
     def _plan(self, n_vis, num_layers, k) -> PruningPlan:
         return PruningPlan("fastv", n_vis, num_layers, (Stage(self.layer, k, 0),), bypass=False)
 
     def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
-        n_vis = _as_int(n_vis, "n_vis", 1)
-        num_layers = _as_int(num_layers, "num_layers", 1)
+        n_vis = as_int(n_vis, "n_vis", 1)
+        num_layers = as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
         return _fit_budget(_budget(self, n_vis), n_vis, num_layers,
@@ -381,8 +381,8 @@ class PDrop:
         return PruningPlan("pdrop", n_vis, num_layers, stages, bypass=False)
 
     def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
-        n_vis = _as_int(n_vis, "n_vis", 1)
-        num_layers = _as_int(num_layers, "num_layers", 1)
+        n_vis = as_int(n_vis, "n_vis", 1)
+        num_layers = as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
         return _fit_budget(_budget(self, n_vis), n_vis, num_layers, lambda k: self._plan(
@@ -454,6 +454,13 @@ class RaggedPlan:
     def scored_widths(self, s: int) -> int:
         """The padded width of the visual tokens stage s scores."""
         return max(p.scored_tokens(s) for p in self.plans)
+
+
+def check_pruning(pruning) -> None:
+    """ValueError unless `pruning` is a PruningPlan, a RaggedPlan or a pruning method (has `.plan`)."""
+    if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
+        raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
+                         f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
 
 
 def plan_for_counts(pruning, counts: Sequence[int], num_layers: int):

@@ -8,10 +8,12 @@ at layer 2 whose selection is layer i's vanilla T-V scores (`stage_scores`).
 """
 from __future__ import annotations
 
+import importlib
+import warnings
 from fractions import Fraction
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from .plan import PruningPlan, Stage, _as_int
+from .plan import PruningPlan, Stage, as_int
 
 
 def layer_profile(model, samples: Iterable[Mapping], metric: Callable[[Mapping, object], float], *,
@@ -21,13 +23,22 @@ def layer_profile(model, samples: Iterable[Mapping], metric: Callable[[Mapping, 
 
     samples: mappings with input_ids, pixel_values and optionally attention_mask (any batch size).
     output: the run's LlavaOutput, or its generated ids [B, max_new_tokens] when max_new_tokens is given.
-    model: a LlavaForward, or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL model (then
-    `swiftvlm_kernels.hf.layer_profile` runs it; its outputs are HF's: ModelOutput, or generate's ids).
+    model: a LlavaForward (the minimal forward), or anything with its interface (num_visual_tokens,
+    num_layers, forward / generate with pruning= and stage_scores=).
     Layer i's selection uses its own query/keys on its vanilla input (the tokens' T-V scores).
+
+    A transformers model (no `num_visual_tokens`) is deprecated here: call
+    `swiftvlm_kernels.hf.layer_profile` (same definition; HF's outputs: ModelOutput, or generate's
+    ids). Such a call still works: it warns (DeprecationWarning) and hands the model to
+    `swiftvlm_kernels.hf.layer_profile`, looked up at run time (importlib) because the pruning core
+    does not import its integrations (`swiftvlm_kernels.hf` imports pruning, never the reverse).
     """
     if not hasattr(model, "num_visual_tokens"):  # a transformers model: swiftvlm_kernels.hf runs the profile
-        from ..hf import layer_profile as hf_layer_profile
-        return hf_layer_profile(model, samples, metric, keep_ratio=keep_ratio, max_new_tokens=max_new_tokens)
+        warnings.warn("swiftvlm_kernels.pruning.layer_profile on a transformers model is deprecated; call "
+                      "swiftvlm_kernels.hf.layer_profile(model, samples, metric, ...) instead",
+                      DeprecationWarning, stacklevel=2)
+        hf = importlib.import_module("..hf", __package__)
+        return hf.layer_profile(model, samples, metric, keep_ratio=keep_ratio, max_new_tokens=max_new_tokens)
     n_vis, num_layers = model.num_visual_tokens, model.num_layers
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio!r}")
@@ -81,7 +92,7 @@ def select_pruning_layers(profile: Sequence[float], m: int) -> list[int]:
     num_layers = len(x)
     if num_layers < 3:
         raise ValueError(f"profile: expected at least 3 layers, got {num_layers}")
-    m = _as_int(m, "m", 0)
+    m = as_int(m, "m", 0)
 
     def level(i):
         return x[i - 1]
