@@ -62,12 +62,12 @@ def compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None
     merged_rows of groups z >= Z_b name the padding row at block slot K + z; inverse is -1 for rest
     rows and -2 for the block's padding rows (restore zeroes those). Everything else as compact.
     """
-    from .tv_score import _width
+    from .tv_score import padded_width
 
     B, n, d = h.shape
     K, M = keep_idx.shape[1], rest_idx.shape[1]
     Zb = num_merged.to(device=h.device, dtype=torch.long)
-    Zw = _width(Zb, max_merged)
+    Zw = padded_width(Zb, max_merged)
     m_new = K + Zw
     n_new = n - M + m_new
     dev = h.device

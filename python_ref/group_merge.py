@@ -26,13 +26,13 @@ def group_merge(h, num_groups, lengths=None, max_groups=None):
     B, R, d = h.shape
     if lengths is None and not isinstance(num_groups, torch.Tensor):
         return _group_merge(h, num_groups)
-    from .tv_score import _width
+    from .tv_score import padded_width
 
     dev = h.device
     n = lengths.to(device=dev, dtype=torch.long) if lengths is not None else torch.full((B,), R, device=dev)
     Z_b = num_groups.to(device=dev, dtype=torch.long) if isinstance(num_groups, torch.Tensor) else \
         torch.full((B,), num_groups, device=dev)
-    Z = _width(Z_b, max_groups) if isinstance(num_groups, torch.Tensor) else num_groups
+    Z = padded_width(Z_b, max_groups) if isinstance(num_groups, torch.Tensor) else num_groups
     z = torch.arange(Z, device=dev)
     group_ok = z[None, :] < Z_b[:, None]  # [B, Z]
     targets = torch.where(group_ok, torch.div(z[None, :] * n[:, None], Z_b.clamp_min(1)[:, None],

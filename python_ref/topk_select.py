@@ -24,7 +24,7 @@ def topk_select(scores, k, lengths=None, max_k=None):
         keep = torch.sort(ranked[:, :k], dim=1).values
         rest = torch.sort(ranked[:, k:], dim=1).values
         return keep, rest
-    from .tv_score import _width
+    from .tv_score import padded_width
 
     pos = torch.arange(N, device=x.device)
     k_t = k.to(device=x.device, dtype=torch.long) if isinstance(k, torch.Tensor) else torch.full((B,), k, device=x.device)
@@ -34,7 +34,7 @@ def topk_select(scores, k, lengths=None, max_k=None):
     rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(B, N).contiguous())  # rank of each index
     valid = pos[None, :] < valid_len[:, None]
     kept = rank < k_t[:, None]
-    width = _width(k_t, max_k) if isinstance(k, torch.Tensor) else k
+    width = padded_width(k_t, max_k) if isinstance(k, torch.Tensor) else k
     sentinel = torch.full_like(ranked, N)
     keep = torch.sort(torch.where(kept, pos, sentinel), dim=1).values[:, :width]
     rest = torch.sort(torch.where(valid & ~kept, pos, sentinel), dim=1).values

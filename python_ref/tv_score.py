@@ -19,7 +19,7 @@ def tv_score(q, k, vis_start, vis_len, scale: float, key_mask=None, max_vis_len=
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
     ragged = isinstance(vis_len, torch.Tensor)
-    width = _width(vis_len, max_vis_len) if ragged else vis_len
+    width = padded_width(vis_len, max_vis_len) if ragged else vis_len
     # Group the query heads by their KV head, so keys are never repeated (GQA).
     qf = q.float().reshape(B, Hkv, G, D)
     logits = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]  (Eq. 2)
@@ -38,7 +38,7 @@ def tv_score(q, k, vis_start, vis_len, scale: float, key_mask=None, max_vis_len=
     return torch.where(inside, scores, torch.zeros_like(scores))
 
 
-def _width(counts, given):
+def padded_width(counts, given):
     """The padded width of a ragged output: `given`, else the largest count (0 for an empty batch)."""
     if given is not None:
         return given

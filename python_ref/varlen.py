@@ -3,14 +3,14 @@ without padding, sample b's keys at rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 
 import torch
 
 from .score_select import score_select
-from .tv_score import _width, tv_score
+from .tv_score import padded_width, tv_score
 
 
 def unpack(k, cu_seqlens, max_seqlen=None):
     """(k_padded [B, Hkv, max_seqlen, D], key_mask bool [B, max_seqlen]) of a packed k [total, Hkv, D]."""
     cu = cu_seqlens.to(device=k.device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
-    L = _width(lengths, max_seqlen)
+    L = padded_width(lengths, max_seqlen)
     j = torch.arange(L, device=k.device)
     mask = j[None, :] < lengths[:, None]
     rows = (cu[:-1, None] + j).clamp(0, max(k.shape[0] - 1, 0))

@@ -3,15 +3,13 @@ downwards only and no module imports another module's private names.
 
 Layers, lowest first: the ops (ops, schemas, _checks, _backend, _build, cuda_backend, distributed,
 cpu/, triton_kernels/, and python_ref/), pruning/, then hf/ and models/, then the applications
-(apps/ and, where they still stand at the top level, demo, evaluation, synth, png, figures,
-__main__). A module may import from its own layer and the ones below. Every import counts, also one
+(apps/ and __main__). A module may import from its own layer and the ones below. Every import counts, also one
 inside a function: a lazy import is still a dependency. `from pkg import name` depends on the
 module pkg.name when there is one, else on pkg; a package does not depend on its submodules'
 parents (importing swiftvlm_kernels.hf.patch is no import of hf/__init__.py).
 
-Known exceptions, listed below so that no new one comes in: private helpers shared inside the ops
-layer (its backends and their build), and the command line's cycle among the applications
-(__main__ -> demo / evaluation -> __main__.require_backend, lazily), which move to apps/."""
+Known exceptions, listed below so that no new one comes in: private helpers of the CUDA build that
+the cuda backend reads."""
 from __future__ import annotations
 
 import ast
@@ -23,18 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("swiftvlm_kernels", "python_ref")
 OPS_LAYER = {"swiftvlm_kernels." + m for m in ("ops", "schemas", "_checks", "_backend", "_build", "cuda_backend",
                                                 "distributed", "cpu", "triton_kernels")} | {"python_ref"}
-APPS = {"swiftvlm_kernels." + m for m in ("apps", "demo", "evaluation", "synth", "png", "figures", "__main__")}
+APPS = {"swiftvlm_kernels." + m for m in ("apps", "__main__")}
 # (importing module, what it uses): private names used across modules of the ops layer
 KNOWN_PRIVATE = {
     ("swiftvlm_kernels.cuda_backend", "_build._torch_version"),
     ("swiftvlm_kernels.cuda_backend", "_build._nvcc"),
-    ("swiftvlm_kernels.ops", "_backend._resolved"),
-    *(("swiftvlm_kernels.triton_kernels.tv_score", name)
-      for name in ("_fill_minus_one", "_load_keys", "_select_row", "_select_row_chunked")),
-    *((f"python_ref.{m}", "_width") for m in ("compact", "group_merge", "topk_select", "varlen")),
 }
-# cycles among the applications, by the modules' last names (wherever the modules stand)
-KNOWN_CYCLES = [{"__main__", "demo", "evaluation"}]
+# cycles among the applications, by the modules' last names (none left)
+KNOWN_CYCLES: list = []
 # layer -> the layers it must not import
 FORBIDDEN = {
     "ops": {"pruning", "hf", "models", "apps"},
