@@ -627,3 +627,64 @@ def test_qwen2vl_drop_only_equals_masking(qwen):
                 valid = ~visual | keep
         want = qwen.lm_head(text.norm(h))[:, -1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# -- a patched model is an ordinary model: copies, pickles, and refuses what it cannot do -------------
+
+def test_a_deep_copy_runs_its_own_weights(llava_dir):
+    import copy
+
+    model = hf_llava(llava_dir)
+    pruning = SwiftVLM(layers=(3, 11, 15), budget_ratio=0.4)
+    inputs = tiny_inputs(2, left_pad=2)
+    with torch.no_grad():
+        hf.apply(model, pruning, backend=BACKEND)
+        want = model(**inputs).logits
+        twin = copy.deepcopy(model)
+        assert hf.is_applied(twin) and hf.last_prefill(twin) is None
+        for p in twin.model.language_model.layers[5].parameters():
+            p.mul_(1.5)  # the copy's own weights from now on
+        got = twin(**inputs).logits
+        # the same perturbation on an unpatched copy, patched afterwards: what the twin must compute
+        hf.apply(model, None)
+        ref_model = copy.deepcopy(model)
+        for p in ref_model.model.language_model.layers[5].parameters():
+            p.mul_(1.5)
+        hf.apply(ref_model, pruning, backend=BACKEND)
+        assert torch.equal(got, ref_model(**inputs).logits)
+        assert not torch.equal(got, want)
+        hf.apply(model, pruning, backend=BACKEND)
+        assert torch.equal(model(**inputs).logits, want)  # the original is untouched
+        assert hf.last_prefill(twin).token_index.shape[0] == 2
+
+
+def test_torch_save_and_load_keep_the_patch(llava_dir, tmp_path):
+    """torch.save stores the unpatched classes and the pruning setting; loading re-applies it. (Saved
+    before the first forward: transformers >= 5.2x installs a local-function hook on a model's first
+    forward that no pickler can store, patched or not.)"""
+    model = hf_llava(llava_dir)
+    inputs = tiny_inputs(2, left_pad=1)
+    with torch.no_grad():
+        hf.apply(model, FastV(layer=2, budget_ratio=0.5), backend=BACKEND)
+        torch.save(model, tmp_path / "model.pt")
+        want = model(**inputs).logits
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # this test's own file
+        assert hf.is_applied(loaded) and type(loaded) is type(model)
+        assert torch.equal(loaded(**inputs).logits, want)
+        hf.apply(loaded, None)
+        assert type(loaded) is transformers.LlavaForConditionalGeneration
+        assert loaded(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]  # unpruned again
+
+
+def test_generate_without_cache_and_labels_are_refused_clearly(llava):
+    inputs = tiny_inputs(2)
+    with torch.no_grad():
+        hf.apply(llava, FastV(layer=2, budget_ratio=0.5), backend=BACKEND)
+        with pytest.raises(ValueError, match="^use_cache: generating without a KV cache"):
+            llava.generate(**inputs, max_new_tokens=2, use_cache=False, **GREEDY)
+        with pytest.raises(ValueError, match="^labels: a patched model computes no loss"):
+            llava(**inputs, labels=inputs["input_ids"])
+        ids = llava.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **GREEDY)  # with the cache: fine
+        assert ids.shape[1] == inputs["input_ids"].shape[1] + 2
+        hf.apply(llava, None)
+        assert llava(**inputs, labels=inputs["input_ids"]).loss is not None

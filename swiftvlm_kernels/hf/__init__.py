@@ -7,13 +7,19 @@
 
 Design
 ------
-`apply` patches two module instances of a loaded `LlavaForConditionalGeneration`,
+`apply` patches three modules of a loaded `LlavaForConditionalGeneration`,
 `LlavaNextForConditionalGeneration`, `Qwen2VLForConditionalGeneration` or
-`Qwen2_5_VLForConditionalGeneration` (instance attributes only; the classes are untouched, so other
-models in the process are not affected, and `apply(model, None)` deletes the attributes):
+`Qwen2_5_VLForConditionalGeneration` by giving each a subclass of its own class (made once per class,
+with the same name; transformers' classes are untouched, so other models in the process are not
+affected, and `apply(model, None)` gives the modules their classes back). The subclasses' methods read
+the module's own `_swiftvlm_state`, nothing bound to one instance: `copy.deepcopy` gives a model that
+runs its own weights, and `torch.save` / pickle stores the unpatched classes with the pruning setting,
+which loading re-applies.
 
-- the multimodal model's `forward` (`model.model`) is wrapped so that the language model can see the
-  call's `input_ids` (it only receives the merged embeddings); visual spans come from the image
+- the top model's `generate` refuses `use_cache=False` (each uncached step would prune again, scored
+  by the newest token) and its `forward` refuses `labels` (a pruned prefill's logits have fewer rows);
+- the multimodal model's `forward` (`model.model`) records the call's `input_ids` so that the language
+  model can see them (it only receives the merged embeddings); visual spans come from the image
   token id (`config.image_token_id`);
 - the language model's `forward` (`model.model.language_model`) is replaced by `_decoder.forward`,
   a decoder loop over HF's OWN decoder layers (their attention implementation: sdpa, eager,

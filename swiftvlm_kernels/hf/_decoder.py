@@ -124,8 +124,9 @@ def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_k
     past = cache.get_seq_length() if cache is not None else 0
     if (ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2])
             or not bool((ids == state.image_token_id).any())):
-        kwargs[cache_parameter(self)] = cache
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        base = type(self)._swiftvlm_base  # the class before the patch (hf/patch.py)
+        kwargs[cache_parameter(base)] = cache
+        return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     return _prefill(self, state, ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
 
@@ -191,7 +192,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     if use_cache and cache is None:
         cache = DynamicCache(config=self.config)
     if cache is not None and type(cache) is not DynamicCache:
-        raise ValueError(f"{cache_parameter(self)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
+        raise ValueError(f"{cache_parameter(type(self)._swiftvlm_base)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
     counts, vis_start, ragged = _layout(ids, attention_mask, state.image_token_id, h.device)

@@ -4,7 +4,7 @@ a patched model carries, which the decoder loop (`_decoder.py`) and the profiler
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -109,10 +109,9 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
     text = outer.language_model
     if pruning is None:
         if getattr(model, "_swiftvlm_state", None) is not None:
-            outer.__dict__.pop("forward", None)
-            text.__dict__.pop("forward", None)
-            text.__dict__.pop("_swiftvlm_state", None)
-            del model._swiftvlm_state
+            for module in (model, outer, text):
+                module.__class__ = base_class(module)
+                module.__dict__.pop("_swiftvlm_state", None)
         return model
     check_pruning(pruning)
     if getattr(pruning, "official", False) and family.startswith("qwen"):
@@ -142,20 +141,95 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
         state.pruning, state.backend = pruning, backend
         return model
     state = State(pruning, backend, family, int(image_token_id))
-    original = outer.forward  # the bound class method
-
-    def forward(*args, **kwargs):
-        state.input_ids = kwargs.get("input_ids", args[0] if args else None)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            state.input_ids = None
-
-    outer.forward = forward
-    text._swiftvlm_state = state
-    text.forward = types.MethodType(_decoder.forward, text)
-    model._swiftvlm_state = state
+    for module, role in ((model, "model"), (outer, "outer"), (text, "text")):
+        module.__class__ = _patched_class(type(module), role)
+        module._swiftvlm_state = state
     return model
+
+
+# ---- the patch: each of the three modules' class is swapped for a subclass of it (made once per class)
+# whose methods read the module's own state. Nothing is bound to one instance, so copy.deepcopy gives a
+# model that runs its own weights, and pickling (torch.save) stores the unpatched classes and the
+# pruning setting, and re-applies it on loading.
+
+def base_class(module) -> type:
+    """The class a patched module had before `apply` (its own class when it is not patched)."""
+    return getattr(type(module), "_swiftvlm_base", type(module))
+
+
+def _model_forward(self, *args, **kwargs):
+    if kwargs.get("labels") is not None and self._swiftvlm_state.pruning is not None:
+        raise ValueError("labels: a patched model computes no loss (a pruned prefill's logits have one row per token "
+                         "that reaches the last layer, not one per label); restore it with hf.apply(model, None) "
+                         "to train or to score labels")
+    return base_class(self).forward(self, *args, **kwargs)
+
+
+def _model_generate(self, *args, **kwargs):
+    config = kwargs.get("generation_config") or self.generation_config
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        raise ValueError("use_cache: generating without a KV cache re-runs the prefill at every step, which a "
+                         "patched model would prune again, scored by each newest token; generate with the cache "
+                         "(use_cache=True, the default), or restore the model with hf.apply(model, None)")
+    return base_class(self).generate(self, *args, **kwargs)
+
+
+def _outer_forward(self, *args, **kwargs):
+    """The multimodal model's forward, letting the language model see the call's input_ids (it only
+    receives the merged embeddings)."""
+    state = self._swiftvlm_state
+    state.input_ids = kwargs.get("input_ids", args[0] if args else None)
+    try:
+        return base_class(self).forward(self, *args, **kwargs)
+    finally:
+        state.input_ids = None
+
+
+def _unpatched(cls, state):
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
+def _repatched(cls, state, pruning, backend):
+    return apply(_unpatched(cls, state), pruning, backend=backend)
+
+
+def _reduce(self, protocol):
+    """Pickle / deepcopy as the unpatched class; the top model re-applies its pruning when rebuilt."""
+    state = {k: v for k, v in self.__getstate__().items() if k != "_swiftvlm_state"}
+    if "_swiftvlm_base" in type(self).__dict__ and type(self).__dict__.get("_swiftvlm_role") == "model":
+        own = self._swiftvlm_state
+        return _repatched, (base_class(self), state, own.pruning, own.backend)
+    return _unpatched, (base_class(self), state)
+
+
+_ROLES = {
+    "model": {"forward": _model_forward, "generate": _model_generate},
+    "outer": {"forward": _outer_forward},
+    "text": {"forward": _decoder.forward},
+}
+_PATCHED: dict = {}
+
+
+def _as_method_of(base: type, name: str, function):
+    """`function` as the method `name` of a subclass of `base`, showing the base method's signature
+    (transformers' generate validates its keyword arguments against forward's)."""
+    @functools.wraps(getattr(base, name))
+    def method(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+    return method
+
+
+def _patched_class(base: type, role: str) -> type:
+    key = (base, role)
+    if key not in _PATCHED:
+        # the same name and module as the base class: transformers and users read them
+        methods = {name: _as_method_of(base, name, function) for name, function in _ROLES[role].items()}
+        body = dict(methods, _swiftvlm_base=base, _swiftvlm_role=role, __reduce_ex__=_reduce,
+                    __module__=base.__module__, __qualname__=base.__qualname__)
+        _PATCHED[key] = type(base.__name__, (base,), body)
+    return _PATCHED[key]
 
 
 def is_applied(model: nn.Module) -> bool:
