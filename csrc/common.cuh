@@ -102,6 +102,12 @@ __device__ __forceinline__ int64_t load_index(const IndexView& v, int64_t b, int
   return v.is_int64 ? static_cast<const int64_t*>(v.ptr)[off] : static_cast<const int32_t*>(v.ptr)[off];
 }
 
+// A per-row count of a ragged batch: counts[b] (or `fallback` without counts) clamped to [0, hi].
+__device__ __forceinline__ int row_count(const IndexView& counts, int64_t b, int64_t hi, int64_t fallback) {
+  const int64_t v = counts.ptr == nullptr ? fallback : load_index(counts, b, 0);
+  return static_cast<int>(v < 0 ? 0 : (v > hi ? hi : v));
+}
+
 // ---------------------------------------------------------------- reductions and scans
 // Butterfly reductions: every lane ends with the result, in a fixed order (deterministic).
 __device__ __forceinline__ float warp_sum(float v) {
