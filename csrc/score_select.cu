@@ -1,6 +1,6 @@
 // score_select: topk_select(tv_score(...), keep) in tv_score's two launches (tv_score.cu; the passes
-// in tv_score.cuh), the select running after pass 2 in the same launch. This file: that select step
-// and score_select's run of the two passes.
+// in tv_score.cuh), the select running after pass 2 in the same launch. This file: that select step,
+// score_select's run of the two passes, and its launchers.
 //
 // Pass 1 as tv_score (it also resets each row's arrival counter). Pass 2 with the select after it
 // (SelectAfterMerge): every CTA fences its scores and counts itself in the row's arrival counter; the
@@ -12,6 +12,7 @@
 // Ragged batches (per-sample counts read on the device): the select runs on the row's n_b scores
 // with its own keep count k_b, then writes -1 after its k_b kept and n_b - k_b rest indices (keep
 // [B, K], rest [B, vis_len]).
+#include "launch.h"
 #include "select_rows.cuh"
 #include "tv_score.cuh"
 
@@ -91,6 +92,53 @@ cudaError_t score_select(const ScoreArgs& a, int64_t keep, IndexView keep_count,
   return dispatch_select_threads(a.vis_len, [&](auto threads) {
     return launch_merge_select<decltype(threads)::value>(a, ws, scores, keep, keep_count, keep_idx, rest_idx, stream);
   });
+}
+
+// ------------------------------------------------------------------------------------ launchers
+// The padded form and the ragged / packed one (per-sample counts vis_count and keep_count [B] with the
+// host-int padded widths vis_len and keep; packed keys when cu_seqlens is given) share one body. The
+// ragged form's widths are named max_<name> in its messages.
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> score_select_launch(
+    const Tensor& q, const Tensor& k, const Tensor& vis_start, const std::optional<Tensor>& vis_count,
+    const std::optional<Tensor>& keep_counts, int64_t vis_len, int64_t keep, double scale,
+    const std::optional<Tensor>& key_mask, const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen,
+    const std::optional<Tensor>& workspace_in, const char* op) {
+  const bool ragged = keep_counts.has_value();
+  const DeviceGuard guard = device_guard(q, "q");
+  const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask, vis_count, cu_seqlens, max_seqlen);
+  const char* max = ragged ? "max_" : "";
+  STD_TORCH_CHECK(keep >= 0 && keep <= vis_len, max, "keep: expected 0 <= ", max, "keep <= ", max, "vis_len");
+  const int64_t B = in.args.B;
+  const IndexView keep_count = counts_view(keep_counts, "keep", B, q);
+  const Tensor workspace = score_workspace(q, in.args, workspace_in);
+  Tensor scores = torch::stable::new_empty(q, {B, vis_len}, ScalarType::Float);
+  Tensor keep_idx = torch::stable::new_empty(q, {B, keep}, ScalarType::Long);
+  Tensor rest_idx = torch::stable::new_empty(q, {B, ragged ? vis_len : vis_len - keep}, ScalarType::Long);
+  check_launch(score_select(in.args, keep, keep_count, workspace.mutable_data_ptr<float>(),
+                            scores.mutable_data_ptr<float>(), keep_idx.mutable_data_ptr<int64_t>(),
+                            rest_idx.mutable_data_ptr<int64_t>(), current_stream(q)),
+               op);
+  return {keep_idx, rest_idx, scores};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> score_select_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start,
+                                                     int64_t vis_len, int64_t keep, double scale,
+                                                     const std::optional<Tensor>& key_mask,
+                                                     const std::optional<Tensor>& workspace) {
+  return score_select_launch(q, k, vis_start, std::nullopt, std::nullopt, vis_len, keep, scale, key_mask, std::nullopt,
+                             0, workspace, "score_select_cuda");
+}
+
+std::tuple<Tensor, Tensor, Tensor> score_select_ragged_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& vis_start, const Tensor& vis_len, const Tensor& keep,
+    int64_t max_vis_len, int64_t max_keep, double scale, const std::optional<Tensor>& key_mask,
+    const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<Tensor>& workspace) {
+  return score_select_launch(q, k, vis_start, vis_len, keep, max_vis_len, max_keep, scale, key_mask, cu_seqlens,
+                             max_seqlen, workspace, "score_select_ragged_cuda");
 }
 
 }  // namespace swiftvlm

@@ -1,6 +1,6 @@
 // tv_score: the last token's softmax attention over all valid keys, averaged over the heads and read
-// at the visual keys (Eq. 1-2), as a split-K softmax in two launches. This file: pass 1 and tv_score's
-// run of the two passes; pass 2 and what both passes read are in tv_score.cuh,
+// at the visual keys (Eq. 1-2), as a split-K softmax in two launches. This file: pass 1, tv_score's
+// run of the two passes, and its launchers; pass 2 and what both passes read are in tv_score.cuh,
 // shared with score_select.cu (the same two passes with a select after pass 2).
 //
 // Pass 1, score_partial_kernel: grid B x Hkv x tiles, one 256-thread block per (sample, KV head,
@@ -34,6 +34,7 @@
 // GQA: the per-head visual logits go through the workspace (8 * H * vis_len bytes written and read
 // back) because M_h and S_h are known only once every tile of the KV head is done; reducing the G
 // heads of a group before writing would need them earlier (a grid-wide wait, or a second read of K).
+#include "launch.h"
 #include "tv_score.cuh"
 
 namespace swiftvlm {
@@ -266,6 +267,41 @@ cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaSt
   if (err != cudaSuccess) return err;
   const MergePlan mp = merge_plan(a, ws, kMergeThreads);
   return launch_merge<kMergeThreads>(a, ws, mp, scores, ScoresOnly{}, stream);
+}
+
+// ------------------------------------------------------------------------------------ launchers
+// The padded form and the ragged / packed one (per-sample counts vis_count [B] with the host-int padded
+// width vis_len; packed keys when cu_seqlens is given: k [total, Hkv, D], every sample at most
+// max_seqlen keys) share one body.
+namespace {
+
+Tensor tv_score_launch(const Tensor& q, const Tensor& k, const Tensor& vis_start,
+                       const std::optional<Tensor>& vis_count, int64_t vis_len, double scale,
+                       const std::optional<Tensor>& key_mask, const std::optional<Tensor>& cu_seqlens,
+                       int64_t max_seqlen, const std::optional<Tensor>& workspace_in, const char* op) {
+  const DeviceGuard guard = device_guard(q, "q");
+  const ScoreInputs in = score_inputs(q, k, vis_start, vis_len, scale, key_mask, vis_count, cu_seqlens, max_seqlen);
+  const Tensor workspace = score_workspace(q, in.args, workspace_in);
+  Tensor scores = torch::stable::new_empty(q, {in.args.B, vis_len}, ScalarType::Float);
+  check_launch(
+      tv_score(in.args, workspace.mutable_data_ptr<float>(), scores.mutable_data_ptr<float>(), current_stream(q)), op);
+  return scores;
+}
+
+}  // namespace
+
+Tensor tv_score_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start, int64_t vis_len, double scale,
+                     const std::optional<Tensor>& key_mask, const std::optional<Tensor>& workspace) {
+  return tv_score_launch(q, k, vis_start, std::nullopt, vis_len, scale, key_mask, std::nullopt, 0, workspace,
+                         "tv_score_cuda");
+}
+
+Tensor tv_score_ragged_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start, const Tensor& vis_len,
+                            int64_t max_vis_len, double scale, const std::optional<Tensor>& key_mask,
+                            const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen,
+                            const std::optional<Tensor>& workspace) {
+  return tv_score_launch(q, k, vis_start, vis_len, max_vis_len, scale, key_mask, cu_seqlens, max_seqlen, workspace,
+                         "tv_score_ragged_cuda");
 }
 
 }  // namespace swiftvlm

@@ -23,7 +23,8 @@ names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/weights/tiny-vqa/model.safetensors",
         "swiftvlm_kernels/weights/tiny-vqa/config.json", "swiftvlm_kernels/weights/tiny-vqa/vocab.json",
         "swiftvlm_kernels/weights/tiny-vqa/train.json", "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
-        "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
+        "swiftvlm_kernels/csrc/score_select.cu", "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/csrc/launch.h",
+        "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
 missing = need - names
 assert not missing, f"the wheel lacks {sorted(missing)}"
 assert not any(n.endswith((".so", ".o")) for n in names), "a pure wheel carries no binaries"
