@@ -5,8 +5,6 @@
 // them, else one element (any strides).
 // The op's launchers, bypass_align_cuda and bypass_align_into_cuda (argument checks, the output, the
 // launch on the current stream), are at the end.
-#include <algorithm>
-
 #include "common.cuh"
 #include "launch.h"
 
@@ -53,12 +51,7 @@ __global__ void __launch_bounds__(kBypassThreads) bypass_align_kernel(BypassArgs
 
 template <typename T, int W>
 cudaError_t launch_bypass_align(const BypassArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * a.R * (a.d / W);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kBypassThreads), INT32_MAX);
-  auto* kernel = bypass_align_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kBypassThreads, 0, stream, a);
-  return cudaGetLastError();
+  return launch_grid_stride<kBypassThreads>(bypass_align_kernel<T, W>, a.B * a.R * (a.d / W), stream, a);
 }
 
 // A chunk of W > 1 columns needs unit column strides and 16-byte aligned row starts everywhere.

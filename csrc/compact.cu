@@ -256,12 +256,8 @@ cudaError_t launch_compact_ragged(const CompactArgs& a, cudaStream_t stream) {
 
 template <typename T, int W>
 cudaError_t launch_compact(const CompactArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * a.n * std::max<int64_t>(a.d / W, 1);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kCompactThreads), INT32_MAX);
-  auto* kernel = compact_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kCompactThreads, 0, stream, a);
-  return cudaGetLastError();
+  const int64_t nchunks = std::max<int64_t>(a.d / W, 1);  // d = 0: one chunk writes the indices
+  return launch_grid_stride<kCompactThreads>(compact_kernel<T, W>, a.B * a.n * nchunks, stream, a);
 }
 
 }  // namespace

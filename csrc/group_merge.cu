@@ -433,18 +433,17 @@ TileShape pick_tile(int64_t B, int64_t R, int64_t Z) {
   return best;
 }
 
+// Calls fn(P{}) with P the Tile of `shape`.
+template <typename Fn>
+auto with_tile(TileShape shape, Fn&& fn) {
+  if (shape == TileShape::M) return fn(TileM{});
+  if (shape == TileShape::S) return fn(TileS{});
+  if (shape == TileShape::XS) return fn(TileXS{});
+  return fn(TileL{});
+}
+
 int64_t tile_targets(TileShape shape) {
-  switch (shape) {
-    case TileShape::L:
-      return TileL::BN;
-    case TileShape::M:
-      return TileM::BN;
-    case TileShape::S:
-      return TileS::BN;
-    case TileShape::XS:
-      return TileXS::BN;
-  }
-  return TileL::BN;
+  return with_tile(shape, [](auto tile) { return static_cast<int64_t>(decltype(tile)::BN); });
 }
 
 size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -495,21 +494,9 @@ cudaError_t launch_group_merge(const T* h, int64_t h_sb, int64_t h_sr, int64_t h
   const int64_t mean_blocks = B * Z * col_tiles;
   if (sort_blocks > INT32_MAX || mean_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
 
-  cudaError_t err = cudaSuccess;
-  switch (shape) {
-    case TileShape::L:
-      err = launch_assign<T, W, TileL>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::M:
-      err = launch_assign<T, W, TileM>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::S:
-      err = launch_assign<T, W, TileS>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::XS:
-      err = launch_assign<T, W, TileXS>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-  }
+  cudaError_t err = with_tile(shape, [&](auto tile) {
+    return launch_assign<T, W, decltype(tile)>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
+  });
   if (err != cudaSuccess) return err;
   SWIFTVLM_LAUNCH(group_sort_kernel, static_cast<unsigned>(sort_blocks), kSeg, 0, stream, cand_sim, cand_z, R, Z,
                   target_tiles, segments, group, members, lower);

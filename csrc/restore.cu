@@ -6,8 +6,6 @@
 // are written as zeros, rest entries whose slot or group is -1 are skipped.
 // The op's launcher, restore_cuda (argument checks, the output, the launch on the current stream), is
 // at the end.
-#include <algorithm>
-
 #include "common.cuh"
 #include "launch.h"
 
@@ -69,12 +67,7 @@ __global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a)
 
 template <typename T, int W>
 cudaError_t launch_restore(const RestoreArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * (a.n + a.R) * (a.d / W);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kRestoreThreads), INT32_MAX);
-  auto* kernel = restore_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kRestoreThreads, 0, stream, a);
-  return cudaGetLastError();
+  return launch_grid_stride<kRestoreThreads>(restore_kernel<T, W>, a.B * (a.n + a.R) * (a.d / W), stream, a);
 }
 
 }  // namespace
