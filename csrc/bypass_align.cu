@@ -3,9 +3,10 @@
 // id is negative (-1 pads a ragged batch) gets no drift: copied, or, into dst, not written.
 // A thread handles one W-column chunk of one row: 16-byte loads and stores when every tensor allows
 // them, else one element (any strides).
-#include <algorithm>
-
+// The op's launchers, bypass_align_cuda and bypass_align_into_cuda (argument checks, the output, the
+// launch on the current stream), are at the end.
 #include "common.cuh"
+#include "launch.h"
 
 namespace swiftvlm {
 namespace {
@@ -50,12 +51,7 @@ __global__ void __launch_bounds__(kBypassThreads) bypass_align_kernel(BypassArgs
 
 template <typename T, int W>
 cudaError_t launch_bypass_align(const BypassArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * a.R * (a.d / W);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kBypassThreads), INT32_MAX);
-  auto* kernel = bypass_align_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kBypassThreads, 0, stream, a);
-  return cudaGetLastError();
+  return launch_grid_stride<kBypassThreads>(bypass_align_kernel<T, W>, a.B * a.R * (a.d / W), stream, a);
 }
 
 // A chunk of W > 1 columns needs unit column strides and 16-byte aligned row starts everywhere.
@@ -75,6 +71,67 @@ cudaError_t bypass_align(const BypassArgs& a, cudaStream_t stream) {
     return vector_ok(a, sizeof(T), kVec<T>) ? launch_bypass_align<T, kVec<T>>(a, stream)
                                             : launch_bypass_align<T, 1>(a, stream);
   });
+}
+
+// ------------------------------------------------------------------------------------ launchers
+namespace {
+
+// Checks the inputs shared by both bypass forms; the destination is filled in by the caller.
+BypassArgs bypass_args(const Tensor& h_rest, const Tensor& group, const Tensor& merged_now, const Tensor& merged_then) {
+  check_tensors(h_rest, {{h_rest, "h_rest", 3}, {group, "group", 2}, {merged_now, "merged_now", 3},
+                         {merged_then, "merged_then", 3}});
+  BypassArgs a{};
+  a.dtype = float_dtype(h_rest, "h_rest");
+  check_same_dtype(merged_now, "merged_now", h_rest, "h_rest");
+  check_same_dtype(merged_then, "merged_then", h_rest, "h_rest");
+  a.B = h_rest.size(0);
+  a.R = h_rest.size(1);
+  a.d = h_rest.size(2);
+  a.Z = merged_now.size(1);
+  STD_TORCH_CHECK(group.size(0) == a.B && group.size(1) == a.R, "group: expected shape [B, R] (h_rest is [B, R, d])");
+  STD_TORCH_CHECK(merged_now.size(0) == a.B && merged_now.size(2) == a.d, "merged_now: expected shape [B, Z, d]");
+  STD_TORCH_CHECK(merged_then.size(0) == a.B && merged_then.size(1) == a.Z && merged_then.size(2) == a.d,
+                  "merged_then: expected the shape of merged_now");
+  // Z == 0 with R > 0: a ragged batch whose samples all have no group (every id -1); a row whose id
+  // is >= 0 then gets no drift (the kernel clamps ids into [0, Z), which is empty), never a read past merged.
+  a.h_rest = rows_view(h_rest);
+  a.merged_now = rows_view(merged_now);
+  a.merged_then = rows_view(merged_then);
+  a.group = index_view(group, "group");
+  return a;
+}
+
+}  // namespace
+
+Tensor bypass_align_cuda(const Tensor& h_rest, const Tensor& group, const Tensor& merged_now,
+                         const Tensor& merged_then) {
+  const DeviceGuard guard = device_guard(h_rest, "h_rest");
+  BypassArgs a = bypass_args(h_rest, group, merged_now, merged_then);
+  Tensor out = torch::stable::new_empty(h_rest, {a.B, a.R, a.d});
+  a.out = out.mutable_data_ptr();
+  a.out_sb = out.stride(0);
+  a.out_sr = out.stride(1);
+  a.out_sd = out.stride(2);
+  a.M = a.R;
+  check_launch(bypass_align(a, current_stream(h_rest)), "bypass_align_cuda");
+  return out;
+}
+
+void bypass_align_into_cuda(const Tensor& dst, const Tensor& rows, const Tensor& h_rest, const Tensor& group,
+                            const Tensor& merged_now, const Tensor& merged_then) {
+  const DeviceGuard guard = device_guard(h_rest, "h_rest");
+  BypassArgs a = bypass_args(h_rest, group, merged_now, merged_then);
+  check_tensors(h_rest, {{dst, "dst", 3}, {rows, "rows", 2}});
+  check_same_dtype(dst, "dst", h_rest, "h_rest");
+  STD_TORCH_CHECK(dst.size(0) == a.B && dst.size(2) == a.d, "dst: expected shape [B, M, d] (h_rest is [B, R, d])");
+  STD_TORCH_CHECK(rows.size(0) == a.B && rows.size(1) == a.R, "rows: expected shape [B, R]");
+  a.out = dst.mutable_data_ptr();
+  a.out_sb = dst.stride(0);
+  a.out_sr = dst.stride(1);
+  a.out_sd = dst.stride(2);
+  a.rows = index_view(rows, "rows");
+  a.M = dst.size(1);
+  check_launch(bypass_align(a, current_stream(h_rest)), "bypass_align_into_cuda");
 }
 
 }  // namespace swiftvlm

@@ -1,6 +1,7 @@
 // Device and host helpers shared by the SwiftVLM kernels (compiled by nvcc only).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -102,6 +103,12 @@ __device__ __forceinline__ int64_t load_index(const IndexView& v, int64_t b, int
   return v.is_int64 ? static_cast<const int64_t*>(v.ptr)[off] : static_cast<const int32_t*>(v.ptr)[off];
 }
 
+// A per-row count of a ragged batch: counts[b] (or `fallback` without counts) clamped to [0, hi].
+__device__ __forceinline__ int row_count(const IndexView& counts, int64_t b, int64_t hi, int64_t fallback) {
+  const int64_t v = counts.ptr == nullptr ? fallback : load_index(counts, b, 0);
+  return static_cast<int>(v < 0 ? 0 : (v > hi ? hi : v));
+}
+
 // ---------------------------------------------------------------- reductions and scans
 // Butterfly reductions: every lane ends with the result, in a fixed order (deterministic).
 __device__ __forceinline__ float warp_sum(float v) {
@@ -183,6 +190,16 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
       return fn(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Launches a grid-stride kernel of THREADS-thread blocks over `total` work items, nothing when there
+// are none: a block per THREADS items, at most INT32_MAX blocks (the kernel strides over the rest).
+template <int THREADS, typename... Params, typename... Args>
+cudaError_t launch_grid_stride(void (*kernel)(Params...), int64_t total, cudaStream_t stream, const Args&... args) {
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, THREADS), INT32_MAX);
+  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), THREADS, 0, stream, args...);
+  return cudaGetLastError();
 }
 
 // Largest dynamic shared memory a block of `kernel` may opt into on the current device.

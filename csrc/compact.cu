@@ -17,9 +17,13 @@
 // read. (Rows that are not a prefix of ids then -1, outside score_select's layout, still never read or
 // write out of bounds: every slot and position is clamped.) Reads h's rows once, writes each output
 // once.
+//
+// The op's launchers, compact_cuda and compact_ragged_cuda (one body: argument checks, outputs, the
+// launch on the current stream), are at the end.
 #include <algorithm>
 
 #include "common.cuh"
+#include "launch.h"
 
 namespace swiftvlm {
 namespace {
@@ -252,12 +256,8 @@ cudaError_t launch_compact_ragged(const CompactArgs& a, cudaStream_t stream) {
 
 template <typename T, int W>
 cudaError_t launch_compact(const CompactArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * a.n * std::max<int64_t>(a.d / W, 1);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kCompactThreads), INT32_MAX);
-  auto* kernel = compact_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kCompactThreads, 0, stream, a);
-  return cudaGetLastError();
+  const int64_t nchunks = std::max<int64_t>(a.d / W, 1);  // d = 0: one chunk writes the indices
+  return launch_grid_stride<kCompactThreads>(compact_kernel<T, W>, a.B * a.n * nchunks, stream, a);
 }
 
 }  // namespace
@@ -273,6 +273,73 @@ cudaError_t compact(const CompactArgs& a, cudaStream_t stream) {
     }
     return vec ? launch_compact<T, V>(a, stream) : launch_compact<T, 1>(a, stream);
   });
+}
+
+// ------------------------------------------------------------------------------------ launchers
+// One body for both forms. Padded: keep_idx [B, k] and rest_idx [B, R] partition the visual block of
+// k + R slots, Z = num_merged. Ragged (python_ref compact_ragged): keep_idx [B, K] and rest_idx [B, M]
+// each sample's slots then -1, num_merged [B] the per-sample Z_b of padded width max_merged;
+// h_new [B, n - M + K + max_merged, d], rest_h [B, M, d], merged_rows [B, max_merged]; the counts are
+// read on the device.
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compact_launch(const Tensor& h, const Tensor& vis_start,
+                                                                  const Tensor& keep_idx, const Tensor& rest_idx,
+                                                                  const std::optional<Tensor>& num_merged,
+                                                                  int64_t merged_width, const char* op) {
+  const bool ragged = num_merged.has_value();
+  const DeviceGuard guard = device_guard(h, "h");
+  check_tensors(h, {{h, "h", 3}, {vis_start, "vis_start", 1}, {keep_idx, "keep_idx", 2}, {rest_idx, "rest_idx", 2}});
+  CompactArgs a{};
+  a.dtype = float_dtype(h, "h");
+  a.B = h.size(0);
+  a.n = h.size(1);
+  a.d = h.size(2);
+  a.k = keep_idx.size(1);
+  a.R = rest_idx.size(1);  // ragged: the block's width M
+  a.Z = merged_width;
+  STD_TORCH_CHECK(vis_start.size(0) == a.B, "vis_start: expected shape [B]");
+  STD_TORCH_CHECK(keep_idx.size(0) == a.B && rest_idx.size(0) == a.B, "keep_idx, rest_idx: expected batch size B");
+  if (ragged) {
+    STD_TORCH_CHECK(a.k <= a.R && a.R <= a.n, "keep_idx, rest_idx: expected K <= M <= n");
+    STD_TORCH_CHECK(a.Z >= 0 && a.Z <= a.R, "max_merged: expected 0 <= max_merged <= M");
+  } else {
+    STD_TORCH_CHECK(a.k + a.R <= a.n, "keep_idx, rest_idx: expected k + R <= n");
+    STD_TORCH_CHECK(a.Z >= 0 && a.Z <= a.R, "num_merged: expected 0 <= num_merged <= R");
+  }
+  a.h = rows_view(h);
+  a.vis_start = index_view(vis_start, "vis_start");
+  a.keep = index_view(keep_idx, "keep_idx");
+  a.rest = index_view(rest_idx, "rest_idx");
+  a.num_merged = counts_view(num_merged, "num_merged", a.B, h);
+  const int64_t block = ragged ? a.R : a.k + a.R;  // the visual block's rows
+  const int64_t n_new = a.n - block + a.k + a.Z;
+  Tensor h_new = torch::stable::new_empty(h, {a.B, n_new, a.d});
+  Tensor src = torch::stable::new_empty(h, {a.B, n_new}, ScalarType::Long);
+  Tensor rest_h = torch::stable::new_empty(h, {a.B, a.R, a.d});
+  Tensor merged_rows = torch::stable::new_empty(h, {a.B, a.Z}, ScalarType::Long);
+  Tensor inverse = torch::stable::new_empty(h, {a.B, a.n}, ScalarType::Long);
+  a.h_new = h_new.mutable_data_ptr();
+  a.src = src.mutable_data_ptr<int64_t>();
+  a.rest_h = rest_h.mutable_data_ptr();
+  a.merged_rows = merged_rows.mutable_data_ptr<int64_t>();
+  a.inverse = inverse.mutable_data_ptr<int64_t>();
+  check_launch(compact(a, current_stream(h)), op);
+  return {h_new, src, rest_h, merged_rows, inverse};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compact_cuda(const Tensor& h, const Tensor& vis_start,
+                                                                const Tensor& keep_idx, const Tensor& rest_idx,
+                                                                int64_t num_merged) {
+  return compact_launch(h, vis_start, keep_idx, rest_idx, std::nullopt, num_merged, "compact_cuda");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compact_ragged_cuda(const Tensor& h, const Tensor& vis_start,
+                                                                       const Tensor& keep_idx, const Tensor& rest_idx,
+                                                                       const Tensor& num_merged, int64_t max_merged) {
+  return compact_launch(h, vis_start, keep_idx, rest_idx, num_merged, max_merged, "compact_ragged_cuda");
 }
 
 }  // namespace swiftvlm

@@ -28,10 +28,15 @@
 //    scatter_add does; mean = sum / count (Eq. 11). Reads only the members' rows: h once more.
 // Workspace (group_merge_workspace_bytes): candidates B * ceil(Z / BN) * R * 8 bytes, member
 // indices B * R * 4, segment bounds B * ceil(R / 256) * (Z + 1) * 4.
+//
+// The op's launchers, group_merge_cuda and group_merge_ragged_cuda (one body: argument checks,
+// outputs, the launch on the current stream), are at the end; the ragged form's kernels are in
+// group_merge_ragged.cu.
 #include <algorithm>
 #include <cstdlib>
 
 #include "common.cuh"
+#include "launch.h"
 
 namespace swiftvlm {
 namespace {
@@ -428,18 +433,17 @@ TileShape pick_tile(int64_t B, int64_t R, int64_t Z) {
   return best;
 }
 
+// Calls fn(P{}) with P the Tile of `shape`.
+template <typename Fn>
+auto with_tile(TileShape shape, Fn&& fn) {
+  if (shape == TileShape::M) return fn(TileM{});
+  if (shape == TileShape::S) return fn(TileS{});
+  if (shape == TileShape::XS) return fn(TileXS{});
+  return fn(TileL{});
+}
+
 int64_t tile_targets(TileShape shape) {
-  switch (shape) {
-    case TileShape::L:
-      return TileL::BN;
-    case TileShape::M:
-      return TileM::BN;
-    case TileShape::S:
-      return TileS::BN;
-    case TileShape::XS:
-      return TileXS::BN;
-  }
-  return TileL::BN;
+  return with_tile(shape, [](auto tile) { return static_cast<int64_t>(decltype(tile)::BN); });
 }
 
 size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -490,21 +494,9 @@ cudaError_t launch_group_merge(const T* h, int64_t h_sb, int64_t h_sr, int64_t h
   const int64_t mean_blocks = B * Z * col_tiles;
   if (sort_blocks > INT32_MAX || mean_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
 
-  cudaError_t err = cudaSuccess;
-  switch (shape) {
-    case TileShape::L:
-      err = launch_assign<T, W, TileL>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::M:
-      err = launch_assign<T, W, TileM>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::S:
-      err = launch_assign<T, W, TileS>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-    case TileShape::XS:
-      err = launch_assign<T, W, TileXS>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
-      break;
-  }
+  cudaError_t err = with_tile(shape, [&](auto tile) {
+    return launch_assign<T, W, decltype(tile)>(h, h_sb, h_sr, h_sd, B, R, d, Z, cand_sim, cand_z, stream);
+  });
   if (err != cudaSuccess) return err;
   SWIFTVLM_LAUNCH(group_sort_kernel, static_cast<unsigned>(sort_blocks), kSeg, 0, stream, cand_sim, cand_z, R, Z,
                   target_tiles, segments, group, members, lower);
@@ -539,6 +531,61 @@ cudaError_t group_merge(DType dtype, const void* h, int64_t h_sb, int64_t h_sr, 
     return vec ? launch_group_merge<T, kVec<T>>(ht, h_sb, h_sr, h_sd, B, R, d, Z, ws, out, group, counts, stream)
                : launch_group_merge<T, 1>(ht, h_sb, h_sr, h_sd, B, R, d, Z, ws, out, group, counts, stream);
   });
+}
+
+// ------------------------------------------------------------------------------------ launchers
+// One body for both forms. Padded: num_groups groups of each sample's R rows. Ragged (the kernels of
+// group_merge_ragged.cu): num_groups [B] per-sample groups of padded width max_groups (None:
+// max_groups each) over the first lengths[b] rows (None: R); group -1 past a sample's rows, merged and
+// counts 0 past its groups.
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> group_merge_launch(const Tensor& h_in, const std::optional<Tensor>& group_counts,
+                                                      int64_t groups, const std::optional<Tensor>& lengths,
+                                                      bool ragged, const char* op) {
+  const DeviceGuard guard = device_guard(h_in, "h");
+  check_tensor(h_in, "h", 3, h_in);
+  const DType dtype = float_dtype(h_in, "h");
+  const int64_t B = h_in.size(0), R = h_in.size(1), d = h_in.size(2);
+  if (ragged) {
+    STD_TORCH_CHECK(groups >= 0 && groups <= R, "max_groups: expected 0 <= max_groups <= R (R = h.shape[1])");
+  } else {
+    STD_TORCH_CHECK(groups >= 1 && groups <= R, "num_groups: expected 1 <= num_groups <= R (R = h.shape[1])");
+    STD_TORCH_CHECK(R <= INT32_MAX, "h: expected at most 2^31 - 1 rest tokens");
+  }
+  const IndexView groups_view = counts_view(group_counts, "num_groups", B, h_in);
+  const IndexView len_view = counts_view(lengths, "lengths", B, h_in);
+  // The padded kernels read h in place through its strides (a unit last stride takes the vectorised
+  // path); the ragged ones read its rows with unit stride.
+  const Tensor h = ragged ? unit_last_stride(h_in) : h_in;
+  Tensor merged = torch::stable::new_empty(h, {B, groups, d});
+  Tensor group = torch::stable::new_empty(h, {B, R}, ScalarType::Long);
+  Tensor counts = torch::stable::new_empty(h, {B, groups}, ScalarType::Int);
+  if (ragged) {
+    check_launch(group_merge_ragged(dtype, h.const_data_ptr(), h.stride(0), h.stride(1), B, R, d, groups, groups_view,
+                                    len_view, merged.mutable_data_ptr(), group.mutable_data_ptr<int64_t>(),
+                                    counts.mutable_data_ptr<int32_t>(), current_stream(h)),
+                 op);
+  } else {
+    const auto bytes = static_cast<int64_t>(group_merge_workspace_bytes(B, R, groups));
+    Tensor workspace = torch::stable::new_empty(h, {bytes}, ScalarType::Byte);
+    check_launch(group_merge(dtype, h.const_data_ptr(), h.stride(0), h.stride(1), h.stride(2), B, R, d, groups,
+                             workspace.mutable_data_ptr(), merged.mutable_data_ptr(),
+                             group.mutable_data_ptr<int64_t>(), counts.mutable_data_ptr<int32_t>(), current_stream(h)),
+                 op);
+  }
+  return {merged, group, counts};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> group_merge_cuda(const Tensor& h, int64_t num_groups) {
+  return group_merge_launch(h, std::nullopt, num_groups, std::nullopt, false, "group_merge_cuda");
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_merge_ragged_cuda(const Tensor& h, const std::optional<Tensor>& num_groups,
+                                                           int64_t max_groups, const std::optional<Tensor>& lengths) {
+  return group_merge_launch(h, num_groups, max_groups, lengths, true, "group_merge_ragged_cuda");
 }
 
 }  // namespace swiftvlm

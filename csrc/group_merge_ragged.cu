@@ -11,6 +11,7 @@
 // ragged_mean_kernel: one block per (sample, group, tile of columns); it walks the sample's group
 //   ids in position order and sums its members' columns in fp32 (one fixed order); groups past Z_b
 //   write zeros. Reads each member row once per group, writes merged and counts once.
+// The op's launcher, group_merge_ragged_cuda, is in group_merge.cu (one body with the padded form's).
 #include <algorithm>
 
 #include "common.cuh"

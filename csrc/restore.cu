@@ -4,9 +4,10 @@
 // two sets of rows are disjoint. A thread handles one W-column chunk of one item.
 // Ragged blocks (compact_ragged's outputs): rows whose inverse is below -1 (-2: a block's padding rows)
 // are written as zeros, rest entries whose slot or group is -1 are skipped.
-#include <algorithm>
-
+// The op's launcher, restore_cuda (argument checks, the output, the launch on the current stream), is
+// at the end.
 #include "common.cuh"
+#include "launch.h"
 
 namespace swiftvlm {
 namespace {
@@ -66,12 +67,7 @@ __global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a)
 
 template <typename T, int W>
 cudaError_t launch_restore(const RestoreArgs& a, cudaStream_t stream) {
-  const int64_t total = a.B * (a.n + a.R) * (a.d / W);
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kRestoreThreads), INT32_MAX);
-  auto* kernel = restore_kernel<T, W>;
-  SWIFTVLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kRestoreThreads, 0, stream, a);
-  return cudaGetLastError();
+  return launch_grid_stride<kRestoreThreads>(restore_kernel<T, W>, a.B * (a.n + a.R) * (a.d / W), stream, a);
 }
 
 }  // namespace
@@ -86,6 +82,44 @@ cudaError_t restore(const RestoreArgs& a, cudaStream_t stream) {
     for (const RowsView& v : views) vec = vec && v.sd == 1 && aligned16(v.ptr) && strides_aligned16(sizeof(T), {v.sb, v.sr});
     return vec ? launch_restore<T, V>(a, stream) : launch_restore<T, 1>(a, stream);
   });
+}
+
+// ------------------------------------------------------------------------------------ launcher
+Tensor restore_cuda(const Tensor& h, const Tensor& inverse, const Tensor& vis_start, const Tensor& rest_idx,
+                    const Tensor& h_rest, const Tensor& group, const Tensor& merged_rows, const Tensor& merged_then) {
+  const DeviceGuard guard = device_guard(h, "h");
+  check_tensors(h, {{h, "h", 3}, {inverse, "inverse", 2}, {vis_start, "vis_start", 1}, {rest_idx, "rest_idx", 2},
+                    {h_rest, "h_rest", 3}, {group, "group", 2}, {merged_rows, "merged_rows", 2},
+                    {merged_then, "merged_then", 3}});
+  RestoreArgs a{};
+  a.dtype = float_dtype(h, "h");
+  check_same_dtype(h_rest, "h_rest", h, "h");
+  check_same_dtype(merged_then, "merged_then", h, "h");
+  a.B = h.size(0);
+  a.n_cur = h.size(1);
+  a.d = h.size(2);
+  a.n = inverse.size(1);
+  a.R = rest_idx.size(1);
+  a.Z = merged_then.size(1);
+  STD_TORCH_CHECK(inverse.size(0) == a.B && vis_start.size(0) == a.B && rest_idx.size(0) == a.B,
+                  "inverse, vis_start, rest_idx: expected batch size B");
+  STD_TORCH_CHECK(h_rest.size(0) == a.B && h_rest.size(1) == a.R && h_rest.size(2) == a.d,
+                  "h_rest: expected shape [B, R, d]");
+  STD_TORCH_CHECK(group.size(0) == a.B && group.size(1) == a.R, "group: expected shape [B, R]");
+  STD_TORCH_CHECK(merged_rows.size(0) == a.B && merged_rows.size(1) == a.Z, "merged_rows: expected shape [B, Z]");
+  STD_TORCH_CHECK(merged_then.size(0) == a.B && merged_then.size(2) == a.d, "merged_then: expected shape [B, Z, d]");
+  a.h = rows_view(h);
+  a.h_rest = rows_view(h_rest);
+  a.merged_then = rows_view(merged_then);
+  a.inverse = index_view(inverse, "inverse");
+  a.vis_start = index_view(vis_start, "vis_start");
+  a.rest = index_view(rest_idx, "rest_idx");
+  a.group = index_view(group, "group");
+  a.merged_rows = index_view(merged_rows, "merged_rows");
+  Tensor out = torch::stable::new_empty(h, {a.B, a.n, a.d});
+  a.out = out.mutable_data_ptr();
+  check_launch(restore(a, current_stream(h)), "restore_cuda");
+  return out;
 }
 
 }  // namespace swiftvlm

@@ -1,7 +1,7 @@
 // Top-k of one row split into keep / rest indices, both in position order (SPEC topk_select), as a
 // __device__ function that one CTA runs for its row: the plain topk_select kernel calls it for an
-// input row, and score_select's merge kernel calls it in the last CTA of each row on the scores the
-// row's CTAs have just written (tv_score.cu).
+// input row (topk_select.cu), and score_select's merge kernel calls it in the last CTA of each row on
+// the scores the row's CTAs have just written (score_select.cu).
 //
 // The select, for N scores and k kept (THREADS threads, fp32 order keys, NaN lowest):
 //   sweep 1   every score is loaded (kLoadBatch per thread in flight), turned into its order key,
@@ -301,12 +301,6 @@ __device__ __forceinline__ void pad_indices(int64_t* __restrict__ keep, int k, i
                                             int r, int rest_width) {
   for (int i = k + static_cast<int>(threadIdx.x); i < K; i += THREADS) keep[i] = -1;
   for (int i = r + static_cast<int>(threadIdx.x); i < rest_width; i += THREADS) rest[i] = -1;
-}
-
-// A per-row count of a ragged batch: counts[b] (or `fallback` without counts) clamped to [0, hi].
-__device__ __forceinline__ int row_count(const IndexView& counts, int64_t b, int64_t hi, int64_t fallback) {
-  const int64_t v = counts.ptr == nullptr ? fallback : load_index(counts, b, 0);
-  return static_cast<int>(v < 0 ? 0 : (v > hi ? hi : v));
 }
 
 // Where a select CTA keeps its keys and candidates: N keys in shared memory and a candidate list as

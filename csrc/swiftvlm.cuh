@@ -1,7 +1,7 @@
 // Host API of the SwiftVLM CUDA kernels: raw pointers, sizes, strides (in elements) and a stream.
-// Plain C++ over the CUDA runtime types, so the torch bindings (built by the host compiler too)
-// include it without seeing any device code. Every function launches asynchronously on `stream`,
-// never synchronises, and returns cudaGetLastError() after its launches.
+// Plain C++ over the CUDA runtime types, without device code or torch: each op's launcher
+// (csrc/<op>.cu) calls it with its checked tensors' pointers and strides. Every function launches
+// asynchronously on `stream`, never synchronises, and returns cudaGetLastError() after its launches.
 #pragma once
 
 #include <cstddef>

@@ -5,6 +5,9 @@
 // Ragged rows (per-row k and lengths from device tensors, read by the row's CTA): the CTA selects
 // k_b of the row's first n_b scores into keep[b, :k_b] and rest[b, :n_b - k_b] and writes -1 after
 // them; the widths (keep K, rest N) are host ints, the shared memory sized for the widest row.
+// The op's launchers, topk_select_cuda and topk_select_ragged_cuda (one body: argument checks,
+// outputs, the launch on the current stream), are at the end.
+#include "launch.h"
 #include "select_rows.cuh"
 
 namespace swiftvlm {
@@ -63,6 +66,44 @@ cudaError_t topk_select(DType dtype, const void* scores, int64_t s_sb, int64_t s
                                                       lengths, rest_width, keep, rest, stream);
     });
   });
+}
+
+// ------------------------------------------------------------------------------------ launchers
+// The padded form and the ragged one (k_counts [B] kept per row, None: max_k each, of its first
+// lengths[b] scores, None: N; keep [B, max_k] and rest [B, N], each row's indices ascending then -1)
+// share one body. The ragged form's width is named max_k in its messages.
+namespace {
+
+std::tuple<Tensor, Tensor> topk_select_launch(const Tensor& scores, const std::optional<Tensor>& k_counts, int64_t k,
+                                              const std::optional<Tensor>& lengths, bool ragged, const char* op) {
+  const DeviceGuard guard = device_guard(scores, "scores");
+  check_tensor(scores, "scores", 2, scores);
+  const DType dtype = float_dtype(scores, "scores");
+  const int64_t B = scores.size(0), N = scores.size(1);
+  const char* max = ragged ? "max_" : "";
+  STD_TORCH_CHECK(k >= 0 && k <= N, max, "k: expected 0 <= ", max, "k <= N");
+  STD_TORCH_CHECK(!ragged || k_counts.has_value() || lengths.has_value(),
+                  "k, lengths: expected per-row counts (a ragged batch)");
+  const IndexView k_view = counts_view(k_counts, "k", B, scores);
+  const IndexView len_view = counts_view(lengths, "lengths", B, scores);
+  Tensor keep = torch::stable::new_empty(scores, {B, k}, ScalarType::Long);
+  Tensor rest = torch::stable::new_empty(scores, {B, ragged ? N : N - k}, ScalarType::Long);
+  check_launch(topk_select(dtype, scores.const_data_ptr(), scores.stride(0), scores.stride(1), B, N, k, k_view,
+                           len_view, keep.mutable_data_ptr<int64_t>(), rest.mutable_data_ptr<int64_t>(),
+                           current_stream(scores)),
+               op);
+  return {keep, rest};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> topk_select_cuda(const Tensor& scores, int64_t k) {
+  return topk_select_launch(scores, std::nullopt, k, std::nullopt, false, "topk_select_cuda");
+}
+
+std::tuple<Tensor, Tensor> topk_select_ragged_cuda(const Tensor& scores, const std::optional<Tensor>& k_counts,
+                                                   int64_t max_k, const std::optional<Tensor>& lengths) {
+  return topk_select_launch(scores, k_counts, max_k, lengths, true, "topk_select_ragged_cuda");
 }
 
 }  // namespace swiftvlm

@@ -58,7 +58,7 @@ TRAFFIC_FLAGS = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
 
 
 def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "", traffic: bool = False) -> str:
-    """Compile csrc/*.cu and the bindings with the emulation into a shared library (cached by the
+    """Compile csrc/*.cu (the kernels and their launchers) and the bindings with the emulation into a shared library (cached by the
     sources' and flags' hash); returns its path. traffic: the build that counts each launch's global
     memory traffic (`count_traffic`)."""
     import torch
@@ -71,7 +71,8 @@ def build(csrc: str = CSRC, sanitize: bool | None = None, tag: str = "", traffic
     if traffic:
         tag += "traffic-"
     digest = hashlib.sha256()
-    for path in sources + sorted(glob.glob(os.path.join(csrc, "*.cuh"))) + sorted(glob.glob(os.path.join(EMU, "*.h"))):
+    headers = sorted(glob.glob(os.path.join(csrc, "*.cuh")) + glob.glob(os.path.join(csrc, "*.h")))
+    for path in sources + headers + sorted(glob.glob(os.path.join(EMU, "*.h"))):
         with open(path, "rb") as f:
             digest.update(path.encode() + f.read())
     digest.update(" ".join(flags + (TRAFFIC_FLAGS if traffic else [])).encode() + torch.__version__.encode())

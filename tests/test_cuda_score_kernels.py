@@ -1,5 +1,5 @@
-"""The CUDA score and selection kernels (csrc/tv_score.cu, select_rows.cuh, topk_select.cu) executed
-on the CPU through the emulation of tests/cuda_emu, on the code paths the backend protocol tests do
+"""The CUDA score and selection kernels (csrc/tv_score.cu, tv_score.cuh, score_select.cu,
+select_rows.cuh, topk_select.cu) executed on the CPU through the emulation of tests/cuda_emu, on the code paths the backend protocol tests do
 not reach: several merge CTAs per row whose last one selects (under every block order and several
 thread schedules, so the last CTA differs from run to run), key tiles over 64 keys with prefetched
 batches, sub-warp key groups for every head dim and load width, GQA groups, padding masks over keys

@@ -25,7 +25,8 @@ need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/apps/weights/tiny-vqa/mod
         "swiftvlm_kernels/apps/weights/tiny-vqa/train.json", "swiftvlm_kernels/apps/weights/tiny-vqa/prompt.json",
         "swiftvlm_kernels/__main__.py", "swiftvlm_kernels/apps/cli.py", "swiftvlm_kernels/apps/evaluation/__init__.py",
         "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
-        "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
+        "swiftvlm_kernels/csrc/score_select.cu", "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/csrc/launch.h",
+        "swiftvlm_kernels/_build.py", "python_ref/tv_score.py"}
 missing = need - names
 assert not missing, f"the wheel lacks {sorted(missing)}"
 assert not any(n.endswith((".so", ".o")) for n in names), "a pure wheel carries no binaries"

@@ -155,5 +155,37 @@ SWIFTVLM_TSAN_ACCESS(16)
 #undef SWIFTVLM_TSAN_ACCESS
 void __tsan_read_range(void* p, unsigned long size) { count(p, size, false); }
 void __tsan_write_range(void* p, unsigned long size) { count(p, size, true); }
+// Atomics of the instrumented host code (the launchers' tensor handles, between launches; the
+// emulated kernels' atomics are plain accesses, emu.h): done as asked, with sequential consistency,
+// and not counted.
+#define SWIFTVLM_TSAN_ATOMIC_RMW(N, T, OP)                                                        \
+  T __tsan_atomic##N##_##OP(volatile T* p, T v, int) { return __atomic_##OP(p, v, __ATOMIC_SEQ_CST); }
+#define SWIFTVLM_TSAN_ATOMIC(N, T)                                                                \
+  T __tsan_atomic##N##_load(const volatile T* p, int) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); } \
+  void __tsan_atomic##N##_store(volatile T* p, T v, int) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_exchange(volatile T* p, T v, int) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); } \
+  SWIFTVLM_TSAN_ATOMIC_RMW(N, T, fetch_add)                                                       \
+  SWIFTVLM_TSAN_ATOMIC_RMW(N, T, fetch_sub)                                                       \
+  SWIFTVLM_TSAN_ATOMIC_RMW(N, T, fetch_and)                                                       \
+  SWIFTVLM_TSAN_ATOMIC_RMW(N, T, fetch_or)                                                        \
+  SWIFTVLM_TSAN_ATOMIC_RMW(N, T, fetch_xor)                                                       \
+  int __tsan_atomic##N##_compare_exchange_strong(volatile T* p, T* expected, T v, int, int) {    \
+    return __atomic_compare_exchange_n(p, expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); \
+  }                                                                                               \
+  int __tsan_atomic##N##_compare_exchange_weak(volatile T* p, T* expected, T v, int, int) {      \
+    return __atomic_compare_exchange_n(p, expected, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); \
+  }                                                                                               \
+  T __tsan_atomic##N##_compare_exchange_val(volatile T* p, T expected, T v, int, int) {          \
+    __atomic_compare_exchange_n(p, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);      \
+    return expected;                                                                              \
+  }
+SWIFTVLM_TSAN_ATOMIC(8, uint8_t)
+SWIFTVLM_TSAN_ATOMIC(16, uint16_t)
+SWIFTVLM_TSAN_ATOMIC(32, uint32_t)
+SWIFTVLM_TSAN_ATOMIC(64, uint64_t)
+#undef SWIFTVLM_TSAN_ATOMIC
+#undef SWIFTVLM_TSAN_ATOMIC_RMW
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
 }  // extern "C"
