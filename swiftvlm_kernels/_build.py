@@ -110,7 +110,7 @@ def cache_dir() -> Path:
     return root / key.replace("+", "_")
 
 
-def _torch_version() -> tuple[int, int]:
+def torch_version() -> tuple[int, int]:
     import torch
 
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
@@ -129,7 +129,7 @@ def _cuda_home() -> Optional[Path]:
     return None
 
 
-def _nvcc() -> Optional[str]:
+def find_nvcc() -> Optional[str]:
     home = _cuda_home()
     if home and (home / "bin" / "nvcc").exists():
         return str(home / "bin" / "nvcc")
@@ -150,10 +150,10 @@ def load() -> Path:
     if torch.version.cuda is None:
         raise RuntimeError("the cuda backend needs a CUDA build of torch; this torch has no CUDA "
                            "(use the triton or torch backend)")
-    if _torch_version() < MIN_TORCH_FOR_CUDA:
+    if torch_version() < MIN_TORCH_FOR_CUDA:
         raise RuntimeError(f"the cuda backend targets torch's 2.10 stable ABI and needs torch >= 2.10, got "
                            f"{torch.__version__} (use the triton or torch backend, or upgrade torch)")
-    if _nvcc() is None:
+    if find_nvcc() is None:
         raise RuntimeError("the cuda backend compiles its kernels on first use and needs nvcc: install the CUDA "
                            "toolkit (matching torch's CUDA) or set CUDA_HOME; or use the triton backend")
     files = sources()
@@ -176,7 +176,7 @@ def check(print_only: bool = False, jobs: int = 2, werror: bool = True) -> int:
     import tempfile
     import torch.utils.cpp_extension as c
 
-    nvcc = _nvcc() or "nvcc"
+    nvcc = find_nvcc() or "nvcc"
     includes = [f"-I{p}" for p in c.include_paths()] + [f"-I{source_dir()}"]
     home = _cuda_home()
     cuda_include = [f"-I{home / 'include'}"] if home else []  # the JIT adds CUDA's include directory too
@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.print:
         return check(print_only=True)
-    if shutil.which(_nvcc() or "nvcc") is None:
+    if shutil.which(find_nvcc() or "nvcc") is None:
         print("swiftvlm-kernels: nvcc not found (set CUDA_HOME or PATH)", file=sys.stderr)
         return 2
     return 1 if check(jobs=args.jobs) else 0

@@ -55,9 +55,9 @@ def _load() -> str:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     if not libs:
-        if _build._torch_version() < _build.MIN_TORCH_FOR_CUDA:
+        if _build.torch_version() < _build.MIN_TORCH_FOR_CUDA:
             return f"the cuda backend needs torch >= 2.10 (its stable ABI), got {torch.__version__}"
-        if _build._nvcc() is None:
+        if _build.find_nvcc() is None:
             return ("the CUDA kernels compile on first use and nvcc was not found (install the CUDA toolkit or set "
                     "CUDA_HOME)")
         _pending = True  # compiled by the first call (_ops)
