@@ -571,3 +571,22 @@ def test_readme_using_the_ops_example_runs():
     q, k, vis_start = scope["q"], scope["k"], scope["vis_start"]
     want = python_ref.score_select(q, k, vis_start, 576, 192, 128 ** -0.5)
     assert torch.equal(scope["keep_idx"], want[0]) and torch.equal(scope["rest_idx"], want[1])
+
+
+def test_every_op_is_found_by_its_name():
+    """For every op, a file named after it (the packed forms: varlen; bypass_align_into: bypass_align's)
+    in python_ref/, cpu/, triton_kernels/ defining the op's function, its CUDA kernels in csrc/<op>.cu
+    (the packed forms run the ragged kernels of tv_score / score_select), and its tests in tests/."""
+    import ast
+    from pathlib import Path
+
+    from swiftvlm_kernels.schemas import OPS
+
+    root = Path(__file__).resolve().parents[1]
+    for op in OPS:
+        name = "bypass_align" if op == "bypass_align_into" else "varlen" if op.endswith("_varlen") else op
+        for folder in ("python_ref", "swiftvlm_kernels/cpu", "swiftvlm_kernels/triton_kernels"):
+            tree = ast.parse((root / folder / f"{name}.py").read_text())
+            assert op in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{folder}/{name}.py: {op}"
+        assert (root / "csrc" / f"{name if name != 'varlen' else op.replace('_varlen', '')}.cu").is_file(), op
+        assert (root / "tests" / f"test_{name}.py").is_file(), op
