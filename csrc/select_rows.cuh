@@ -1,4 +1,4 @@
-// Top-k of one row split into keep / rest indices, both in position order (SPEC topk_select), as a
+// Top-k of one row split into keep / rest indices, both in position order (docs/semantics.md, topk_select), as a
 // __device__ function that one CTA runs for its row: the plain topk_select kernel calls it for an
 // input row (topk_select.cu), and score_select's merge kernel calls it in the last CTA of each row on
 // the scores the row's CTAs have just written (score_select.cu).

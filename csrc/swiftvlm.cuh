@@ -21,7 +21,7 @@ struct IndexView {
   int64_t sb, sr;
 };
 
-// Inputs of the last-token visual score (SPEC tv_score).
+// Inputs of the last-token visual score (docs/semantics.md, tv_score).
 // Ragged batches: vis_count.ptr != nullptr gives each sample's visual count (clamped to [0, vis_len],
 // vis_len being the padded width; scores 0 past it). Packed keys (varlen): seq_start.ptr != nullptr
 // is cu_seqlens [B + 1]: sample b's keys are rows seq_start[b] .. seq_start[b + 1] - 1 of k [k_rows,

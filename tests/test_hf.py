@@ -180,7 +180,7 @@ def test_tap_follows_the_layers_cache_argument(llava_dir, name):
                  past_key_values=transformers.DynamicCache(config=text.config))
 
 
-# -- SPEC property 3: drop-only equals masking the dropped keys through HF's layers -----------------
+# -- semantics.md property 3: drop-only equals masking the dropped keys through HF's layers -----------------
 
 def _embeds(model, inputs):
     got = {}
@@ -592,7 +592,7 @@ def test_qwen2_5_vl_shares_the_path():
 
 
 def test_qwen2vl_drop_only_equals_masking(qwen):
-    """SPEC property 3 with M-RoPE: kept tokens keep their three-axis positions."""
+    """semantics.md property 3 with M-RoPE: kept tokens keep their three-axis positions."""
     inputs = qwen_inputs([[1, 8, 8], [1, 8, 8]], seed=3)
     ids = inputs["input_ids"]
     B, L = ids.shape

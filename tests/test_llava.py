@@ -1,4 +1,4 @@
-"""The unpruned LLaVA forward against HF transformers (SPEC property 4), the checkpoint layouts, and
+"""The unpruned LLaVA forward against HF transformers (docs/semantics.md property 4), the checkpoint layouts, and
 padded batches."""
 import json
 

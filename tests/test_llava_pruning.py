@@ -1,4 +1,4 @@
-"""SPEC properties 1, 2, 3 and 5 of the pruned LLaVA prefill and its generation, on the tiny model."""
+"""docs/semantics.md properties 1, 2, 3 and 5 of the pruned LLaVA prefill and its generation, on the tiny model."""
 import pytest
 import torch
 
@@ -325,7 +325,7 @@ RAGGED = {
 @pytest.mark.parametrize("name", list(RAGGED))
 def test_ragged_batch_equals_each_sample_alone(model, name):
     """Samples of 1 to 3 images (36 to 108 visual tokens) in one batch: each sample's plan, kept
-    tokens, logits and generated ids are those it gets alone (SPEC property 2 across samples)."""
+    tokens, logits and generated ids are those it gets alone (semantics.md property 6)."""
     batch_inputs, alone = ragged_inputs()
     pruning = RAGGED[name]
     batch = model(**batch_inputs, pruning=pruning)

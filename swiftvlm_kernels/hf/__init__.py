@@ -34,7 +34,7 @@ which loading re-applies.
   attention mask per layer, built by HF's `create_causal_mask` sized to that layer's cache
   (`layer_idx`) from [the layer's prefill key mask, the new tokens' columns of the 2-D mask].
   Positions are HF's own: `generate` continues them from the original sequence (the attention
-  mask's cumsum; Qwen2-VL adds its rope_deltas), never from a pruned length (SPEC property 5).
+  mask's cumsum; Qwen2-VL adds its rope_deltas), never from a pruned length (docs/semantics.md property 5).
 
 What a call prunes: a prefill (an empty cache) whose input_ids hold image tokens, with a 2-D (left
 padding) or no attention mask. Anything else (text-only prompts, continuing from a filled cache that

@@ -4,7 +4,7 @@ One function, `forward`, bound to the text model instance (LlamaModel / Qwen2-VL
 of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per call:
 
 1. Pruned prefill (`_prefill`): an empty cache and image tokens in the call's input_ids. The loop
-   over HF's decoder layers of SPEC "The SwiftVLM prefill": a stage that acts after layer x takes
+   over HF's decoder layers of docs/semantics.md "The SwiftVLM prefill": a stage that acts after layer x takes
    layer x's keys as the layer writes them (a tap on the cache's `update`, so no key is computed
    twice) and the last token's query (one row: input norm, q_proj, RoPE); a SwiftVLM stage s >= 2
    restores the bypassed tokens and computes layer y's keys and last query on them before the layer

@@ -3,7 +3,7 @@ keeps each layer's KV cache, then one token at a time through every layer.
 
 Each layer's cache holds the keys and values of exactly the tokens that layer ran on in the prefill
 (fewer after a pruning stage), then the generated ones; new position ids continue from each sample's
-unpadded prompt length, never from a pruned length (SPEC property 5). Nothing here reads device
+unpadded prompt length, never from a pruned length (docs/semantics.md property 5). Nothing here reads device
 values on the host.
 """
 from __future__ import annotations

@@ -560,5 +560,5 @@ class LlavaForward(nn.Module):
                  stage_scores=None) -> Tensor:
         """Greedy decoding after a (pruned) prefill: int64 [B, max_new_tokens] (generate.py). Every
         layer attends to the keys it kept in the prefill plus the new tokens'; new position ids
-        continue from each sample's unpadded prompt length (SPEC property 5). No early stop at EOS."""
+        continue from each sample's unpadded prompt length (docs/semantics.md property 5). No early stop at EOS."""
         return greedy(self, input_ids, pixel_values, attention_mask, pruning, max_new_tokens, stage_scores=stage_scores)

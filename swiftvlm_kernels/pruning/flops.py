@@ -33,7 +33,7 @@ Beyond Eq. 19 (`PrefillFlops.recompute`, in `total`, not in `paper_units`): when
 s >= 2 also merges, layer y's merged rows carry group means that the scoring pass never saw, so
 the layer computes its keys afresh (models/llava.py, hf/): the n_text + k_s kept rows' keys,
 2 (n_text + k_s) d^2, are computed twice (0.2 % of the pruned prefill at LLaVA-1.5-7B, budget 128).
-- n_keys: the score softmax runs over every key (SPEC, tv_score): n_text + n_vis at SwiftVLM
+- n_keys: the score softmax runs over every key (docs/semantics.md, tv_score): n_text + n_vis at SwiftVLM
   stages (all visual tokens are present again), n_text + the current visual tokens at drop-only
   stages. Eq. 19 writes 2 n_v d, counting the visual keys only.
 """

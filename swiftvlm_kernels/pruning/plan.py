@@ -22,7 +22,7 @@ Visual tokens per layer (`PruningPlan.visual_tokens_per_layer`), for stages (x_s
 n_vis up to the first stage's layer x_1; from the layer where stage s takes effect (x_s + 1 for the
 first / drop-only stages, x_s for SwiftVLM stages s >= 2) on, k_s + Z_s.
 
-The budget rule (SPEC "The SwiftVLM prefill" point 3)
+The budget rule (docs/semantics.md, "The SwiftVLM prefill" point 3)
 ----------------------------------------------------
 "Retain T tokens" means: the visual tokens processed per layer (merged tokens counted), averaged
 over ALL num_layers layers, equal T. Each method has ONE free integer k; the library takes the k
@@ -245,7 +245,7 @@ def _normalise_stages(method) -> tuple[int, ...]:
 def _fit_budget(budget: Optional[float], n_vis: int, num_layers: int,
                 plan_for: Callable[[int], PruningPlan]) -> PruningPlan:
     """The plan_for(k), k in [0, n_vis], whose average visual tokens per layer is closest to
-    budget (SPEC point 3; ties: smaller k). The average is strictly increasing in k."""
+    budget (semantics.md point 3; ties: smaller k). The average is strictly increasing in k."""
     if budget is None:
         budget = n_vis / 3
     target = Fraction(budget) * num_layers
@@ -276,7 +276,7 @@ class SwiftVLM:
     """SwiftVLM (Sec. 3.3): score, keep k_s, merge the rest into Z_s bypassing tokens (Eq. 10-11),
     restore them before the next stage (Eq. 12-13) and re-score all n_vis tokens there.
 
-    Give `budget` (T, SPEC point 3), or `keep` (k_s, one per layer) with optional `merge` (Z_s, one
+    Give `budget` (T, semantics.md point 3), or `keep` (k_s, one per layer) with optional `merge` (Z_s, one
     per non-final stage; default from merge_ratio), or `budget_ratio` (T = budget_ratio * n_vis), or
     none of them (T = n_vis / 3)."""
 
@@ -354,7 +354,7 @@ class PDrop:
     Give `budget` (stage s keeps round(k * ratio ** (s - 1))), `keep` (non-increasing, one per
     layer), `budget_ratio` (T = budget_ratio * n_vis), or none (T = n_vis / 3).
 
-    official=False (default): the library's timing (SPEC: a stage at layer x scores with layer x's
+    official=False (default): the library's timing (semantics.md: a stage at layer x scores with layer x's
     own query and keys on layer x's input; every token keeps its position id). official=True: as
     PDrop's official code does it (the variant behind the PDrop paper's numbers): the stage at layer
     x scores with layer x + 1's query and keys (its input norm, projections and RoPE) on layer x's
