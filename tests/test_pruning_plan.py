@@ -269,3 +269,12 @@ def test_bad_direct_plan_raises(kwargs, name):
     PruningPlan(**fields)
     with pytest.raises(ValueError, match=f"^{name}"):
         PruningPlan(**{**fields, **kwargs})
+
+
+def test_an_unreachable_budget_ratio_is_named_as_given():
+    """SwiftVLM(budget_ratio=0) names budget_ratio (what the user typed), with the reachable ratios."""
+    for method in (SwiftVLM(budget_ratio=0), FastV(budget_ratio=0.01), PDrop(budget_ratio=0.9)):
+        with pytest.raises(ValueError, match=r"^budget_ratio: expected a number in \[0\.\d{4}, [01]\.\d{4}\]"):
+            method.plan(576, 32)
+    with pytest.raises(ValueError, match=r"^budget: expected a number in \["):
+        SwiftVLM(budget=10).plan(576, 32)

@@ -242,10 +242,10 @@ def _normalise_stages(method) -> tuple[int, ...]:
     return layers
 
 
-def _fit_budget(budget: Optional[float], n_vis: int, num_layers: int,
-                plan_for: Callable[[int], PruningPlan]) -> PruningPlan:
-    """The plan_for(k), k in [0, n_vis], whose average visual tokens per layer is closest to
-    budget (semantics.md point 3; ties: smaller k). The average is strictly increasing in k."""
+def _fit_budget(method, n_vis: int, num_layers: int, plan_for: Callable[[int], PruningPlan]) -> PruningPlan:
+    """The plan_for(k), k in [0, n_vis], whose average visual tokens per layer is closest to the
+    method's budget (semantics.md point 3; ties: smaller k). The average is strictly increasing in k."""
+    budget = _budget(method, n_vis)
     if budget is None:
         budget = n_vis / 3
     target = Fraction(budget) * num_layers
@@ -256,9 +256,14 @@ def _fit_budget(budget: Optional[float], n_vis: int, num_layers: int,
     lowest, highest = total(0), total(n_vis)
     slack = Fraction(num_layers, 10**9)  # a budget computed in floats may miss an end by rounding
     if not lowest - slack <= target <= highest + slack:
+        where = f"for layers {plan_for(0).layers}, n_vis = {n_vis}, num_layers = {num_layers}"
+        if method.budget_ratio is not None:  # name what the user gave
+            raise ValueError(f"budget_ratio: expected a number in [{lowest / num_layers / max(n_vis, 1):.4f}, "
+                             f"{highest / num_layers / max(n_vis, 1):.4f}] {where} (a budget of "
+                             f"{lowest / num_layers:.2f} to {highest / num_layers:.2f} visual tokens per layer), "
+                             f"got {method.budget_ratio}")
         raise ValueError(f"budget: expected a number in [{lowest / num_layers:.2f}, "
-                         f"{highest / num_layers:.2f}] for layers {plan_for(0).layers}, "
-                         f"n_vis = {n_vis}, num_layers = {num_layers}, got {budget}")
+                         f"{highest / num_layers:.2f}] {where}, got {budget}")
     lo, hi = 0, n_vis
     while lo < hi:  # smallest k whose total reaches the target
         mid = (lo + hi) // 2
@@ -315,7 +320,7 @@ class SwiftVLM:
                 merge = tuple(self._merge_count(n_vis - k) for k in self.keep[:-1])
             return self._plan(n_vis, num_layers, self.keep, merge)
         stages = len(self.layers)
-        return _fit_budget(_budget(self, n_vis), n_vis, num_layers, lambda k: self._plan(
+        return _fit_budget(self, n_vis, num_layers, lambda k: self._plan(
             n_vis, num_layers, (k,) * stages, (self._merge_count(n_vis - k),) * (stages - 1)))
 
 
@@ -344,7 +349,7 @@ class FastV:
         num_layers = as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
-        return _fit_budget(_budget(self, n_vis), n_vis, num_layers,
+        return _fit_budget(self, n_vis, num_layers,
                            lambda k: self._plan(n_vis, num_layers, k))
 
 
@@ -385,7 +390,7 @@ class PDrop:
         num_layers = as_int(num_layers, "num_layers", 1)
         if self.keep is not None:
             return self._plan(n_vis, num_layers, self.keep)
-        return _fit_budget(_budget(self, n_vis), n_vis, num_layers, lambda k: self._plan(
+        return _fit_budget(self, n_vis, num_layers, lambda k: self._plan(
             n_vis, num_layers,
             tuple(_round_half_up(k * self.ratio ** s) for s in range(len(self.layers)))))
 
