@@ -76,13 +76,14 @@ def read_dataset(root, limit: Optional[int] = None) -> list:
         oversized safetensors file, an empty dataset or one that mixes both forms.
     """
     from swiftvlm_kernels.apps.evaluation import json_object
+    from swiftvlm_kernels.apps.untrusted import jsonl_lines
 
     root = Path(root)
     data = root / "data.jsonl"
     if not data.is_file():
         raise ValueError(f"dataset: expected {data} (one JSON object per line)")
     entries = []
-    for line, raw in enumerate(data.read_text().splitlines(), start=1):
+    for line, raw in jsonl_lines(data):
         item = json_object(raw, data.name, line)
         if item is None:
             continue

@@ -66,3 +66,15 @@ def test_dataset_is_validated(toy, tmp_path):
     (bad / "data.jsonl").write_text(json.dumps({"image": "a.png", "question": 3, "answer": "x"}))
     with pytest.raises(ValueError, match="question: expected a string"):
         hf_eval.read_dataset(bad)
+
+
+def test_dataset_lines_are_read_as_utf8_naming_the_line(tmp_path):
+    """Invalid UTF-8 (a bare UnicodeDecodeError before) and a JSON line holding U+2028, which
+    str.splitlines() used to cut in two."""
+    (tmp_path / "data.jsonl").write_bytes(b'{"image": "a.png", "question": "caf\xe9", "answer": "x"}\n')
+    with pytest.raises(ValueError, match="data.jsonl line 1: expected UTF-8 text"):
+        hf_eval.read_dataset(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "question": "a\u2028b", "answer": "x"},
+                                                    ensure_ascii=False) + "\n", encoding="utf-8")
+    assert hf_eval.read_dataset(tmp_path)[0]["question"] == "a\u2028b"

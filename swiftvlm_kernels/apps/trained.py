@@ -3,28 +3,32 @@ tools/train_tiny.py: its weights (weights/tiny-vqa/: config.json, model.safetens
 prompt.json, train.json) and the readers of a word-vocabulary checkpoint's files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..models.llava import LlavaForward
+from .untrusted import read_json
 
 TRAINED_DIR = Path(__file__).resolve().parent / "weights" / "tiny-vqa"
+SPECIAL_WORDS = ("<bos>", "<unk>")  # the words a word-vocabulary prompt is built with
 
 
 def trained_vocab(path=None) -> tuple:
     """The word vocabulary (vocab.json) of a word-vocabulary checkpoint (default: the embedded
-    trained tiny LLaVA's): token id = index; validated (a list of distinct non-empty strings)."""
+    trained tiny LLaVA's): token id = index; validated (a JSON list of distinct non-empty strings,
+    at most 1 MiB, holding the special words the prompts are built with: SPECIAL_WORDS)."""
     path = Path(TRAINED_DIR if path is None else path) / "vocab.json"
     if not path.is_file():
         raise ValueError(f"vocab.json: expected a file at {path}")
-    if path.stat().st_size > 1 << 20:
-        raise ValueError(f"{path}: expected at most 1 MiB")
-    words = json.loads(path.read_text(encoding="utf-8"))
+    words = read_json(path, 1 << 20)
     if not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)
             and len(set(words)) == len(words)):
         raise ValueError(f"{path}: expected a JSON list of distinct non-empty strings")
+    missing = [w for w in SPECIAL_WORDS if w not in words]
+    if missing:
+        raise ValueError(f"{path}: expected the words {' and '.join(SPECIAL_WORDS)} (the prompts start with <bos> "
+                         f"and spell unknown words <unk>), missing {', '.join(missing)}")
     return tuple(words)
 
 
@@ -34,9 +38,7 @@ def trained_prompt(path=None) -> dict:
     path = Path(TRAINED_DIR if path is None else path) / "prompt.json"
     if not path.is_file():
         return {"question_first": False}
-    if path.stat().st_size > 1 << 16:
-        raise ValueError(f"{path}: expected at most 64 KiB")
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = read_json(path, 1 << 16)
     if not (isinstance(doc, dict) and isinstance(doc.get("question_first"), bool)):
         raise ValueError(f"{path}: expected a JSON object with a bool question_first")
     return {"question_first": doc["question_first"]}
@@ -48,7 +50,7 @@ def trained_record(path=None) -> dict:
     path = Path(TRAINED_DIR if path is None else path) / "train.json"
     if not path.is_file():
         raise ValueError(f"train.json: expected a file at {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, 1 << 20)
 
 
 def trained_tiny_llava(dtype=torch.float32, device="cpu") -> LlavaForward:

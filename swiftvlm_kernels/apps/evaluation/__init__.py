@@ -28,10 +28,26 @@ tokenizer model generates up to --max-new-tokens and is correct when its first l
 and stripped of surrounding spaces and final punctuation, equals the answer so normalised.
 
 Dataset folders: `questions.jsonl`, one JSON object per line: {"image": "a.png", "question": "...",
-"answer": "...", "kind": "colour" (optional, default "all"), "boxes": [[x0, y0, x1, y1], ...]
-(optional: the pixel boxes the answer depends on)}. Images are PNG (read by swiftvlm_kernels.apps.png;
-other formats need Pillow), resized to the model's image size. Files are untrusted: paths must stay
-inside the folder, fields are type-checked, image sizes are checked before decoding.
+"answer": "...", "kind": "colour" (optional: a question without one counts in the overall accuracy
+only; "all", the overall column's name, is refused), "boxes": [[x0, y0, x1, y1], ...] (optional: the
+pixel boxes the answer depends on, inside the image)}. Images are PNG (read by
+swiftvlm_kernels.apps.png; other formats need Pillow), of at most 16.7 million pixels (4096 x 4096)
+and 16384 on a side, resized to the model's image size. Files are untrusted, and every refusal names
+the file and line: a line is a UTF-8 JSON object of at most 1 MiB (at most 100,000 lines); paths
+must stay inside the folder; fields are type-checked (text without NUL characters or lone
+surrogates; a question of at most 16,384 characters and 4,096 words, without "<image>"; an answer of
+at most 1,024 characters; a kind of at most 64 printable characters, not "|"); an image's header
+(format, size, file length) is checked when the folder is read, its pixels when its batch runs; and before
+anything runs every prompt must fit the model's context (max_position_embeddings; with
+--max-new-tokens for a tokenizer model), and --layers the model's depth.
+
+Memory: the questions are read whole (their text; the synthetic set's 96 x 96 images too, 27 KB
+each); a dataset's image is decoded when its batch needs it, one at a time, and dropped once
+resized: the largest accepted ones (16.7 million pixels, 16384 on a side) take under 200 MiB to
+decode and under 280 MiB to decode and resize to S <= 336 px. The last 64 resized images are kept (3
+x S x S floats each, S the model's image size: 7 MiB for the embedded model's 96 px, 87 MiB at 336
+px), and one batch's inputs at a time. So besides the model and one batch's activations an
+evaluation holds at most one decoded image, 64 resized ones and one batch of inputs.
 """
 from __future__ import annotations
 
@@ -43,15 +59,18 @@ from typing import Optional
 import torch
 
 from ..options import positive, require_backend
-from .data import MAX_LINES, Item, dataset_items, json_object, synthetic_item, synthetic_items, target_patches
-from .prompts import TokenizerPrompts, WordPrompts, batch_inputs, normalise, pixels, prompts_for
+from .data import (MAX_LINES, ImageFile, Item, dataset_items, json_object, resize, synthetic_item, synthetic_items,
+                   target_patches)
+from .prompts import TokenizerPrompts, WordPrompts, batch_inputs, normalise, pixels, prompt_ids, prompts_for
 from .report import kinds_of, markdown_table, table, write_outputs
-from .run import DEFAULT_BUDGETS, METHODS, NAMES, Progress, Result, eval_layers, evaluate, make_method
+from .run import (DEFAULT_BUDGETS, METHODS, NAMES, Progress, Result, check_layers, eval_layers, evaluate,
+                  make_method)
 
-__all__ = ["add_arguments", "run", "load_model", "Item", "Result", "synthetic_item", "synthetic_items",
-           "dataset_items", "json_object", "target_patches", "MAX_LINES", "WordPrompts", "TokenizerPrompts",
-           "prompts_for", "normalise", "pixels", "batch_inputs", "DEFAULT_BUDGETS", "METHODS", "NAMES", "Progress",
-           "eval_layers", "make_method", "evaluate", "kinds_of", "table", "markdown_table", "write_outputs"]
+__all__ = ["add_arguments", "run", "load_model", "Item", "ImageFile", "Result", "synthetic_item", "synthetic_items",
+           "dataset_items", "json_object", "target_patches", "resize", "MAX_LINES", "WordPrompts", "TokenizerPrompts",
+           "prompts_for", "normalise", "pixels", "prompt_ids", "batch_inputs", "DEFAULT_BUDGETS", "METHODS", "NAMES",
+           "Progress", "eval_layers", "check_layers", "make_method", "evaluate", "kinds_of", "table",
+           "markdown_table", "write_outputs"]
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -75,17 +94,23 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def _layers(text: str) -> dict:
-    """--layers swiftvlm=2:4:6,fastv=2,pdrop=2:6:9"""
-    out = {}
+    """--layers swiftvlm=2:4:6,fastv=2,pdrop=2:6:9 (checked against the model's depth in run)."""
+    out: dict = {}
     for part in text.split(","):
         name, _, spec = part.partition("=")
         name = name.strip().lower()
         if name not in METHODS[1:] or not spec:
             raise argparse.ArgumentTypeError(f"expected METHOD=L1:L2:... for swiftvlm, fastv or pdrop, got {part!r}")
+        if name in out:
+            raise argparse.ArgumentTypeError(f"expected each method once, got {name} twice")
         try:
             out[name] = tuple(int(v) for v in spec.split(":"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected integer layers, got {spec!r}") from None
+        if not all(v >= 1 for v in out[name]) or list(out[name]) != sorted(set(out[name])):
+            raise argparse.ArgumentTypeError(f"expected increasing layers >= 1, got {spec!r}")
+        if name == "fastv" and len(out[name]) != 1:
+            raise argparse.ArgumentTypeError(f"expected one layer for fastv, got {spec!r}")
     return out
 
 
@@ -98,7 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", type=_budgets, default=DEFAULT_BUDGETS,
                         help="shares of the visual tokens per layer (default 0.5,0.333,0.222,0.2)")
     parser.add_argument("--methods", type=_methods, default=METHODS, help="default vanilla,swiftvlm,fastv,pdrop")
-    parser.add_argument("--layers", type=_layers, default=None, help="e.g. swiftvlm=2:4:6,fastv=2,pdrop=2:6:9")
+    parser.add_argument("--layers", type=_layers, default=None,
+                        help="e.g. swiftvlm=2:4:6,fastv=2,pdrop=2:6:9 (increasing, 1-indexed; checked against the "
+                             "model before anything runs)")
     parser.add_argument("--batch-size", type=positive, default=50)
     parser.add_argument("--max-new-tokens", type=positive, default=8, help="tokenizer models: answer length")
     parser.add_argument("--out", type=Path, default=Path("swiftvlm-eval"), help="output folder (default swiftvlm-eval)")
@@ -127,9 +154,10 @@ def run(args) -> int:
     model = load_model(args.model, device)
     model.backend = args.backend
     model.eval()
+    layers = {**eval_layers(model.num_layers), **(args.layers or {})}
+    check_layers({m: layers[m] for m in args.methods if m != "vanilla"} | (args.layers or {}), model, "--layers")
     prompts = prompts_for(args.model, model)
     items = synthetic_items(args.n) if args.data is None else dataset_items(args.data, args.n)
-    layers = {**eval_layers(model.num_layers), **(args.layers or {})}
     where = "embedded trained tiny LLaVA" if args.model is None else str(args.model)
     data = "synthetic held-out set (split 1)" if args.data is None else str(args.data)
     print(f"model: {where} ({model.num_visual_tokens} visual tokens, {model.num_layers} layers); data: {data}, "

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .data import Item
+from ..trained import SPECIAL_WORDS
+from .data import IMAGE_PLACEHOLDER, ImageFile, Item, resize
 
 _PUNCT = "?!.,;:"
 
@@ -31,6 +32,9 @@ class WordPrompts:
         self.question_first = question_first
         self.vocab = tuple(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
+        missing = [w for w in SPECIAL_WORDS if w not in self.index]
+        if missing:
+            raise ValueError(f"vocab: expected the words {' and '.join(SPECIAL_WORDS)}, missing {', '.join(missing)}")
         self.image_token_id = image_token_id
         self.one_token = True
 
@@ -40,7 +44,7 @@ class WordPrompts:
         return question.lower().split()
 
     def ids(self, question: str, n_image: int) -> list[int]:
-        bos, unk = self.index.get("<bos>", 0), self.index.get("<unk>", 0)
+        bos, unk = self.index["<bos>"], self.index["<unk>"]
         words = [self.index.get(w, unk) for w in self.words(question)]
         return [bos] + (words if self.question_first else []) + [self.image_token_id] * n_image + words
 
@@ -63,7 +67,7 @@ class TokenizerPrompts:
         self.one_token = False
 
     def ids(self, question: str, n_image: int) -> list[int]:
-        before, after = self.TEMPLATE.format(question=question).split("<image>")
+        before, after = (part.format(question=question) for part in self.TEMPLATE.split(IMAGE_PLACEHOLDER))
         head = self.tokenizer(before, add_special_tokens=True)["input_ids"]
         tail = self.tokenizer(after, add_special_tokens=False)["input_ids"]
         return list(head) + [self.image_token_id] * n_image + list(tail)
@@ -80,7 +84,8 @@ def prompts_for(model_dir: Optional[Path], model):
     if model_dir is None or (model_dir / "vocab.json").is_file():
         vocab = trained_vocab(model_dir)
         if len(vocab) > model.language_model.embed_tokens.num_embeddings:
-            raise ValueError(f"--model: vocab.json has {len(vocab)} words, more than the model's vocabulary")
+            raise ValueError(f"--model: {model_dir or 'the embedded model'}/vocab.json has {len(vocab)} words, more than "
+                             f"the model's vocabulary")
         return WordPrompts(vocab, model.image_token_id, trained_prompt(model_dir)["question_first"])
     try:
         from transformers import AutoTokenizer
@@ -94,22 +99,35 @@ def prompts_for(model_dir: Optional[Path], model):
     return TokenizerPrompts(tokenizer, model.image_token_id)
 
 
-def pixels(images: Sequence[Tensor], size: int, mean=(0.481, 0.458, 0.408), std=(0.269, 0.261, 0.276)) -> Tensor:
-    """fp32 [B, 3, size, size]: uint8 images resized (bilinear, antialiased) and CLIP-normalised."""
-    out = []
-    for im in images:
-        x = im.float()[None] / 255
-        if tuple(x.shape[-2:]) != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False).clamp(0, 1)
-        out.append(x[0])
-    x = torch.stack(out)
+def pixels(images: Sequence[Union[Tensor, ImageFile]], size: int, mean=(0.481, 0.458, 0.408),
+           std=(0.269, 0.261, 0.276)) -> Tensor:
+    """fp32 [B, 3, size, size]: uint8 images (or a dataset's ImageFiles, read one at a time through
+    its cache) resized (bilinear, antialiased) and CLIP-normalised."""
+    x = torch.stack([resize(im, size) for im in images])
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+def prompt_ids(item: Item, prompts, model, new_tokens: int = 0) -> list[int]:
+    """The item's prompt ids, checked: its question holds no image token (the prompt has exactly the
+    model's visual tokens of them), and the prompt and new_tokens generated tokens fit the model's
+    max_position_embeddings. ValueError naming the item's file and line (Item.source)."""
+    ids = prompts.ids(item.question, model.num_visual_tokens)
+    where = f"{item.source}: question" if item.source else "question"
+    if ids.count(model.image_token_id) != model.num_visual_tokens:
+        raise ValueError(f"{where}: expected no image token (id {model.image_token_id}) among its tokens: the image "
+                         f"comes once, {model.num_visual_tokens} tokens")
+    limit = model.text_config.max_position_embeddings
+    if len(ids) + new_tokens > limit:
+        more = f" and --max-new-tokens {new_tokens}" if new_tokens else ""
+        raise ValueError(f"{where}: expected a prompt{more} of at most max_position_embeddings = {limit} tokens (the "
+                         f"model's context), got {len(ids)} prompt tokens ({model.num_visual_tokens} of the image)")
+    return ids
+
+
 def batch_inputs(items: Sequence[Item], prompts, model, device="cpu", dtype=torch.float32) -> dict:
-    """input_ids / attention_mask (left-padded) / pixel_values for the model."""
-    rows = [prompts.ids(it.question, model.num_visual_tokens) for it in items]
+    """input_ids / attention_mask (left-padded) / pixel_values for the model (prompts checked by
+    prompt_ids)."""
+    rows = [prompt_ids(it, prompts, model) for it in items]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)

@@ -11,14 +11,18 @@ from typing import Optional, Sequence
 from .. import synth
 from ..figures import accuracy_plot
 from ..png import write_png
+from .data import OVERALL
 from .run import Result
 
 
 def kinds_of(results: Sequence[Result]) -> list[str]:
+    """The question kinds the results hold, the synthetic set's first: the per-kind columns (a
+    question without a kind, OVERALL, counts in the overall column only)."""
     seen: dict = {}
     for r in results:
         for k in r.total:
-            seen.setdefault(k, None)
+            if k != OVERALL:
+                seen.setdefault(k, None)
     order = [k for k in synth.KINDS if k in seen]
     return order + [k for k in seen if k not in order]
 
@@ -30,7 +34,7 @@ def _pct(v: Optional[float]) -> str:
 def table(results: Sequence[Result]) -> str:
     """The results as a fixed-width text table (accuracy in %, per kind and overall)."""
     kinds = kinds_of(results)
-    head = ["method", "budget", "tok/layer", "FLOPs", "all"] + kinds + ["targets kept"]
+    head = ["method", "budget", "tok/layer", "FLOPs", OVERALL] + kinds + ["targets kept"]
     rows = [head]
     for r in results:
         rows.append([r.method, "100%" if r.budget is None else f"{100 * r.budget:.0f}%",
@@ -46,8 +50,8 @@ def table(results: Sequence[Result]) -> str:
 def markdown_table(results: Sequence[Result]) -> str:
     """The results as a Markdown table (accuracy in %), the form the README quotes."""
     kinds = kinds_of(results)
-    names = {"coarse": "background"}
-    head = ["method", "budget", "tokens / layer", "prefill FLOPs", "all"] + [names.get(k, k) for k in kinds] + \
+    names = {"coarse": "background"} if "background" not in kinds else {}  # the synthetic set's coarse question
+    head = ["method", "budget", "tokens / layer", "prefill FLOPs", OVERALL] + [names.get(k, k) for k in kinds] + \
         ["targets kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -69,8 +73,8 @@ def write_outputs(results: Sequence[Result], out: Path, settings: dict, title: s
         w.writerow(["method", "budget", "visual_tokens_per_layer", "prefill_flops_share", "kind", "correct", "total",
                     "accuracy", "target_patches_kept_share"])
         for r in results:
-            for k in ["all"] + kinds:
-                kind = None if k == "all" else k
+            for k in [OVERALL] + kinds:
+                kind = None if k == OVERALL else k
                 acc, tgt = r.accuracy(kind), r.target_share(kind)
                 w.writerow([r.method, "" if r.budget is None else f"{r.budget:.4f}",
                             "" if not r.feasible else f"{r.tokens_per_layer:.2f}",

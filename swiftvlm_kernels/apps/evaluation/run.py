@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 
 from ...pruning import FastV, PDrop, SwiftVLM, prefill_flops
 from .data import Item, target_patches
-from .prompts import batch_inputs, normalise
+from .prompts import batch_inputs, normalise, prompt_ids
 
 DEFAULT_BUDGETS = (0.5, 1 / 3, 2 / 9, 0.2)
 METHODS = ("vanilla", "swiftvlm", "fastv", "pdrop")
@@ -53,6 +53,22 @@ def eval_layers(num_layers: int) -> dict:
 
     pdrop = tuple(sorted({2, *(max(3, min(num_layers - 1, round(num_layers * f))) for f in (0.5, 0.75))}))
     return {"swiftvlm": default_layers(num_layers, "swiftvlm"), "fastv": (2,), "pdrop": pdrop}
+
+
+def check_layers(layers: dict, model, option: str = "layers") -> None:
+    """ValueError naming `option` (and the method's layers) when a method's layers (name -> layers)
+    make no plan for the model: ints >= 1, increasing, one for FastV, within the model's depth."""
+    for name, values in layers.items():
+        spec = f"{option} {name}={':'.join(str(v) for v in values)}"
+        if name == "fastv" and len(values) != 1:
+            raise ValueError(f"{spec}: expected one layer for FastV")
+        keep = model.num_visual_tokens  # every stage keeping every token: a refusal is the layers'
+        try:
+            method = make_method(name, 1.0, values)
+            replace(method, budget_ratio=None, keep=keep if name == "fastv" else (keep,) * len(values)).plan(
+                model.num_visual_tokens, model.num_layers)
+        except ValueError as e:
+            raise ValueError(f"{spec}: expected layers that fit the model's {model.num_layers} layers ({e})") from None
 
 
 def make_method(name: str, budget: float, layers: Sequence[int]):
@@ -107,19 +123,21 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
              budgets: Sequence[float] = DEFAULT_BUDGETS, layers: Optional[dict] = None, batch_size: int = 32,
              max_new_tokens: int = 8, progress: Optional[Progress] = None, device="cpu",
              dtype=torch.float32) -> list[Result]:
-    """Every method at every budget (vanilla once) on `items`; see the package docstring."""
+    """Every method at every budget (vanilla once) on `items`; see the package docstring. The
+    layers and every prompt are checked before anything runs; then each batch's inputs are built
+    once (its images read one at a time) and every method and budget answers it."""
     layers = {**eval_layers(model.num_layers), **(layers or {})}
+    check_layers({m: layers[m] for m in methods if m != "vanilla"}, model)
     text = model.text_config
     grid = int(round(math.sqrt(model.num_visual_tokens - model.keep_cls)))
-    runs: list[tuple[str, Optional[float]]] = [(m, None) if m == "vanilla" else (m, b)
-                                               for m in methods for b in ((None,) if m == "vanilla" else budgets)]
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    inputs = [batch_inputs(b, prompts, model, device, dtype) for b in batches]
-    targets = [[target_patches(it, (it.image.shape[1], it.image.shape[2]), grid) for it in b] for b in batches]
+    new_tokens = 0 if prompts.one_token else max_new_tokens
+    lengths = [len(prompt_ids(it, prompts, model, new_tokens)) for it in items]
     # the FLOPs share is reported for the questions' mean prompt length
-    n_text = round(sum(int(i["attention_mask"].sum()) for i in inputs) / max(1, len(items))) - model.num_visual_tokens
-    results = []
-    for method, budget in runs:
+    n_text = round(sum(lengths) / max(1, len(items))) - model.num_visual_tokens
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    results, running = [], []
+    for method, budget in [(m, None) if m == "vanilla" else (m, b)
+                           for m in methods for b in ((None,) if m == "vanilla" else budgets)]:
         pruning = None
         try:
             pruning = None if budget is None else make_method(method, budget, layers[method])
@@ -132,8 +150,12 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
         flops = prefill_flops(text, n_text, model.num_visual_tokens, plan).total / \
             prefill_flops(text, n_text, model.num_visual_tokens).total
         per_layer = plan.average_visual_tokens() if plan else float(model.num_visual_tokens)
-        res = Result(NAMES[method], budget, per_layer, flops)
-        for batch, inp, tg in zip(batches, inputs, targets):
+        results.append(Result(NAMES[method], budget, per_layer, flops))
+        running.append((pruning, results[-1], NAMES[method] if budget is None else f"{NAMES[method]} {budget:.0%}"))
+    for batch in batches:
+        inp = batch_inputs(batch, prompts, model, device, dtype)
+        targets = [target_patches(it, (it.image.shape[1], it.image.shape[2]), grid) for it in batch]
+        for pruning, res, label in running:
             pred, kept = _predict(model, prompts, inp, pruning, max_new_tokens)
             for b, it in enumerate(batch):
                 if prompts.one_token:
@@ -142,13 +164,11 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
                     ok = normalise(pred[b]) == normalise(it.answer)
                 res.right[it.kind] = res.right.get(it.kind, 0) + int(ok)
                 res.total[it.kind] = res.total.get(it.kind, 0) + 1
-                if len(tg[b]):
+                if len(targets[b]):
                     last = kept[-1][b] if kept else torch.arange(model.num_visual_tokens)
-                    hit = torch.isin(tg[b].to(last.device), last).sum().item()
+                    hit = torch.isin(targets[b].to(last.device), last).sum().item()
                     res.target_kept[it.kind] = res.target_kept.get(it.kind, 0) + hit
-                    res.target_total[it.kind] = res.target_total.get(it.kind, 0) + len(tg[b])
+                    res.target_total[it.kind] = res.target_total.get(it.kind, 0) + len(targets[b])
             if progress:
-                label = NAMES[method] if budget is None else f"{NAMES[method]} {budget:.0%}"
                 progress.update(1, label)
-        results.append(res)
     return results
