@@ -7,13 +7,11 @@ import os
 import struct
 import subprocess
 import sys
-import time
 import weakref
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -150,14 +148,13 @@ def test_help_states_the_memory_bound(capsys):
 
 # -- 3. the row unfilter with numpy (bit-exactness: tests/test_png.py) ----------------------------------
 
-def test_a_paeth_filtered_4096_square_decodes_in_well_under_the_former_15_seconds():
+def test_a_paeth_filtered_4096_square_decodes():
+    """The 74 KB Paeth-filtered 4096 x 4096 RGBA file that took the pure-Python unfilter 15.7 s decodes
+    right (its speed is a benchmark, not a test: python -m bench.png)."""
     blob = _png(4096, 4096, colour=6, channels=4, filter_type=4, level=9)
     assert len(blob) < 80_000
-    start = time.perf_counter()
     image = decode_png(blob)
-    seconds = time.perf_counter() - start
     assert image.shape == (3, 4096, 4096) and not image.any()
-    assert seconds < 4, seconds  # about 0.5 s on one core (the pure-Python unfilter: 15.7 s)
 
 
 # -- 4. the signature and header before the body; the file's length bounded by its header -------------
