@@ -130,3 +130,30 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
             out[b, int(vis_start[b]) + int(rest_idx[b, i])] = (
                 h_rest[b, i].double() + flat[int(merged_rows[b, g])] - merged_then[b, g].double())
     return out
+
+
+def attention_importance(q, k, vis_start, vis_len, scale, key_mask=None):
+    """Token by token in float64: per head, each valid row's causal softmax over its valid keys; per
+    visual key, the mean over heads and valid text (visual) rows of its probability."""
+    q, k = q.double(), k.double()
+    B, H, L, _ = q.shape
+    G = H // k.shape[1]
+    counts = vis_len.tolist() if isinstance(vis_len, torch.Tensor) else [vis_len] * B
+    width = max(counts, default=0)
+    t2v, v2v = torch.zeros(B, width, dtype=torch.float64), torch.zeros(B, width, dtype=torch.float64)
+    for b in range(B):
+        valid = [True] * L if key_mask is None else key_mask[b].tolist()
+        start, n = int(vis_start[b]), counts[b]
+        visual = set(range(start, start + n))
+        text_rows = [j for j in range(L) if valid[j] and j not in visual]
+        visual_rows = [j for j in range(L) if valid[j] and j in visual]
+        for h in range(H):
+            for rows, out in ((text_rows, t2v), (visual_rows, v2v)):
+                for j in rows:
+                    keys = [m for m in range(j + 1) if valid[m]]
+                    logits = torch.stack([scale * (q[b, h, j] @ k[b, h // G, m]) for m in keys])
+                    p = torch.softmax(logits, 0)
+                    for m, pm in zip(keys, p):
+                        if start <= m < start + n:
+                            out[b, m - start] += pm / (H * len(rows))
+    return t2v, v2v
