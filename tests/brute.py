@@ -157,3 +157,31 @@ def attention_importance(q, k, vis_start, vis_len, scale, key_mask=None):
                         if start <= m < start + n:
                             out[b, m - start] += pm / (H * len(rows))
     return t2v, v2v
+
+
+def attention_importance_fp64(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    """attention_importance in float64, dense ([B, H, L, L]) but written out directly: the exact values
+    the kernels' fp32 results are measured against at shapes too large for the loops above (the loops
+    check this function). Ragged: vis_len an int tensor [B], results [B, max_vis_len]."""
+    q, k = q.double(), k.double()
+    B, H, L, _ = q.shape
+    G = H // k.shape[1]
+    counts = vis_len.tolist() if isinstance(vis_len, torch.Tensor) else [vis_len] * B
+    width = max_vis_len if max_vis_len is not None else max(counts, default=0)
+    t2v, v2v = torch.zeros(B, width, dtype=torch.float64), torch.zeros(B, width, dtype=torch.float64)
+    rows = torch.arange(L)
+    for b in range(B):
+        valid = torch.ones(L, dtype=torch.bool) if key_mask is None else key_mask[b].bool().cpu()
+        start, n = int(vis_start[b]), int(counts[b])
+        visual = (rows >= start) & (rows < start + n)
+        allowed = (rows[None, :] <= rows[:, None]) & valid[None, :]  # [row, key]
+        logits = (q[b] @ k[b].repeat_interleave(G, 0).transpose(-1, -2)) * scale  # [H, L, L]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        probs = probs * allowed.any(-1)[None, :, None]  # a row without a key: no probabilities
+        for kind, out in ((valid & ~visual, t2v), (valid & visual, v2v)):
+            if kind.any():
+                per_key = probs[:, kind].sum((0, 1)) / (H * int(kind.sum()))
+                for i in range(min(n, width)):
+                    if 0 <= start + i < L:
+                        out[b, i] = per_key[start + i]
+    return t2v, v2v

@@ -1,6 +1,12 @@
 """attention_importance (python_ref, the cpu backend) against token-by-token brute force: GQA, the
 low-rank selector's one head, masks and padding rows, several visual offsets, ragged batches (each
-sample gives what it gives alone), edge cases; the cpu backend's row blocks against the reference."""
+sample gives what it gives alone), edge cases; the cpu backend's row blocks against the reference.
+The kernels (Triton, CUDA) run the backend protocol tests of test_backends.py (every backend against
+float64: dtypes, odd shapes, GQA, masks, strided inputs, ragged samples alone, determinism, NaN);
+here: the emulated CUDA kernels under other thread schedules and block orders, and both kernels at
+real-model shapes (full tier)."""
+import shutil
+
 import pytest
 import torch
 
@@ -115,3 +121,89 @@ def test_errors_name_the_argument():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_fp64_evaluation_matches_the_loops():
+    """brute.attention_importance_fp64 (the dense float64 form the kernels are measured against) equals
+    the token-by-token loops, ragged and masked too."""
+    q, k = inputs(3, 4, 2, 14, 5, seed=11)
+    vis_start, counts = torch.tensor([2, 0, 9]), torch.tensor([6, 3, 5])
+    mask = torch.ones(3, 14, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[2, 4] = False
+    for vis_len, width in ((counts, 6), (5, None)):
+        want = brute.attention_importance(q, k, vis_start, vis_len, 0.7, mask)
+        got = brute.attention_importance_fp64(q, k, vis_start, vis_len, 0.7, mask, width)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- the kernels: schedules, real shapes
+
+needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulation compiles csrc/ with g++")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import cuda_emulator
+
+    return cuda_emulator.backend()
+
+
+@needs_gpp
+@pytest.mark.parametrize("schedule", ["reverse", "random", "warps"])
+def test_cuda_emulated_kernels_under_every_schedule(emu, schedule):
+    """Threads in other orders between barriers and blocks in a random order: bit-identical results (a
+    missing barrier or a race would show), padded and ragged, GQA 7 and 20 (two head groups)."""
+    import cuda_emulator
+
+    q, k = inputs(3, 14, 2, 70, 40, torch.bfloat16, seed=12)
+    q20, k20 = inputs(1, 20, 1, 50, 9, seed=13)
+    mask = torch.ones(3, 70, dtype=torch.bool)
+    mask[1, :6] = False
+    mask[2, 33] = False
+    vis_start, counts = torch.tensor([4, 10, 0]), torch.tensor([60, 9, 0])
+
+    def run():
+        return (*emu.attention_importance(q, k, vis_start, counts, 0.2, mask, 60),
+                *emu.attention_importance(q, k, vis_start, 60, 0.2, mask),
+                *emu.attention_importance(q20, k20, torch.tensor([7]), 30, 0.5, None))
+
+    want = cuda_emulator.assert_schedule_independent(run, schedule)
+    torch.testing.assert_close(want[0], python_ref.attention_importance(q, k, vis_start, counts, 0.2, mask, 60)[0],
+                               rtol=1e-5, atol=1e-8)
+
+
+def _module(name, emu_request):
+    if name == "triton":
+        import swiftvlm_kernels.triton_kernels as triton_kernels
+
+        return triton_kernels
+    return emu_request.getfixturevalue("emu")
+
+
+def _llava_cases():
+    """(backend, H, E): the selector's one head at rank 128 and 256 on both kernels, the layer's 32
+    heads of 128 on the emulated CUDA kernels only (the Triton interpreter takes minutes there)."""
+    import os
+
+    emu_marks = [pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulation compiles csrc/ with g++")]
+    backends = [("cuda-emu", emu_marks)] + ([("triton", [])] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    return [pytest.param(name, H, E, marks=marks, id=f"{name}-H{H}-E{E}") for name, marks in backends
+            for H, E in ((1, 128), (1, 256), (32, 128)) if name != "triton" or H == 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,H,E", _llava_cases())
+def test_llava_shapes(backend, H, E, request):
+    """LLaVA-1.5: 576 visual tokens in a 650-token prompt, a batch of two, the second left padded:
+    within python_ref's fp32 rounding."""
+    module = _module(backend, request)
+    q, k = inputs(2, H, H, 650, E, torch.bfloat16, seed=14)
+    mask = torch.ones(2, 650, dtype=torch.bool)
+    mask[1, :40] = False
+    vis_start = torch.tensor([35, 75])
+    got = module.attention_importance(q, k, vis_start, 576, E ** -0.5, mask)
+    want = python_ref.attention_importance(q, k, vis_start, 576, E ** -0.5, mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-9)
