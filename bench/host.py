@@ -108,6 +108,8 @@ def op_overhead(rounds: int = 30) -> list[dict]:
         "bypass_align_into": (torch.zeros(1, 9, 8), torch.tensor([[0, 1, 2, 3, 4, 5]]), h, group, merged, merged),
         "compact": (seq, vis_start, keep, rest, 2),
         "restore": (h_new, inverse, vis_start, rest, rest_h, group, merged_rows, merged),
+        "attention_importance": (torch.randn(1, 4, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g),
+                                 vis_start, 9, 0.3, mask),
     }
     from swiftvlm_kernels import _backend
 

@@ -5,7 +5,10 @@
 Providers: eager (python_ref), compile (torch.compile of python_ref), the backends cpu, triton and
 cuda, and `naive` for the selection ops: what pruning code often writes instead, a matmul in the input
 dtype, softmax, torch.topk and a sort (it rounds the logits to bf16 and breaks ties arbitrarily, so its
-selections differ from python_ref's: the yardstick of what exactness costs, not an alternative). Timing: bench/timer.py (CUDA-graph replay on a GPU; interleaved rounds on a CPU); every
+selections differ from python_ref's: the yardstick of what exactness costs, not an alternative).
+attention_importance runs at each model's full attention (H heads of D) and at the low-rank
+selector's one head of rank 128 and 256 (SELECTOR_RANKS); its python_ref materialises [B, H, L, L].
+Timing: bench/timer.py (CUDA-graph replay on a GPU; interleaved rounds on a CPU); every
 row has p50 / p20 / p80 µs, GB/s and the fraction of the copy bandwidth measured in the same run,
 its difference from python_ref, and the machine, versions and commit.
 """
@@ -30,6 +33,13 @@ MODELS = {
     "smoke": dict(n_vis=40, n_text=9, H=4, Hkv=2, D=16, d=32),
 }
 KEEP_DIVISORS = (3.0, 4.5)  # keep = n_vis / 3 and n_vis / 4.5
+# attention_importance is timed at the layer's H heads of D and at the low-rank selector's one head of
+# these ranks (ALVTS scores with both)
+SELECTOR_RANKS = (128, 256)
+# attention_importance's differences are measured against python_ref up to this many bytes of its
+# [B, H, L, L] fp32 logits, beyond against the cpu backend (python_ref's arithmetic a block of rows at a
+# time, on any device)
+REFERENCE_LOGITS_BYTES = 2 ** 30
 MERGE_RATIO = 0.05  # Z = 5% of the rest
 # the ops in their padded form (the packed varlen ops are timed through bench.ragged)
 OPS = tuple(op for op in schemas.OPS if "cu_seqlens" not in schemas.SIGNATURES[op].names)
@@ -68,6 +78,7 @@ class Case:
     d: int
     keep: int
     merge: int
+    rank: int = 0  # attention_importance: 0 = the layer's H heads of D; else one head of this rank
 
     @property
     def L(self):
@@ -90,6 +101,19 @@ def cases(models, batches):
     return out
 
 
+def op_cases(op, case):
+    """The cases `op` is timed at for one model case: attention_importance at the layer's heads and at
+    the selector's ranks; every other op at the case itself."""
+    if op != "attention_importance":
+        return [case]
+    return [case] + [dataclasses.replace(case, rank=r) for r in SELECTOR_RANKS]
+
+
+def importance_heads(case):
+    """(H, Hk, E) of attention_importance's q and k for a case."""
+    return (1, 1, case.rank) if case.rank else (case.H, case.Hkv, case.D)
+
+
 def make_inputs(op, case, device, dtype):
     """Arguments of `op` (backend-protocol order) for one case; deterministic."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -106,6 +130,11 @@ def make_inputs(op, case, device, dtype):
         if op == "tv_score":
             return (q, k, vis_start, case.n_vis, scale, mask)
         return (q, k, vis_start, case.n_vis, case.keep, scale, mask)
+    if op == "attention_importance":
+        H, Hk, E = importance_heads(case)
+        q, k = randn(B, H, L, E), randn(B, Hk, L, E)
+        vis_start = torch.full((B,), case.n_text // 2, dtype=torch.int64, device=device)
+        return (q, k, vis_start, case.n_vis, E ** -0.5, torch.ones(B, L, dtype=torch.bool, device=device))
     if op == "topk_select":
         return (torch.randn(B, case.n_vis, generator=g).to(device), case.keep)
     if op == "group_merge":
@@ -138,6 +167,9 @@ def bytes_moved(op, case, elem):
     if op in ("tv_score", "score_select"):
         n = B * (case.Hkv * case.L * case.D + case.H * case.D) * elem + B * case.n_vis * 4 + B * case.L
         return n + (B * case.n_vis * 8 if op == "score_select" else 0)
+    if op == "attention_importance":  # q and k once, the mask, two fp32 outputs
+        H, Hk, E = importance_heads(case)
+        return B * (H + Hk) * case.L * E * elem + B * case.L + 2 * B * case.n_vis * 4
     if op == "topk_select":
         return B * case.n_vis * (4 + 8)
     if op == "group_merge":
@@ -171,6 +203,18 @@ def get_fn(provider, op, device_type):
     return _backend_fn(provider, op, device_type)
 
 
+def reference(op, args):
+    """python_ref's function of `op`; for attention_importance beyond REFERENCE_LOGITS_BYTES of logits,
+    the cpu backend (the same arithmetic a block of rows at a time: python_ref would not fit)."""
+    if op == "attention_importance":
+        B, H, L, _ = args[0].shape
+        if 4 * B * H * L * L > REFERENCE_LOGITS_BYTES:
+            from swiftvlm_kernels import cpu
+
+            return cpu.attention_importance
+    return getattr(python_ref, op)
+
+
 def difference(op, args, fn):
     """How far `fn`'s result is from python_ref's on the same input: the largest absolute difference
     of the float outputs, plus the number of differing entries of the index outputs."""
@@ -180,7 +224,7 @@ def difference(op, args, fn):
         return (a[0],) if op == "bypass_align_into" else (out if isinstance(out, tuple) else (out,))
 
     worst, mismatched = 0.0, 0
-    for got, want in zip(outputs(fn), outputs(getattr(python_ref, op))):
+    for got, want in zip(outputs(fn), outputs(reference(op, args))):
         if want.dtype.is_floating_point:
             worst = max(worst, float((got.float() - want.float()).abs().max()) if want.numel() else 0.0)
         else:
@@ -206,9 +250,9 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
     for p, why in unavailable(providers, device.type).items():
         if progress:
             print(f"bench.ops: provider {p!r} skipped: {why}", file=sys.stderr)
-    # tv_score does not depend on the keep count: time it once per model and batch
-    work = [(c, op, p) for c in cases(models, batches) for op in ops for p in providers
-            if not (op == "tv_score" and c.keep != round(c.n_vis / KEEP_DIVISORS[0]))]
+    # tv_score and attention_importance do not depend on the keep count: timed once per model and batch
+    work = [(oc, op, p) for c in cases(models, batches) for op in ops for oc in op_cases(op, c) for p in providers
+            if not (op in ("tv_score", "attention_importance") and c.keep != round(c.n_vis / KEEP_DIVISORS[0]))]
     try:
         from tqdm import tqdm
 
@@ -248,16 +292,23 @@ def run(models=("llava-1.5-7b",), batches=(1, 8), ops=OPS, providers=PROVIDERS, 
     return rows
 
 
+def op_label(r):
+    """The op of a row, with attention_importance's heads: (H x E) or (rank R)."""
+    if r["op"] != "attention_importance":
+        return r["op"]
+    return f"{r['op']} (rank {r['rank']})" if r.get("rank") else f"{r['op']} ({r['H']} x {r['D']})"
+
+
 def markdown(rows):
     head = ("| model | B | op | keep | Z | provider | p50 µs | p20 µs | p80 µs | GB/s | % copy BW "
             "| max diff vs ref | index mismatches |\n")
     head += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     body = "".join(
-        f"| {r['model']} | {r['batch']} | {r['op']} | {r['keep']} | {r['merge']} | {r['provider']} | "
+        f"| {r['model']} | {r['batch']} | {op_label(r)} | {r['keep']} | {r['merge']} | {r['provider']} | "
         f"{r['p50_us']:.1f} | {r['p20_us']:.1f} | {r['p80_us']:.1f} | {r['gbps']:.1f} | {100 * r['frac_copy_bw']:.1f} "
         f"| {r['max_diff']:.2e} | {r['index_mismatches']} |\n"
         for r in rows if "error" not in r)
-    failed = "".join(f"- FAILED {r['op']} / {r['provider']} ({r['model']}, B={r['batch']}, keep={r['keep']}): {r['error']}\n"
+    failed = "".join(f"- FAILED {op_label(r)} / {r['provider']} ({r['model']}, B={r['batch']}, keep={r['keep']}): {r['error']}\n"
                      for r in rows if "error" in r)
     return head + body + ("\n" + failed if failed else "")
 

@@ -2,7 +2,8 @@
 
     python -m bench.static_report [--out DIR] [--models ...] [--batches 1 8] [--parts ...]
 
-For every op at the benchmark shapes (bench/ops.py MODELS, keep = n_vis / 3, bf16):
+For every op at the benchmark shapes (bench/ops.py MODELS, keep = n_vis / 3, bf16; attention_importance
+also at the selector's ranks, and its traffic only at the smaller shapes: IMPORTANCE_TRAFFIC_PAIRS):
 - resources of every kernel variant the backends launch there, compiled for sm_90a: registers,
   spilled bytes, shared memory, threads per block, and the occupancy those allow on an H100 (a
   calculation from the per-SM limits below). Triton: the variants recorded from real launches on meta
@@ -52,6 +53,11 @@ SECTOR = 32
 
 # the ops in their padded form (the packed varlen ops run the same kernels)
 OPS = tuple(op for op in schemas.OPS if "cu_seqlens" not in schemas.SIGNATURES[op].names)
+# attention_importance's traffic is counted (interpreter, emulation) only where B H L^2 is at most this
+# (LLaVA-1.5 at 32 heads, every selector case but the video's): its O(L^2 E) work would take hours
+# there at the larger shapes. Its resources are compiled at every case. Its bytes also say little of its
+# time: it is compute-bound, and the MODEL counts bytes and load rounds only.
+IMPORTANCE_TRAFFIC_PAIRS = 2 ** 24
 
 
 def blocks_per_sm(regs: int, warps: int, smem: int) -> int:
@@ -70,7 +76,23 @@ def _cases(models, batches):
 
 
 def _case_name(c):
-    return f"{c.model} B={c.batch}"
+    return f"{c.model} B={c.batch}" + (f" rank={c.rank}" if c.rank else "")
+
+
+def _op_cases(models, batches, traffic=False):
+    """(case, op) pairs: every op at every case, attention_importance also at the selector's ranks
+    (bench.ops.op_cases); for the traffic parts, attention_importance only up to IMPORTANCE_TRAFFIC_PAIRS."""
+    from bench.ops import importance_heads, op_cases
+
+    out = []
+    for case in _cases(models, batches):
+        for op in OPS:
+            for c in op_cases(op, case):
+                if traffic and op == "attention_importance" and \
+                        c.batch * importance_heads(c)[0] * c.L ** 2 > IMPORTANCE_TRAFFIC_PAIRS:
+                    continue
+                out.append((c, op))
+    return out
 
 
 # ------------------------------------------------------------------ Triton: compiled resources
@@ -87,37 +109,36 @@ def triton_resources(models, batches):
 
     target = ctc.TARGETS[1]  # sm_90a
     compiled, rows = {}, []
-    for case in _cases(models, batches):
-        for op in OPS:
-            args = _meta_inputs(op, case, torch.bfloat16)
-            launches = []
+    for case, op in _op_cases(models, batches):
+        args = _meta_inputs(op, case, torch.bfloat16)
+        launches = []
 
-            def record(kernel, *a, grid, warmup, **kw):
-                launches.append((kernel, a, kw, grid))
+        def record(kernel, *a, grid, warmup, **kw):
+            launches.append((kernel, a, kw, grid))
 
-            run, JITFunction.run = JITFunction.run, record
-            try:
-                getattr(tk, op)(*args)
-            finally:
-                JITFunction.run = run
-            for kernel, a, kw, grid in launches:
-                src, options = ctc.specialise(kernel, a, kw, target)
-                key = (kernel, tuple(src.signature.items()), str(src.constants), str(options))
-                if key not in compiled:
-                    k = triton.compile(src, target=target, options=options.__dict__)
-                    regs, st, ld = ctc.ptxas_usage(k.asm["ptx"], target.arch)
-                    compiled[key] = dict(regs=regs, spill_bytes=st + ld, smem=k.metadata.shared,
-                                         warps=options.num_warps)
-                res = compiled[key]
-                if callable(grid):
-                    grid = grid(dict(kw, **{p.name: v for p, v in zip(kernel.params, a)}))
-                grid = tuple(grid) + (1,) * (3 - len(grid))
-                programs = grid[0] * grid[1] * grid[2]
-                per_sm = blocks_per_sm(res["regs"], res["warps"], res["smem"])
-                rows.append(dict(case=_case_name(case), op=op, kernel=kernel.fn.__name__, grid=list(grid),
-                                 programs=programs, threads=res["warps"] * 32, **res, blocks_per_sm=per_sm,
-                                 occupancy=per_sm * res["warps"] / MAX_WARPS_PER_SM,
-                                 waves=math.ceil(programs / max(per_sm * SMS, 1))))
+        run, JITFunction.run = JITFunction.run, record
+        try:
+            getattr(tk, op)(*args)
+        finally:
+            JITFunction.run = run
+        for kernel, a, kw, grid in launches:
+            src, options = ctc.specialise(kernel, a, kw, target)
+            key = (kernel, tuple(src.signature.items()), str(src.constants), str(options))
+            if key not in compiled:
+                k = triton.compile(src, target=target, options=options.__dict__)
+                regs, st, ld = ctc.ptxas_usage(k.asm["ptx"], target.arch)
+                compiled[key] = dict(regs=regs, spill_bytes=st + ld, smem=k.metadata.shared,
+                                     warps=options.num_warps)
+            res = compiled[key]
+            if callable(grid):
+                grid = grid(dict(kw, **{p.name: v for p, v in zip(kernel.params, a)}))
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            programs = grid[0] * grid[1] * grid[2]
+            per_sm = blocks_per_sm(res["regs"], res["warps"], res["smem"])
+            rows.append(dict(case=_case_name(case), op=op, kernel=kernel.fn.__name__, grid=list(grid),
+                             programs=programs, threads=res["warps"] * 32, **res, blocks_per_sm=per_sm,
+                             occupancy=per_sm * res["warps"] / MAX_WARPS_PER_SM,
+                             waves=math.ceil(programs / max(per_sm * SMS, 1))))
     return rows
 
 
@@ -144,6 +165,11 @@ def _small_case(case):
 def _shapes(op, c):
     """The shapes (or int values) of make_inputs(op, c) without allocating."""
     B, L = c.batch, c.L
+    if op == "attention_importance":
+        from bench.ops import importance_heads
+
+        H, Hk, E = importance_heads(c)
+        return ((B, H, L, E), (B, Hk, L, E), (B,), c.n_vis, E ** -0.5, (B, L))
     if op == "tv_score":
         return ((B, c.H, c.D), (B, c.Hkv, L, c.D), (B,), c.n_vis, c.D ** -0.5, (B, L))
     if op == "score_select":
@@ -247,15 +273,14 @@ def triton_traffic(models, batches):
     ti.InterpretedFunction.run = run
     rows = []
     try:
-        for case in _cases(models, batches):
-            for op in OPS:
-                args = make_inputs(op, case, "cpu", torch.bfloat16)
-                counter.launches = []
-                getattr(tk, op)(*args)
-                for launch in counter.launches:
-                    rows.append(dict(case=_case_name(case), op=op, **launch))
-                rows.append(dict(case=_case_name(case), op=op, kernel="(minimum)",
-                                 min_bytes=bytes_moved(op, case, 2)))
+        for case, op in _op_cases(models, batches, traffic=True):
+            args = make_inputs(op, case, "cpu", torch.bfloat16)
+            counter.launches = []
+            getattr(tk, op)(*args)
+            for launch in counter.launches:
+                rows.append(dict(case=_case_name(case), op=op, **launch))
+            rows.append(dict(case=_case_name(case), op=op, kernel="(minimum)",
+                             min_bytes=bytes_moved(op, case, 2)))
     finally:
         B.create_masked_load, B.create_masked_store, B.set_grid_idx, B.create_atomic_rmw = (
             orig_load, orig_store, orig_grid, orig_rmw)
@@ -289,14 +314,13 @@ def cuda_traffic(models, batches):
     backend = cuda_emulator.backend(lib)
     symbols = _library_symbols(lib)
     rows = []
-    for case in _cases(models, batches):
-        for op in OPS:
-            args = make_inputs(op, case, "cpu", torch.bfloat16)
-            for launch in cuda_emulator.count_traffic(lib, lambda: getattr(backend, op)(*args)):
-                mangled = symbols.get(launch["kernel"], launch["kernel"])
-                launch["kernel"] = _demangle(mangled)
-                rows.append(dict(case=_case_name(case), op=op, **launch))
-            rows.append(dict(case=_case_name(case), op=op, kernel="(minimum)", min_bytes=bytes_moved(op, case, 2)))
+    for case, op in _op_cases(models, batches, traffic=True):
+        args = make_inputs(op, case, "cpu", torch.bfloat16)
+        for launch in cuda_emulator.count_traffic(lib, lambda: getattr(backend, op)(*args)):
+            mangled = symbols.get(launch["kernel"], launch["kernel"])
+            launch["kernel"] = _demangle(mangled)
+            rows.append(dict(case=_case_name(case), op=op, **launch))
+        rows.append(dict(case=_case_name(case), op=op, kernel="(minimum)", min_bytes=bytes_moved(op, case, 2)))
     return rows
 
 

@@ -123,6 +123,17 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// Max / sum over the `lanes` lanes of each aligned group of a warp (every lane calls it; lanes a power
+// of two up to 32), in a fixed order.
+__device__ __forceinline__ float lanes_max(float v, int lanes) {
+  for (int o = lanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+__device__ __forceinline__ float lanes_sum(float v, int lanes) {
+  for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));

@@ -113,6 +113,21 @@ inline IndexView counts_view(const std::optional<Tensor>& counts, const char* na
   return index_view(*counts, name);
 }
 
+// key_mask bool [B, L] (True = valid), or none: ptr nullptr.
+struct MaskView {
+  const bool* ptr;
+  int64_t sb, sl;
+};
+
+inline MaskView mask_view(const std::optional<Tensor>& key_mask, int64_t B, int64_t L, const Tensor& ref) {
+  if (!key_mask.has_value()) return {nullptr, 0, 0};
+  const Tensor& m = *key_mask;
+  check_tensor(m, "key_mask", 2, ref);
+  STD_TORCH_CHECK(m.scalar_type() == ScalarType::Bool, "key_mask: expected dtype bool (True = valid key)");
+  STD_TORCH_CHECK(m.size(0) == B && m.size(1) == L, "key_mask: expected shape [B, L]");
+  return {static_cast<const bool*>(m.const_data_ptr()), m.stride(0), m.stride(1)};
+}
+
 // ------------------------------------------------------------------------------------ scoring
 // The inputs of tv_score and score_select (tv_score.cu, score_select.cu).
 struct ScoreInputs {
@@ -160,17 +175,10 @@ inline ScoreInputs score_inputs(const Tensor& q_in, const Tensor& k_in, const Te
   a.seq_start = packed ? index_view(*cu_seqlens, "cu_seqlens") : kNoIndex;
   a.vis_count = counts_view(vis_count, "vis_len", B, q_in);
   a.vis_start = index_view(vis_start, "vis_start");
-  a.key_mask = nullptr;
-  a.mask_sb = a.mask_sl = 0;
-  if (key_mask.has_value()) {
-    const Tensor& m = *key_mask;
-    check_tensor(m, "key_mask", 2, q_in);
-    STD_TORCH_CHECK(m.scalar_type() == ScalarType::Bool, "key_mask: expected dtype bool (True = valid key)");
-    STD_TORCH_CHECK(m.size(0) == B && m.size(1) == L, "key_mask: expected shape [B, L]");
-    a.key_mask = static_cast<const bool*>(m.const_data_ptr());
-    a.mask_sb = m.stride(0);
-    a.mask_sl = m.stride(1);
-  }
+  const MaskView mask = mask_view(key_mask, B, L, q_in);
+  a.key_mask = mask.ptr;
+  a.mask_sb = mask.sb;
+  a.mask_sl = mask.sl;
   a.B = B;
   a.H = H;
   a.Hkv = Hkv;

@@ -46,6 +46,14 @@ std::tuple<Tensor, Tensor, Tensor> score_select_ragged_cuda(
     int64_t max_vis_len, int64_t max_keep, double scale, const std::optional<Tensor>& key_mask,
     const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<Tensor>& workspace);
 
+// attention_importance.cu
+std::tuple<Tensor, Tensor> attention_importance_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start,
+                                                     int64_t vis_len, double scale,
+                                                     const std::optional<Tensor>& key_mask);
+std::tuple<Tensor, Tensor> attention_importance_ragged_cuda(const Tensor& q, const Tensor& k, const Tensor& vis_start,
+                                                            const Tensor& vis_len, int64_t max_vis_len, double scale,
+                                                            const std::optional<Tensor>& key_mask);
+
 // topk_select.cu
 std::tuple<Tensor, Tensor> topk_select_cuda(const Tensor& scores, int64_t k);
 std::tuple<Tensor, Tensor> topk_select_ragged_cuda(const Tensor& scores, const std::optional<Tensor>& k_counts,

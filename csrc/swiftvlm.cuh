@@ -58,6 +58,32 @@ cudaError_t tv_score(const ScoreArgs& a, float* workspace, float* scores, cudaSt
 cudaError_t score_select(const ScoreArgs& a, int64_t keep, IndexView keep_count, float* workspace, float* scores,
                          int64_t* keep_idx, int64_t* rest_idx, cudaStream_t stream);
 
+// Inputs of attention_importance (docs/semantics.md): q [B, H, L, E] and k [B, Hk, L, E] with any
+// strides (in elements; read in place), H % Hk == 0. width: the outputs' width (ragged: the padded
+// width of the per-sample visual counts vis_count, each clamped to [0, width]; ptr nullptr: width each).
+struct ImportanceArgs {
+  DType dtype;                         // of q and k
+  const void* q;
+  int64_t q_sb, q_sh, q_sl, q_se;
+  const void* k;
+  int64_t k_sb, k_sh, k_sl, k_se;
+  IndexView vis_start;                 // [B] (sr unused)
+  IndexView vis_count;                 // [B] per-sample visual counts (ptr nullptr: width each)
+  const bool* key_mask;                // [B, L], true = a valid row (key and query row); nullptr = all valid
+  int64_t mask_sb, mask_sl;
+  int64_t B, H, Hk, L, E, width;
+  float scale;
+};
+
+// 4-byte scratch of attention_importance: each row's softmax max and 1 / sum [B, H, L] each, per-block
+// flags and the per-head-group partial sums [B, parts, 2, width] (parts = Hk x ceil(G / 16)); no
+// initial value needed.
+size_t importance_workspace_floats(int64_t B, int64_t H, int64_t Hk, int64_t L, int64_t width);
+
+// t2v, v2v: fp32 [B, width] contiguous. Three launches: row log-sum-exp, visual column sums, means.
+cudaError_t attention_importance(const ImportanceArgs& a, float* workspace, float* t2v, float* v2v,
+                                 cudaStream_t stream);
+
 // scores [B, N] of dtype with any strides; keep int64 [B, k], rest int64 [B, N - k], contiguous.
 // Ragged (k_count.ptr or lengths.ptr != nullptr): row b selects k_count[b] (else k) of its first
 // lengths[b] (else N) scores; keep is [B, k] (k the padded width), rest [B, N], each row's indices

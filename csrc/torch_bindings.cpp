@@ -37,6 +37,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(swiftvlm, m) {
   m.def(
       "restore_cuda(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, Tensor group,"
       " Tensor merged_rows, Tensor merged_then) -> Tensor");
+  m.def(
+      "attention_importance_cuda(Tensor q, Tensor k, Tensor vis_start, int vis_len, float scale, Tensor? key_mask)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "attention_importance_ragged_cuda(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, int max_vis_len,"
+      " float scale, Tensor? key_mask) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(swiftvlm, SWIFTVLM_DEVICE_KEY, m) {
@@ -53,4 +59,6 @@ STABLE_TORCH_LIBRARY_IMPL(swiftvlm, SWIFTVLM_DEVICE_KEY, m) {
   m.impl("compact_cuda", TORCH_BOX(&swiftvlm::compact_cuda));
   m.impl("compact_ragged_cuda", TORCH_BOX(&swiftvlm::compact_ragged_cuda));
   m.impl("restore_cuda", TORCH_BOX(&swiftvlm::restore_cuda));
+  m.impl("attention_importance_cuda", TORCH_BOX(&swiftvlm::attention_importance_cuda));
+  m.impl("attention_importance_ragged_cuda", TORCH_BOX(&swiftvlm::attention_importance_ragged_cuda));
 }

@@ -73,16 +73,6 @@ __device__ inline bool any_valid_key(const ScoreArgs& a, int64_t b, int lane) {
   return __any_sync(kFullMask, any);
 }
 
-// Max / sum over the `lanes` lanes of each aligned group of a warp (every lane calls it).
-__device__ __forceinline__ float lanes_max(float v, int lanes) {
-  for (int o = lanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-__device__ __forceinline__ float lanes_sum(float v, int lanes) {
-  for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
 // Per head h of sample b: the softmax max M_h and denominator S_h over all valid keys from the tile
 // partials (Eq. 2), turned into one factor per tile of this CTA's positions (tiles t_lo .. t_lo +
 // LT - 1): factor[h * LT + t - t_lo] = exp(m_t - M_h) / S_h, so that key j of tile t has the

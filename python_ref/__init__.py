@@ -4,6 +4,7 @@ These implement docs/semantics.md in plain, vectorised PyTorch (fp32 math for
 fp32/fp16/bf16 input, no Python loops over tokens). Every kernel backend is tested against them, and
 they serve as the ``torch`` backend of ``torch.ops.swiftvlm.*``.
 """
+from .attention_importance import attention_importance
 from .bypass_align import bypass_align, bypass_align_into
 from .compact import compact
 from .group_merge import group_merge, group_targets
@@ -25,4 +26,5 @@ __all__ = [
     "restore",
     "tv_score_varlen",
     "score_select_varlen",
+    "attention_importance",
 ]

@@ -113,6 +113,13 @@ def _check_scores_common(q, k, vis_start, scale, key_mask):
         fail(f"k: expected head dim {D} (q.shape[2]), got {Dk}")
     if Hkv == 0 or H % Hkv != 0:
         fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
+    _vis_start_scale_mask(vis_start, scale, key_mask, q, B, L)
+    _finite("q", q)
+    _finite("k", k)
+    return B, L
+
+
+def _vis_start_scale_mask(vis_start, scale, key_mask, q, B, L):
     check_rank("vis_start", vis_start, 1, "[B]")
     if vis_start.dtype not in INT_DTYPES:
         fail(f"vis_start: expected dtype int32 or int64, got {vis_start.dtype}")
@@ -128,19 +135,54 @@ def _check_scores_common(q, k, vis_start, scale, key_mask):
         _same("key_mask", key_mask, "q", q, dtype=False)
         if tuple(key_mask.shape) != (B, L):
             fail(f"key_mask: expected shape [{B}, {L}] ([B, L]), got {tuple(key_mask.shape)}")
-    _finite("q", q)
-    _finite("k", k)
-    return B, L
 
 
 def check_tv_score(q, k, vis_start, vis_len, scale, key_mask=None):
     B, L = _check_scores_common(q, k, vis_start, scale, key_mask)
+    _check_visual_span(vis_start, vis_len, B, L)
+
+
+def _check_visual_span(vis_start, vis_len, B, L):
     check_int("vis_len", vis_len, 0, L, "the number of visual tokens, at most the sequence length L")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0 or hi + vis_len > L:
             fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + vis_len <= L = {L} "
                   f"(vis_len = {vis_len}), got values in [{lo}, {hi}]")
+
+
+def _check_importance_common(q, k, vis_start, scale, key_mask):
+    """q, k, vis_start, scale and key_mask of attention_importance; returns (B, L)."""
+    check_rank("q", q, 4, "[B, H, L, E]")
+    _float("q", q)
+    check_rank("k", k, 4, "[B, Hk, L, E]")
+    _same("k", k, "q", q)
+    B, H, L, E = q.shape
+    _, Hk, Lk, Ek = k.shape
+    at_least_one("q", H, "query head (q.shape[1])")
+    at_least_one("q", E, "feature per head (q.shape[3], E)")
+    if k.shape[0] != B:
+        fail(f"k: expected batch size {B} (q.shape[0]), got {k.shape[0]}")
+    if Lk != L:
+        fail(f"k: expected {L} rows (q.shape[2], one key per query row), got {Lk}")
+    if Ek != E:
+        fail(f"k: expected {E} features per head (q.shape[3]), got {Ek}")
+    if Hk == 0 or H % Hk != 0:
+        fail(f"k: expected a number of key heads that divides the {H} query heads, got Hk={Hk}")
+    _vis_start_scale_mask(vis_start, scale, key_mask, q, B, L)
+    _finite("q", q)
+    _finite("k", k)
+    return B, L
+
+
+def check_attention_importance(q, k, vis_start, vis_len, scale, key_mask=None):
+    B, L = _check_importance_common(q, k, vis_start, scale, key_mask)
+    _check_visual_span(vis_start, vis_len, B, L)
+
+
+def check_attention_importance_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    B, L = _check_importance_common(q, k, vis_start, scale, key_mask)
+    _check_ragged_spans(q, vis_start, vis_len, max_vis_len, B, L)
 
 
 def check_topk_select(scores, k):
@@ -204,6 +246,10 @@ def fill_widths(op, args, kwargs):
 
 def check_tv_score_ragged(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
     B, L = _check_scores_common(q, k, vis_start, scale, key_mask)
+    _check_ragged_spans(q, vis_start, vis_len, max_vis_len, B, L)
+
+
+def _check_ragged_spans(q, vis_start, vis_len, max_vis_len, B, L):
     _counts("vis_len", vis_len, B, "q", q, "the number of visual tokens")
     _width_int("max_vis_len", max_vis_len, 0, L, "the padded width of the visual spans, at most L")
     _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")

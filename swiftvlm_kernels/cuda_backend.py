@@ -180,5 +180,14 @@ def compact(h, vis_start, keep_idx, rest_idx, num_merged, max_merged=None):
     return h_new, src, rest_h, merged_rows, inverse
 
 
+def attention_importance(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    if isinstance(vis_len, torch.Tensor):
+        t2v, v2v = _ops().attention_importance_ragged_cuda(q, k, vis_start, vis_len, _width("max_vis_len", max_vis_len),
+                                                           float(scale), key_mask)
+    else:
+        t2v, v2v = _ops().attention_importance_cuda(q, k, vis_start, int(vis_len), float(scale), key_mask)
+    return t2v, v2v
+
+
 def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
     return _ops().restore_cuda(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then)

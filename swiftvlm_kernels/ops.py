@@ -130,6 +130,20 @@ def _fake_args(op, args, kwargs):
     return full
 
 
+@torch.library.register_fake("swiftvlm::attention_importance")
+def _(q, k, vis_start, vis_len, scale, key_mask=None):
+    _checks.check_attention_importance(q, k, vis_start, vis_len, scale, key_mask)
+    return (q.new_empty((q.shape[0], vis_len), dtype=torch.float32),
+            q.new_empty((q.shape[0], vis_len), dtype=torch.float32))
+
+
+@torch.library.register_fake("swiftvlm::attention_importance.ragged")
+def _(*args, **kwargs):
+    q, *_, width = _fake_args("attention_importance.ragged", args, kwargs)
+    return (q.new_empty((q.shape[0], width), dtype=torch.float32),
+            q.new_empty((q.shape[0], width), dtype=torch.float32))
+
+
 @torch.library.register_fake("swiftvlm::tv_score.ragged")
 def _(*args, **kwargs):
     q, *_, width = _fake_args("tv_score.ragged", args, kwargs)
@@ -285,6 +299,45 @@ def tv_score(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor
         return _call("tv_score.ragged", backend, q, k, vis_start, vis_len, scale, key_mask, max_vis_len=max_vis_len)
     _no_width("max_vis_len", max_vis_len, "vis_len")
     return _call("tv_score", backend, q, k, vis_start, vis_len, scale, key_mask)
+
+
+def attention_importance(q: Tensor, k: Tensor, vis_start: Tensor, vis_len: Union[int, Tensor],
+                         scale: Optional[float] = None, key_mask: Optional[Tensor] = None, *,
+                         max_vis_len: Optional[int] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """The attention each visual token receives from the text rows and from the visual rows (ALVTS'
+    importance: docs/semantics.md, attention_importance).
+
+    Parameters
+    ----------
+    q : [B, H, L, E] queries of every row (fp32, fp16 or bf16); E is any width: a low-rank selector's
+        rank, or the model's head dim (then after RoPE).
+    k : [B, Hk, L, E] keys of every row; H % Hk == 0 (query head h reads key head h // (H / Hk)).
+    vis_start : int32/int64 [B], where each sample's visual span starts.
+    vis_len : the number of visual tokens; or, for a ragged batch, an int tensor [B] of each sample's.
+    scale : softmax scale, default E ** -0.5.
+    key_mask : bool [B, L], True = a valid row (a valid key and a valid query row); None = all valid.
+    max_vis_len : with a tensor vis_len, the padded width (required for GPU tensors).
+    backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
+
+    Returns
+    -------
+    (t2v, v2v), fp32 [B, vis_len] (or [B, max_vis_len], 0 past vis_len[b]): per visual token, the mean
+    over heads and over the sample's valid text rows (t2v) / valid visual rows (v2v) of the causal
+    softmax probability at that key; 0 for a sample without such rows.
+
+    Raises
+    ------
+    ValueError naming the argument for bad shapes, dtypes, devices or values.
+    """
+    if scale is None:
+        _checks.check_rank("q", q, 4, "[B, H, L, E]")
+        _checks.at_least_one("q", q.shape[3], "feature per head (q.shape[3], E)")
+        scale = q.shape[3] ** -0.5
+    if isinstance(vis_len, Tensor):
+        return _call("attention_importance.ragged", backend, q, k, vis_start, vis_len, scale, key_mask,
+                     max_vis_len=max_vis_len)
+    _no_width("max_vis_len", max_vis_len, "vis_len")
+    return _call("attention_importance", backend, q, k, vis_start, vis_len, scale, key_mask)
 
 
 def topk_select(scores: Tensor, k: Union[int, Tensor], *, lengths: Optional[Tensor] = None,

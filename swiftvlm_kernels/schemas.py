@@ -25,6 +25,9 @@ SCHEMAS: dict[str, str] = {
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "restore": "restore(Tensor h, Tensor inverse, Tensor vis_start, Tensor rest_idx, Tensor h_rest, "
                "Tensor group, Tensor merged_rows, Tensor merged_then) -> Tensor",
+    # ALVTS' importance: the attention each visual token receives from the text rows and the visual rows
+    "attention_importance": "attention_importance(Tensor q, Tensor k, Tensor vis_start, SymInt vis_len, "
+                            "float scale, Tensor? key_mask=None) -> (Tensor, Tensor)",
     # Ragged batches (per-sample counts as int tensors [B]): overloads of the same ops, chosen by
     # torch.ops.swiftvlm.<op>(...) when a count is a tensor. The padded widths (max_*) are keyword-only.
     "tv_score.ragged": "tv_score.ragged(Tensor q, Tensor k, Tensor vis_start, Tensor vis_len, float scale, "
@@ -36,6 +39,9 @@ SCHEMAS: dict[str, str] = {
                            "SymInt? max_keep=None) -> (Tensor, Tensor, Tensor)",
     "group_merge.ragged": "group_merge.ragged(Tensor h, Tensor num_groups, *, Tensor? lengths=None, "
                           "SymInt? max_groups=None) -> (Tensor, Tensor, Tensor)",
+    "attention_importance.ragged": "attention_importance.ragged(Tensor q, Tensor k, Tensor vis_start, "
+                                   "Tensor vis_len, float scale, Tensor? key_mask=None, *, SymInt? max_vis_len=None) "
+                                   "-> (Tensor, Tensor)",
     "compact.ragged": "compact.ragged(Tensor h, Tensor vis_start, Tensor keep_idx, Tensor rest_idx, "
                       "Tensor num_merged, *, SymInt? max_merged=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     # Packed batches (FlashAttention varlen / vLLM layout): keys [total, Hkv, D] and cu_seqlens [B + 1].

@@ -130,3 +130,58 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
             out[b, int(vis_start[b]) + int(rest_idx[b, i])] = (
                 h_rest[b, i].double() + flat[int(merged_rows[b, g])] - merged_then[b, g].double())
     return out
+
+
+def attention_importance(q, k, vis_start, vis_len, scale, key_mask=None):
+    """Token by token in float64: per head, each valid row's causal softmax over its valid keys; per
+    visual key, the mean over heads and valid text (visual) rows of its probability."""
+    q, k = q.double(), k.double()
+    B, H, L, _ = q.shape
+    G = H // k.shape[1]
+    counts = vis_len.tolist() if isinstance(vis_len, torch.Tensor) else [vis_len] * B
+    width = max(counts, default=0)
+    t2v, v2v = torch.zeros(B, width, dtype=torch.float64), torch.zeros(B, width, dtype=torch.float64)
+    for b in range(B):
+        valid = [True] * L if key_mask is None else key_mask[b].tolist()
+        start, n = int(vis_start[b]), counts[b]
+        visual = set(range(start, start + n))
+        text_rows = [j for j in range(L) if valid[j] and j not in visual]
+        visual_rows = [j for j in range(L) if valid[j] and j in visual]
+        for h in range(H):
+            for rows, out in ((text_rows, t2v), (visual_rows, v2v)):
+                for j in rows:
+                    keys = [m for m in range(j + 1) if valid[m]]
+                    logits = torch.stack([scale * (q[b, h, j] @ k[b, h // G, m]) for m in keys])
+                    p = torch.softmax(logits, 0)
+                    for m, pm in zip(keys, p):
+                        if start <= m < start + n:
+                            out[b, m - start] += pm / (H * len(rows))
+    return t2v, v2v
+
+
+def attention_importance_fp64(q, k, vis_start, vis_len, scale, key_mask=None, max_vis_len=None):
+    """attention_importance in float64, dense ([B, H, L, L]) but written out directly: the exact values
+    the kernels' fp32 results are measured against at shapes too large for the loops above (the loops
+    check this function). Ragged: vis_len an int tensor [B], results [B, max_vis_len]."""
+    q, k = q.double(), k.double()
+    B, H, L, _ = q.shape
+    G = H // k.shape[1]
+    counts = vis_len.tolist() if isinstance(vis_len, torch.Tensor) else [vis_len] * B
+    width = max_vis_len if max_vis_len is not None else max(counts, default=0)
+    t2v, v2v = torch.zeros(B, width, dtype=torch.float64), torch.zeros(B, width, dtype=torch.float64)
+    rows = torch.arange(L)
+    for b in range(B):
+        valid = torch.ones(L, dtype=torch.bool) if key_mask is None else key_mask[b].bool().cpu()
+        start, n = int(vis_start[b]), int(counts[b])
+        visual = (rows >= start) & (rows < start + n)
+        allowed = (rows[None, :] <= rows[:, None]) & valid[None, :]  # [row, key]
+        logits = (q[b] @ k[b].repeat_interleave(G, 0).transpose(-1, -2)) * scale  # [H, L, L]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        probs = probs * allowed.any(-1)[None, :, None]  # a row without a key: no probabilities
+        for kind, out in ((valid & ~visual, t2v), (valid & visual, v2v)):
+            if kind.any():
+                per_key = probs[:, kind].sum((0, 1)) / (H * int(kind.sum()))
+                for i in range(min(n, width)):
+                    if 0 <= start + i < L:
+                        out[b, i] = per_key[start + i]
+    return t2v, v2v

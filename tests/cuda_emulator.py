@@ -190,6 +190,20 @@ def block_order(name: str, seed: int = 1):
             h.swiftvlm_emu_set_block_order(0, 1)
 
 
+def assert_schedule_independent(run, name: str, seed: int = 5, block_seed: int = 6):
+    """run() with the forward schedule, then with schedule `name` and a random block order: every
+    output bit-identical (a missing barrier or a race would show). Returns the first run's outputs."""
+    import torch
+
+    with schedule("forward"):
+        want = run()
+    with schedule(name, seed=seed), block_order("random", seed=block_seed):
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), name
+    return want
+
+
 def backend(lib: str | None = None):
     """The cuda backend's functions (swiftvlm_kernels/cuda_backend.py) bound to the emulated ops."""
     import torch
@@ -216,7 +230,8 @@ if __name__ == "__main__":
                    ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         tests = [os.path.join(ROOT, "tests", f)
-                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py", "test_ragged.py")]
+                 for f in ("test_cuda_emulated.py", "test_backends.py", "test_cuda_score_kernels.py", "test_ragged.py",
+                           "test_attention_importance.py")]
         sys.exit(subprocess.call([sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
                                   "-k", "(cuda-emu or cuda_emulated or cuda_score_kernels) and not removing"
                                   " and not without_the",

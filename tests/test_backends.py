@@ -117,14 +117,19 @@ def _assert_scores_accurate(got, q, k, vis_start, vis_len, scale, mask):
     """Error against float64 within 2x python_ref's fp32 error, plus 4 fp32 ulps of the largest score."""
     cpu = [t if t is None else t.cpu() for t in (q, k, vis_start, mask)]
     exact = brute.tv_score(*cpu[:3], vis_len, scale, cpu[3])
-    ref = python_ref.tv_score(*cpu[:3], vis_len, scale, cpu[3])
-    assert got.dtype == torch.float32 and got.shape == exact.shape
+    _assert_within_reference_error(got, exact, python_ref.tv_score(*cpu[:3], vis_len, scale, cpu[3]))
+
+
+def _assert_within_reference_error(got, exact, ref, name="scores"):
+    """fp32 got against float64 exact: within 2x python_ref's own error plus 4 fp32 ulps of the largest
+    exact value (the module docstring)."""
+    assert got.dtype == torch.float32 and got.shape == exact.shape, name
     if exact.numel() == 0:
         return
     err = (got.cpu().double() - exact).abs().max().item()
     ref_err = (ref.double() - exact).abs().max().item()
     floor = 4 * FP32_ULP * exact.abs().max().item()
-    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs python_ref's {ref_err:.3g}"
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs python_ref's {ref_err:.3g}"
 
 
 # (B, H, Hkv, L, D, vis_len): GQA ratios 1, 4, 7; odd L and D; L over several key splits
@@ -491,6 +496,175 @@ def test_compact_and_restore_out_of_range_values_stay_in_bounds(backend):
     assert got.shape == (B, n, d)
 
 
+# ---------------------------------------------------------------- attention_importance
+
+def _importance_inputs(B, H, Hk, L, E, dtype, seed, pad=False):
+    g = _gen(seed)
+    q, k = torch.randn(B, H, L, E, generator=g).to(dtype), torch.randn(B, Hk, L, E, generator=g).to(dtype)
+    mask = None
+    if pad:
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[-1, :min(3, L - 1)] = False  # left padding of the last sample
+        if B > 1 and L > 4:
+            mask[0, L // 2] = False  # a padding row inside the first sample
+    return q, k, mask
+
+
+def _assert_importance_accurate(got, q, k, vis_start, vis_len, scale, mask, max_vis_len=None):
+    """t2v and v2v each within 2x python_ref's fp32 error against float64, plus 4 fp32 ulps of the
+    largest value."""
+    q, k, vis_start, mask = (t if t is None else t.cpu() for t in (q, k, vis_start, mask))
+    counts = vis_len.cpu() if isinstance(vis_len, torch.Tensor) else vis_len
+    exact = brute.attention_importance_fp64(q, k, vis_start, counts, scale, mask, max_vis_len)
+    ref = python_ref.attention_importance(q, k, vis_start, counts, scale, mask, max_vis_len)
+    for name, a, e, r in zip(("t2v", "v2v"), got, exact, ref):
+        _assert_within_reference_error(a, e, r, name)
+
+
+def _exact_backend(impl):
+    """The kernel backends, whose tiles depend on neither the batch nor the width (bit-equal results
+    per sample); the cpu backend's batched matmul may round differently with the batch."""
+    return impl.__name__ != "swiftvlm_kernels.cpu"
+
+
+# (B, H, Hk, L, E, vis_len): GQA ratios 1, 4, 7 and 20 (two head groups of the kernels' 16), E from 1
+# to 256, L from 1 to 130 (several row and key tiles), every row visual
+IMPORTANCE_SHAPES = [(3, 7, 7, 83, 33, 40), (3, 8, 2, 33, 16, 7), (2, 14, 2, 30, 5, 12), (2, 4, 1, 7, 1, 7),
+                     (2, 2, 1, 1, 128, 1), (1, 2, 1, 130, 256, 70), (1, 20, 1, 40, 8, 25)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", IMPORTANCE_SHAPES, ids=lambda s: "B{}-H{}-Hk{}-L{}-E{}-V{}".format(*s))
+def test_attention_importance(backend, shape, dtype):
+    """Against float64: visual spans at the start, the end and the middle; a left-padded sample and a
+    padding row inside another."""
+    impl, device = backend
+    B, H, Hk, L, E, n = shape
+    q, k, mask = _importance_inputs(B, H, Hk, L, E, dtype, seed=sum(shape), pad=B > 1)
+    args = (*_on(device, q, k, torch.tensor([0, L - n, (L - n) // 2][:B])), n, E ** -0.5, _on(device, mask)[0])
+    _assert_importance_accurate(impl.attention_importance(*args), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_importance_strided(backend, dtype):
+    """q and k as views of [B, L, heads, 2E] projection outputs (neither L nor E unit-stride), int32
+    vis_start, a strided key_mask: read in place, the contiguous inputs' results."""
+    impl, device = backend
+    B, H, Hk, L, E = 2, 6, 3, 37, 12
+    g = _gen(70)
+    q = torch.randn(B, L, H, 2 * E, generator=g).to(dtype).to(device).transpose(1, 2)[..., ::2]
+    k = torch.randn(B, L, Hk, 2 * E, generator=g).to(dtype).to(device).transpose(1, 2)[..., ::2]
+    mask = (torch.rand(B, 2 * L, generator=g) > 0.2).to(device)[:, ::2]
+    mask[:, 5:25] = True
+    vis_start = torch.tensor([5, 9], dtype=torch.int32, device=device)
+    assert q.stride(-1) == 2 and not mask.is_contiguous()
+    got = impl.attention_importance(q, k, vis_start, 16, 0.3, mask)
+    _assert_importance_accurate(got, q, k, vis_start, 16, 0.3, mask)
+    want = impl.attention_importance(q.contiguous(), k.contiguous(), vis_start, 16, 0.3, mask.contiguous())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) if _exact_backend(impl) else torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_attention_importance_edge_values(backend):
+    """Visual positions outside [0, L) give 0 and read nothing; a sample without a valid row gives 0; a
+    sample whose valid rows are all visual has t2v 0; vis_len 0 gives empty results."""
+    impl, device = backend
+    q, k, _ = _importance_inputs(4, 4, 2, 20, 8, torch.float32, seed=71)
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    mask[2] = False
+    mask[3, :5] = False
+    mask[3, 14:] = False  # sample 3: rows 5..13 valid, all visual
+    vis_start = torch.tensor([-4, 15, 3, 5])  # sample 0 starts before 0, sample 1 runs past L
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    t2v, v2v = impl.attention_importance(q, k, vis_start, 9, 0.5, mask)
+    for out in (t2v, v2v):
+        assert torch.all(out[0, :4] == 0) and torch.all(out[1, 5:] == 0) and torch.all(out[2] == 0)
+    assert torch.all(t2v[3] == 0) and torch.all(v2v[3] > 0)
+    _assert_importance_accurate((t2v, v2v), q, k, vis_start, 9, 0.5, mask)
+    empty = impl.attention_importance(q, k, vis_start, 0, 0.5, mask)
+    assert empty[0].shape == empty[1].shape == (4, 0)
+
+
+def test_attention_importance_ragged_samples_equal_themselves_alone(backend):
+    """Per-sample visual counts (0 and the full width included): each row is the sample run alone (bit
+    for bit on the kernel backends), then zeros; accurate against float64; repeated runs bit-equal."""
+    impl, device = backend
+    B, H, Hk, L, E = 4, 8, 2, 45, 20
+    q, k, mask = _importance_inputs(B, H, Hk, L, E, torch.bfloat16, seed=72, pad=True)
+    vis_start, counts = torch.tensor([3, 0, 20, 10]), torch.tensor([30, 0, 25, 7])
+    q, k, vis_start, counts, mask = _on(device, q, k, vis_start, counts, mask)
+    got = impl.attention_importance(q, k, vis_start, counts, 0.25, mask, 30)
+    assert got[0].shape == got[1].shape == (B, 30)
+    _assert_importance_accurate(got, q, k, vis_start, counts, 0.25, mask, 30)
+    again = impl.attention_importance(q, k, vis_start, counts, 0.25, mask, 30)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    for b in range(B):
+        n = int(counts[b])
+        alone = impl.attention_importance(q[b:b + 1], k[b:b + 1], vis_start[b:b + 1], n, 0.25, mask[b:b + 1])
+        for a, one in zip(got, alone):
+            if _exact_backend(impl):
+                assert torch.equal(a[b, :n], one[0]), b
+            else:
+                torch.testing.assert_close(a[b, :n], one[0], rtol=1e-6, atol=1e-9)
+            assert not a[b, n:].any()
+
+
+def test_attention_importance_is_deterministic(backend):
+    """The same input gives bit-identical results on every run (no atomics, fixed summation orders)."""
+    impl, device = backend
+    q, k, mask = _importance_inputs(2, 20, 1, 70, 24, torch.float16, seed=73, pad=True)
+    vis_start = torch.tensor([2, 30])
+    q, k, vis_start, mask = _on(device, q, k, vis_start, mask)
+    first = impl.attention_importance(q, k, vis_start, 40, 0.2, mask)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, impl.attention_importance(q, k, vis_start, 40, 0.2, mask)))
+
+
+def _importance_nan_cases():
+    """(name, q, k, key_mask, NaN samples): torch.softmax's NaN rows make every probability of their
+    sample NaN in the reference, also from a padding row (weight 0: 0 * NaN), but not from a row
+    before the sample's first valid key (no probabilities at all)."""
+    g = _gen(74)
+    B, H, Hk, L, E = 4, 2, 1, 12, 4
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, :2] = False  # rows 0-1: before every sample's first valid key
+    mask[1, 6] = False
+    mask[3, 8] = False
+
+    def fresh():
+        return torch.randn(B, H, L, E, generator=g), torch.randn(B, Hk, L, E, generator=g)
+
+    cases = []
+    q, k = fresh()
+    q[0, 1, 7, 2] = float("nan")  # a valid row
+    q[1, 0, 6, 0] = float("nan")  # a padding row with valid keys before it
+    q[2, 0, 1, 1] = float("nan")  # a row before the first valid key: no effect
+    cases.append(("nan in q", q, k, mask, [0, 1]))
+    q, k = fresh()
+    k[0, 0, 4, 3] = float("inf")  # a valid key: +inf (or NaN) logits for some rows
+    k[3, 0, 8, 1] = float("nan")  # a padding key: never a logit
+    cases.append(("inf in k", q, k, mask, [0]))
+    q, k = fresh()
+    k = k.abs().neg()
+    q[2] = float("inf")  # every valid logit of sample 2 is -inf
+    cases.append(("only -inf logits", q, k, mask, [2]))
+    return cases
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on inf - inf
+@pytest.mark.parametrize("case", range(3), ids=[c[0] for c in _importance_nan_cases()])
+def test_attention_importance_nan_and_inf_follow_the_reference(backend, case):
+    impl, device = backend
+    _, q, k, mask, nan_samples = _importance_nan_cases()[case]
+    vis_start = torch.tensor([3, 4, 2, 5])
+    want = python_ref.attention_importance(q, k, vis_start, 5, 0.5, mask)
+    got = [t.cpu() for t in impl.attention_importance(*_on(device, q, k, vis_start), 5, 0.5, mask.to(device))]
+    for a, b in zip(got, want):
+        assert b[nan_samples].isnan().all() and not b[[i for i in range(4) if i not in nan_samples]].isnan().any()
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- the op on CUDA: compile and graphs
 
 @pytest.mark.cuda
@@ -542,16 +716,23 @@ from hypothesis import strategies as st  # noqa: E402
 _SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 0.5, 1e-30]
 
 
+def _draw_spans(data, kv_heads, group, features):
+    """(B, H, Hkv, L, D, vis_len, vis_start) drawn: Hkv in [1, kv_heads], H = Hkv x [1, group], L up to
+    70, D in [1, features], a visual span per sample inside the sequence."""
+    Hkv = data.draw(st.integers(1, kv_heads), label="Hkv")
+    H = Hkv * data.draw(st.integers(1, group), label="group")
+    B, L, D = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(1, 70), label="L"), \
+        data.draw(st.integers(1, features), label="D")
+    vis_len = data.draw(st.integers(0, L), label="vis_len")
+    vis_start = torch.tensor([data.draw(st.integers(0, L - vis_len)) for _ in range(B)])
+    return B, H, Hkv, L, D, vis_len, vis_start
+
+
 @given(data=st.data())
 def test_hypothesis_score_select(backend, data):
     """Random batch / GQA / lengths / visual spans / padding: scores accurate, selection exact."""
     module, device = backend
-    Hkv = data.draw(st.integers(1, 3), label="Hkv")
-    H = Hkv * data.draw(st.integers(1, 4), label="group")
-    B, L, D = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(1, 70), label="L"), \
-        data.draw(st.integers(1, 24), label="D")
-    vis_len = data.draw(st.integers(0, L), label="vis_len")
-    vis_start = torch.tensor([data.draw(st.integers(0, L - vis_len)) for _ in range(B)])
+    B, H, Hkv, L, D, vis_len, vis_start = _draw_spans(data, 3, 4, 24)
     keep = data.draw(st.integers(0, vis_len), label="keep")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     q, k, _ = _attention_inputs(B, H, Hkv, L, D, dtype, seed=data.draw(st.integers(0, 2**16)))
@@ -561,6 +742,19 @@ def test_hypothesis_score_select(backend, data):
     _assert_scores_accurate(scores, q, k, vs, vis_len, D ** -0.5, mask)
     want_keep, want_rest = python_ref.topk_select(scores.cpu(), keep)
     assert torch.equal(keep_idx.cpu(), want_keep) and torch.equal(rest_idx.cpu(), want_rest)
+
+
+@given(data=st.data())
+def test_hypothesis_attention_importance(backend, data):
+    """Random batch / GQA / E / lengths / visual spans / padding / dtype: accurate against float64."""
+    module, device = backend
+    B, H, Hk, L, E, vis_len, vis_start = _draw_spans(data, 2, 5, 40)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    q, k, _ = _importance_inputs(B, H, Hk, L, E, dtype, seed=data.draw(st.integers(0, 2**16)))
+    mask = torch.rand(B, L, generator=_gen(L)) > data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="drop")
+    q, k, vs, mask = _on(device, q, k, vis_start, mask)
+    got = module.attention_importance(q, k, vs, vis_len, E ** -0.5, mask)
+    _assert_importance_accurate(got, q, k, vs, vis_len, E ** -0.5, mask)
 
 
 @given(values=st.lists(st.sampled_from(_SPECIAL) | st.floats(-4, 4, width=32), min_size=1, max_size=300),

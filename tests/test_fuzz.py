@@ -96,6 +96,23 @@ def attention_args(draw, op):
 
 
 @st.composite
+def importance_args(draw):
+    """attention_importance: q [B, H, L, E], k [B, Hk, L, E] (now and then a wrong shape or dtype)."""
+    B, H, Hk, L, E = size(draw, 0, 3), size(draw, 0, 4), size(draw, 0, 3), size(draw, 0, 12), size(draw, 0, 5)
+    q = floats(draw, (B, H, L, E))
+    Lk = L if draw(st.floats(0, 1)) < 0.95 else L + 1
+    k = floats(draw, (B, Hk, Lk, E)).to(q.dtype) if draw(st.floats(0, 1)) < 0.95 else floats(draw, (B, Hk, Lk, E))
+    vis_len = count(draw, L)
+    vis_start = ints(draw, (B,), -1, max(L - (vis_len if isinstance(vis_len, int) else 0), 0) + 2)
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(B, L, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) > 0.3
+        if draw(st.floats(0, 1)) < 0.05:
+            mask = mask.int()
+    return mangle(draw, (q, k, vis_start, vis_len, draw(st.sampled_from([0.3, 1.0, float("nan"), 2])), mask))
+
+
+@st.composite
 def topk_args(draw):
     B, N = size(draw, 0, 3), size(draw, 0, 20)
     return mangle(draw, (floats(draw, (B, N)), count(draw, N)))
@@ -190,7 +207,8 @@ def run_and_check(op, args):
 def test_every_op_rejects_or_matches_the_reference(op, data):
     strategy = {"tv_score": attention_args("tv_score"), "score_select": attention_args("score_select"),
                 "topk_select": topk_args(), "group_merge": merge_args(), "bypass_align": align_args(False),
-                "bypass_align_into": align_args(True), "compact": compact_args(), "restore": restore_args()}[op]
+                "bypass_align_into": align_args(True), "compact": compact_args(), "restore": restore_args(),
+                "attention_importance": importance_args()}[op]
     run_and_check(op, data.draw(strategy))
 
 
@@ -208,7 +226,8 @@ def test_every_op_on_triton_rejects_or_matches_the_reference(op, data):
     rounding of python_ref's where arithmetic is involved, selections and copies exact."""
     strategy = {"tv_score": attention_args("tv_score"), "score_select": attention_args("score_select"),
                 "topk_select": topk_args(), "group_merge": merge_args(), "bypass_align": align_args(False),
-                "bypass_align_into": align_args(True), "compact": compact_args(), "restore": restore_args()}[op]
+                "bypass_align_into": align_args(True), "compact": compact_args(), "restore": restore_args(),
+                "attention_importance": importance_args()}[op]
     args = data.draw(strategy)
     with swiftvlm_kernels.use_backend("triton"):
         try:
@@ -269,10 +288,12 @@ def _width(draw, counts, cap):
 def ragged_args(draw, op):
     """(args, kwargs) of one call of a ragged or packed overload."""
     B = size(draw, 1, 3)
-    if op in ("tv_score.ragged", "score_select.ragged", "tv_score_varlen", "score_select_varlen"):
+    if op in ("tv_score.ragged", "score_select.ragged", "tv_score_varlen", "score_select_varlen",
+              "attention_importance.ragged"):
         Hkv, G, D = size(draw, 1, 2), size(draw, 1, 3), size(draw, 1, 5)
         L = size(draw, 1, 12)
-        q = _floats(draw, (B, Hkv * G, D))
+        rows = (L,) if op == "attention_importance.ragged" else ()  # its q has a row per token
+        q = _floats(draw, (B, Hkv * G, *rows, D))
         k = floats(draw, (B, Hkv, L, D), wrong=0).to(q.dtype)
         vis_len = _counts(draw, B, L)
         W = _width(draw, vis_len, L)
@@ -294,7 +315,7 @@ def ragged_args(draw, op):
             return [q, packed, cu, vis_start, vis_len, keep, 0.5], dict(kw, max_keep=K)
         mask = (torch.rand(B, L, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) > 0.2) \
             if draw(st.booleans()) else None
-        if op == "tv_score.ragged":
+        if op in ("tv_score.ragged", "attention_importance.ragged"):
             return [q, k, vis_start, vis_len, 0.5, mask], dict(max_vis_len=W)
         return [q, k, vis_start, vis_len, keep, 0.5, mask], dict(max_vis_len=W, max_keep=K)
     if op == "topk_select.ragged":

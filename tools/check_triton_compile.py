@@ -7,7 +7,8 @@ The TRITON_INTERPRET interpreter runs the tests on CPU and accepts code that the
 so such errors fail CI where no GPU runs.
 
 How the specialisations are found: the tool calls the backend's public functions (tv_score,
-topk_select, score_select, group_merge, bypass_align, bypass_align_into, compact, restore) on "meta" tensors (shapes, strides and
+topk_select, score_select, group_merge, bypass_align, bypass_align_into, compact, restore,
+attention_importance) on "meta" tensors (shapes, strides and
 dtypes, no memory) of LLaVA-scale and test shapes in fp32, fp16 and bf16, with JITFunction.run
 replaced by a recorder for the duration. Each launch `kernel[grid](*args, **kwargs)` is recorded
 instead of run, then specialised as JITFunction.run would for the target (Triton's own binder:
@@ -181,8 +182,38 @@ def ragged_cases(dtype):
                 Z))
 
 
+# (B, H, Hk, L, E, vis_len, masked): attention_importance at LLaVA-1.5 (the selector's one head of rank
+# 128 or 256, the layer's 32 heads of 128), Qwen2-VL (28 query heads on 4 KV heads) and LLaVA-NeXT (the
+# selector), one prompt or a padded batch of 8; then the shapes of tests/test_backends.py (GQA 1, 4, 7
+# and 20: two head groups; E from 1 to 256)
+IMPORTANCE_SHAPES = [(B, H, Hk, L, E, V, B > 1) for B in (1, 8) for H, Hk, L, E, V in (
+    (1, 1, 650, 128, 576), (1, 1, 650, 256, 576), (32, 32, 650, 128, 576), (28, 4, 1370, 128, 1296),
+    (1, 1, 2954, 128, 2880))]
+IMPORTANCE_SHAPES += [(3, 7, 7, 83, 33, 40, True), (3, 8, 2, 33, 16, 7, True), (2, 14, 2, 30, 5, 12, True),
+                      (2, 4, 1, 7, 1, 7, True), (2, 2, 1, 1, 128, 1, True), (1, 2, 1, 130, 256, 70, False),
+                      (1, 20, 1, 40, 8, 25, False)]
+
+
+def attention_importance_cases(dtype):
+    for B, H, Hk, L, E, V, masked in IMPORTANCE_SHAPES:
+        yield (f"attention_importance B={B} H={H} Hk={Hk} L={L} E={E} V={V}{' mask' if masked else ''}",
+               tk.attention_importance,
+               (meta(B, H, L, E, dtype=dtype), meta(B, Hk, L, E, dtype=dtype), meta(B, dtype=torch.int64), V,
+                E ** -0.5, meta(B, L, dtype=torch.bool) if masked else None))
+    # q and k as [B, L, heads, 2E] projection outputs viewed as [B, heads, L, E]; int32 starts; ragged counts
+    B, H, Hk, L, E = 2, 6, 3, 37, 12
+    yield ("attention_importance strided q and k, int32 vis_start", tk.attention_importance,
+           (meta(B, L, H, 2 * E, dtype=dtype).transpose(1, 2)[..., ::2],
+            meta(B, L, Hk, 2 * E, dtype=dtype).transpose(1, 2)[..., ::2], meta(B, dtype=torch.int32), 16, 0.3,
+            meta(B, 2 * L, dtype=torch.bool)[:, ::2]))
+    for B, H, Hk, L, E, W in ((8, 1, 1, 2954, 128, 2880), (8, 28, 4, 1370, 128, 1296), (4, 8, 2, 45, 20, 30)):
+        yield (f"attention_importance ragged B={B} H={H} Hk={Hk} L={L} E={E} W={W}", tk.attention_importance,
+               (meta(B, H, L, E, dtype=dtype), meta(B, Hk, L, E, dtype=dtype), meta(B, dtype=torch.int64),
+                meta(B, dtype=torch.int64), E ** -0.5, meta(B, L, dtype=torch.bool), W))
+
+
 CASES = (tv_score_cases, score_select_cases, topk_select_cases, group_merge_cases, bypass_align_cases, compact_cases,
-         ragged_cases)
+         ragged_cases, attention_importance_cases)
 
 
 # ------------------------------------------------------------------ recording the launches

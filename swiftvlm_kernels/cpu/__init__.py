@@ -14,6 +14,7 @@ the selection depends on it, so its selections equal the reference's (tests/test
     index_copy_ on flattened rows.
 `auto` runs it for CPU tensors; it also runs on any other device (it is plain PyTorch).
 """
+from .attention_importance import attention_importance
 from .bypass_align import bypass_align, bypass_align_into
 from .compact import compact
 from .group_merge import group_merge

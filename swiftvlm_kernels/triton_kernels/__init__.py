@@ -4,6 +4,7 @@ Runs CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 was set before triton
 Inputs arrive validated for shape, dtype and device; out-of-range values (vis_start, group ids,
 rows) are masked or clamped inside the kernels. No function synchronises with the host.
 """
+from .attention_importance import attention_importance
 from .bypass_align import bypass_align, bypass_align_into
 from .compact import compact
 from .group_merge import group_merge
