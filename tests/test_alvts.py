@@ -453,6 +453,8 @@ def test_selector_and_method_errors(model, tmp_path):
         ALVTS(rank=4, selector=Selector.from_layers(model.language_model.layers, (2,), rank=4))
     with pytest.raises(ValueError, match="selector: expected a swiftvlm_kernels.pruning.selector.Selector"):
         ALVTS(selector="path/to/selector")
+    with pytest.raises(ValueError, match="weights: expected 1-indexed int layers, got '2'"):
+        Selector({2: (torch.zeros(4, 2),) * 2, "2": (torch.zeros(4, 2),) * 2})
     with pytest.raises(ValueError, match="weights: expected a rank R in"):
         Selector({2: (torch.zeros(4, 8), torch.zeros(4, 8))})
     with pytest.raises(ValueError, match=r"weights\[3\] Wk: expected a float tensor \[d, R\] of shape \[4, 2\]"):

@@ -49,11 +49,12 @@ class Selector:
     def __init__(self, weights: Mapping[int, tuple[Tensor, Tensor]], *, record: Optional[Mapping] = None):
         if not isinstance(weights, Mapping) or not weights:
             raise ValueError("weights: expected a non-empty mapping {layer: (Wq, Wk)}")
+        for layer in weights:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+                raise ValueError(f"weights: expected 1-indexed int layers, got {layer!r}")
         shape = None
         self.weights: dict[int, tuple[Tensor, Tensor]] = {}
         for layer in sorted(weights):
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-                raise ValueError(f"weights: expected 1-indexed int layers, got {layer!r}")
             pair = weights[layer]
             if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(w, Tensor) for w in pair):
                 raise ValueError(f"weights[{layer}]: expected a pair of tensors (Wq, Wk)")
