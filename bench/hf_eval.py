@@ -1,6 +1,6 @@
 """Evaluate a transformers VLM checkpoint directory on a local dataset folder, unpruned and pruned.
 
-    python3 bench/hf_eval.py CHECKPOINT_DIR DATASET_DIR [--methods none,swiftvlm,fastv,pdrop]
+    python3 bench/hf_eval.py CHECKPOINT_DIR DATASET_DIR [--methods none,swiftvlm,fastv,pdrop,alvts]
         [--budget-ratio 0.333] [--layers 3,11,15] [--pdrop-official] [--max-new-tokens 16]
         [--batch-size 4] [--dtype float16] [--device cuda] [--backend auto] [--limit N] [--output out.json]
 
@@ -186,7 +186,7 @@ def make_method(name: str, layers: Optional[Sequence[int]], budget_ratio: float,
 
     Parameters
     ----------
-    name: "none", "swiftvlm", "fastv" or "pdrop".
+    name: "none", "swiftvlm", "fastv", "pdrop" or "alvts".
     layers: the pruning layers (None: `swiftvlm_kernels.hf.default_layers` for num_layers).
     budget_ratio: T = budget_ratio * n_vis (the library's budget rule).
     official: PDrop's official variant.
@@ -194,20 +194,22 @@ def make_method(name: str, layers: Optional[Sequence[int]], budget_ratio: float,
 
     Returns
     -------
-    None for "none", else SwiftVLM / FastV / PDrop.
+    None for "none", else SwiftVLM / FastV / PDrop / ALVTS.
 
     Raises
     ------
     ValueError: an unknown method name.
     """
     from swiftvlm_kernels import hf
-    from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
+    from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, SwiftVLM
 
     if name == "none":
         return None
-    if name not in ("swiftvlm", "fastv", "pdrop"):
-        raise ValueError(f"--methods: expected none, swiftvlm, fastv or pdrop, got {name!r}")
+    if name not in ("swiftvlm", "fastv", "pdrop", "alvts"):
+        raise ValueError(f"--methods: expected none, swiftvlm, fastv, pdrop or alvts, got {name!r}")
     chosen = tuple(layers) if layers else hf.default_layers(num_layers, name)
+    if name == "alvts":
+        return ALVTS(layers=chosen, budget_ratio=budget_ratio)
     if name == "fastv":
         return FastV(layer=chosen[0], budget_ratio=budget_ratio)
     if name == "pdrop":

@@ -7,7 +7,8 @@ Op count. Every op dispatched during a prefill is counted with a TorchDispatchMo
 a kernel launch); views and bare allocations are not launches and are left out. A swiftvlm op counts
 once (its kernel runs below the mode). The stage cost is (ops of the pruned prefill - ops of the
 vanilla prefill) / stages, on the same model and input; host syncs (`.item()`, `nonzero`) are counted
-separately and must be zero in the pruning path.
+separately and must be zero in the pruning path. Each method runs once uncounted first (an ALVTS
+method makes its default selector, an SVD per layer, once per model).
 
 Host overhead, on tiny inputs, interleaved rounds, 1 thread, min over rounds:
   layer_us  what the op layer itself costs (dispatch, input checks, the kernel's call): the op with its
@@ -75,7 +76,8 @@ def stage_ops(model, inputs, methods) -> list[dict]:
     rows = []
     for name, pruning in methods:
         plan = model.plan_for(pruning)
-        counter = count_ops(lambda: model(**inputs, pruning=plan))
+        model(**inputs, pruning=pruning)  # uncounted: what a method makes once per model (ALVTS' selector)
+        counter = count_ops(lambda: model(**inputs, pruning=pruning))
         extra = counter.launches - vanilla.launches
         swiftvlm = {n: c for n, c in counter.by_name.items() if n.startswith("swiftvlm::")}
         rows.append(dict(method=name, stages=len(plan.stages), launches=counter.launches,
@@ -141,9 +143,9 @@ def op_overhead(rounds: int = 30) -> list[dict]:
 
 
 def _tiny_methods(model):
-    from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
+    from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, SwiftVLM
 
-    return [("fastv", FastV()), ("pdrop", PDrop(layers=(4, 8, 12))), ("swiftvlm", SwiftVLM())]
+    return [("fastv", FastV()), ("pdrop", PDrop(layers=(4, 8, 12))), ("swiftvlm", SwiftVLM()), ("alvts", ALVTS())]
 
 
 def main(argv=None):

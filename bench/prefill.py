@@ -1,4 +1,4 @@
-"""End-to-end prefill of the minimal LLaVA forward: vanilla, FastV, PDrop and SwiftVLM.
+"""End-to-end prefill of the minimal LLaVA forward: vanilla, FastV, PDrop, SwiftVLM and ALVTS.
 
     python -m bench.prefill                  # CPU: the TinyLlama-1.1B-shaped decoder, 1 thread, bf16
     python -m bench.prefill --model llava-1.5-7b --batch 1 8     # a GPU: LLaVA-1.5-7B's language model
@@ -11,9 +11,12 @@ the last token's LM head, as in any LLaVA prefill). 74 text tokens (35 before th
 Each method's prefill is timed over interleaved rounds (bench/timer.py: min and median), and each row
 reports: the speedup against vanilla (medians of the same run); the speedup its FLOPs predict (Eq. 17-19,
 flops.prefill_flops); achieved / predicted; the pruning steps' share of its prefill (the time inside the
-engine's select / restore and the stage inputs' scoring projections, from separate instrumented runs);
-and the ops each stage issues beyond the vanilla forward (bench/host.py's counter, noise-free).
-The JSON has the machine, thread count, torch version and commit.
+engine's select / restore and the stage inputs' scoring projections, from separate instrumented runs;
+ALVTS: its selector's inputs, the input norm its layer reuses included); and the ops each stage issues
+beyond the vanilla forward (bench/host.py's counter, noise-free; ALVTS has one stage per selecting
+layer, so its ops / stage are ops per layer). The JSON has the machine, thread count, torch version and
+commit. `--methods` picks the methods; ALVTS is in the CPU default only until attention_importance has
+its GPU kernels (its default selector, an SVD per layer, is made once before the timing).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from bench.host import stage_ops
 from bench.timer import environment, measure
 from swiftvlm_kernels.models.llava import LlavaForward
 from swiftvlm_kernels.models.tiny import tiny_llava_config
-from swiftvlm_kernels.pruning import FastV, PDrop, PruningEngine, SwiftVLM, prefill_flops
+from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, PruningEngine, SwiftVLM, loop, prefill_flops
 
 IMAGE_TOKEN = 32000
 N_TEXT, TEXT_BEFORE = 74, 35
@@ -88,12 +91,21 @@ def pdrop_layers(num_layers, budget, n_vis):
     raise ValueError(f"budget: no PDrop schedule reaches {budget} on {num_layers} layers")
 
 
-def methods(model, budgets):
+METHODS = ("fastv", "pdrop", "swiftvlm", "alvts")
+
+
+def default_methods(device_type: str) -> tuple[str, ...]:
+    """Every method on a CPU; on a GPU all but ALVTS until attention_importance has its GPU kernels."""
+    return METHODS if device_type == "cpu" else METHODS[:3]
+
+
+def methods(model, budgets, names=METHODS):
     rows = [("vanilla", None, None)]
     for T in budgets:
-        rows += [("fastv", T, FastV(budget=T)),
-                 ("pdrop", T, PDrop(layers=pdrop_layers(model.num_layers, T, model.num_visual_tokens), budget=T)),
-                 ("swiftvlm", T, SwiftVLM(budget=T))]
+        make = {"fastv": lambda: FastV(budget=T),
+                "pdrop": lambda: PDrop(layers=pdrop_layers(model.num_layers, T, model.num_visual_tokens), budget=T),
+                "swiftvlm": lambda: SwiftVLM(budget=T), "alvts": lambda: ALVTS(budget=T)}
+        rows += [(name, T, make[name]()) for name in names]
     return rows
 
 
@@ -122,6 +134,7 @@ def pruning_timer(model):
     timed(PruningEngine, "select")
     timed(PruningEngine, "restore")
     timed(model, "stage_inputs")
+    timed(loop, "selector_stage_inputs")
     try:
         yield spent
     finally:
@@ -163,15 +176,17 @@ def hf_llava(model, dtype, device):
 
 
 def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5, dtype=torch.bfloat16,
-        device=None, hf=False, progress=print, on_row=None):
+        device=None, hf=False, progress=print, on_row=None, method_names=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(model_name, dtype, device)
     n_vis = model.num_visual_tokens
     rows = []
     for batch in batches:
         x = inputs(model, batch, device, dtype)
-        todo = methods(model, budgets)
+        todo = methods(model, budgets, method_names or default_methods(device.type))
         plans = {(name, T): model.plan_for(p) for name, T, p in todo}
+        for name, T, p in todo:
+            model.selector_for(p, plans[(name, T)])  # ALVTS: its default selector, made once, before any timing
         fns = {f"{name}/{T}": (lambda p=plans[(name, T)]: model(**x, pruning=p)) for name, T, _ in todo}
         if hf:
             other = hf_llava(model, dtype, device)
@@ -247,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--hf", action="store_true", help="also time transformers' LlavaForConditionalGeneration")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="pruning methods to time (default: all on a CPU; all but alvts on a GPU)")
     ap.add_argument("--json", help="write the rows and the environment here")
     args = ap.parse_args(argv)
     if not on_gpu:
@@ -260,7 +277,7 @@ def main(argv=None):
                            "rows": rows}, f, indent=1)
 
     rows = run(args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype), hf=args.hf,
-               on_row=save)
+               on_row=save, method_names=args.methods)
     save(rows)
     print(markdown(rows))
     return 0

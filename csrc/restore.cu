@@ -4,6 +4,8 @@
 // two sets of rows are disjoint. A thread handles one W-column chunk of one item.
 // Ragged blocks (compact_ragged's outputs): rows whose inverse is below -1 (-2: a block's padding rows)
 // are written as zeros, rest entries whose slot or group is -1 are skipped.
+// Z = 0 (nothing merged: an ALVTS stage's skipped tokens rejoining after its layer): each rest token
+// is h_rest copied unchanged; group is not read.
 // The op's launcher, restore_cuda (argument checks, the output, the launch on the current stream), is
 // at the end.
 #include "common.cuh"
@@ -15,6 +17,16 @@ namespace {
 constexpr int kRestoreThreads = 256;
 
 __device__ __forceinline__ int64_t clamp_row(int64_t r, int64_t rows) { return r < 0 ? 0 : (r >= rows ? rows - 1 : r); }
+
+// One chunk copied as stored (no float round trip): a W > 1 chunk is one aligned 16-byte vector.
+template <typename T, int W>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* src) {
+  if constexpr (W == 1) {
+    *dst = *src;
+  } else {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  }
+}
 
 template <typename T, int W>
 __global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a) {
@@ -49,14 +61,20 @@ __global__ void __launch_bounds__(kRestoreThreads) restore_kernel(RestoreArgs a)
     const int64_t q = i - a.n;
     const int64_t slot = load_index(a.rest, b, q);
     const int64_t row = load_index(a.vis_start, b, 0) + slot;
+    // no such row, or a ragged padding entry (slot -1): nothing is written
+    if (row < 0 || row >= a.n || slot < 0) continue;
+    const T* rest = h_rest + b * a.h_rest.sb + q * a.h_rest.sr + col * a.h_rest.sd;
+    if (a.Z < 1) {  // nothing merged: the token as it was set aside, bit for bit
+      copy_chunk<T, W>(out + (b * a.n + row) * a.d + col, rest);
+      continue;
+    }
     const int64_t g_raw = load_index(a.group, b, q);
-    // no such row, or a ragged padding entry (slot or group -1): nothing is written
-    if (row < 0 || row >= a.n || slot < 0 || g_raw < 0 || a.Z < 1) continue;
+    if (g_raw < 0) continue;  // a ragged padding entry (group -1)
     const int64_t g = g_raw >= a.Z ? a.Z - 1 : g_raw;
     const int64_t now = clamp_row(load_index(a.merged_rows, b, g), rows);
     float x_now[W];
     float x_then[W];
-    load_chunk<T, W>(h_rest + b * a.h_rest.sb + q * a.h_rest.sr + col * a.h_rest.sd, x);
+    load_chunk<T, W>(rest, x);
     load_chunk<T, W>(h + (now / a.n_cur) * a.h.sb + (now % a.n_cur) * a.h.sr + col * a.h.sd, x_now);
     load_chunk<T, W>(then + b * a.merged_then.sb + g * a.merged_then.sr + col * a.merged_then.sd, x_then);
 #pragma unroll

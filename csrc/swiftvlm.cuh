@@ -152,9 +152,10 @@ cudaError_t compact(const CompactArgs& a, cudaStream_t stream);
 // restore (python_ref/restore.py): out [B, n, d] contiguous of h's dtype from h [B, n_cur, d]:
 // out[b, r] = h[inverse[b, r]] (flattened rows) where inverse >= 0, 0 where inverse < -1 (a ragged
 // block's padding rows, -2); rest token i of sample b at row vis_start[b] + rest[b, i]: h_rest +
-// h[merged_rows[b, g]] - merged_then[b, g], g = group[b, i] clamped to [0, Z), fp32 math; entries
-// with rest or group -1 (ragged padding) are skipped. Ids out of range are clamped or skipped, never
-// read or written out of bounds. One launch.
+// h[merged_rows[b, g]] - merged_then[b, g], g = group[b, i] clamped to [0, Z), fp32 math; with Z = 0
+// (nothing merged) h_rest copied unchanged, group not read. Entries with rest or group -1 (ragged
+// padding) are skipped. Ids out of range are clamped or skipped, never read or written out of bounds.
+// One launch.
 struct RestoreArgs {
   DType dtype;
   RowsView h, h_rest, merged_then;

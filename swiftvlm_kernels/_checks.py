@@ -565,7 +565,8 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
     _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
     _in_range("inverse", inverse, -2, B * n_cur, "flattened rows of h (or -1: restored, -2: ragged block padding)")
     _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")
-    _in_range("group", group, -1, Z, "group ids (Z = merged_then.shape[1]; -1: ragged padding)")
+    if Z:  # Z = 0 (nothing merged): every rest token comes back unchanged, group's values are not read
+        _in_range("group", group, -1, Z, "group ids (Z = merged_then.shape[1]; -1: ragged padding)")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0:
@@ -574,11 +575,13 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
             rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
             _in_range("rest_idx", torch.where(rest_idx >= 0, rows, torch.where(rest_idx == -1, 0, -1)), 0, n,
                       "rows vis_start[b] + rest_idx[b, i] of the restored sequence (rest_idx -1: ragged padding)")
-        if n and _read_values(inverse) and _read_values(rest_idx) and _read_values(group):
+        if n and _read_values(inverse) and _read_values(rest_idx) and (Z == 0 or _read_values(group)):
             rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
-            restored = (rest_idx >= 0) & (group >= 0)
-            if ((rest_idx >= 0) & (group < 0)).any():
-                fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
+            restored = rest_idx >= 0
+            if Z:
+                if ((rest_idx >= 0) & (group < 0)).any():
+                    fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
+                restored = restored & (group >= 0)
             times = torch.zeros(B, n + 1, dtype=torch.long)
             times.scatter_add_(1, torch.where(restored, rows, n).clamp(0, n).cpu(), torch.ones(B, R, dtype=torch.long))
             if not torch.equal(times[:, :n] > 0, (inverse == -1).cpu()) or (times[:, :n] > 1).any():

@@ -535,13 +535,15 @@ def restore(h: Tensor, inverse: Tensor, vis_start: Tensor, rest_idx: Tensor, h_r
     h : [B, n', d] the compacted sequence after the layers in between.
     inverse, vis_start, rest_idx, merged_rows : compact's outputs and inputs for that stage.
     h_rest : [B, R, d] the rest tokens when set aside; group : int64 [B, R] their merged tokens.
-    merged_then : [B, Z, d] the merged tokens when made.
+    merged_then : [B, Z, d] the merged tokens when made. Z = 0 (merged_rows [B, 0]: a stage that
+        merged nothing, such as ALVTS' skipped tokens rejoining after their layer): group is not read.
     backend : None (the device's default), or "torch", "cpu", "triton", "cuda" for this call.
 
     Returns
     -------
     [B, n, d]: every carried row of h back in place, every rest token restored as
-    h_rest + h[merged_rows[group]] - merged_then[group] (fp32 math).
+    h_rest + h[merged_rows[group]] - merged_then[group] (fp32 math); with Z = 0, h_rest unchanged
+    (bit for bit).
 
     Raises
     ------

@@ -116,7 +116,7 @@ def compact(h, vis_start, keep_idx, rest_idx, Z):
 
 
 def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_then):
-    """python_ref.restore row by row, float64."""
+    """python_ref.restore row by row, float64 (Z = 0: each rest token as it was set aside)."""
     B, n_cur, d = h.shape
     n = inverse.shape[1]
     flat = h.reshape(B * n_cur, d).double()
@@ -126,6 +126,9 @@ def restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, merged_
             if int(inverse[b, r]) >= 0:
                 out[b, r] = flat[int(inverse[b, r])]
         for i in range(rest_idx.shape[1]):
+            if merged_then.shape[1] == 0:  # nothing merged: group is not read
+                out[b, int(vis_start[b]) + int(rest_idx[b, i])] = h_rest[b, i].double()
+                continue
             g = int(group[b, i])
             out[b, int(vis_start[b]) + int(rest_idx[b, i])] = (
                 h_rest[b, i].double() + flat[int(merged_rows[b, g])] - merged_then[b, g].double())

@@ -431,9 +431,10 @@ def _partition(B, M, k, seed):
     return perm[:, :k].sort(1).values, perm[:, k:].sort(1).values
 
 
-# (B, n, d, M, k, Z): merging, dropping, everything kept, nothing kept, Z = R, odd d
+# (B, n, d, M, k, Z): merging, dropping, everything kept, nothing kept, Z = R, odd d; dropping (Z = 0:
+# the rest restored unchanged, an ALVTS stage) with d = 16 (whole vectors) and nothing kept
 COMPACT_SHAPES = [(3, 40, 33, 20, 6, 4), (2, 17, 8, 9, 3, 0), (2, 12, 16, 12, 12, 0), (2, 15, 7, 6, 0, 6),
-                  (1, 30, 5, 25, 24, 1)]
+                  (1, 30, 5, 25, 24, 1), (2, 21, 16, 11, 4, 0), (2, 10, 8, 6, 0, 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -444,19 +445,24 @@ def test_compact_and_restore(backend, shape, dtype):
     B, n, d, M, k, Z = shape
     g = _gen(sum(shape))
     h = torch.randn(B, n, d, generator=g).to(dtype)
+    h[:, ::3, 0] = -0.0
     vis_start = torch.randint(0, n - M + 1, (B,), generator=g)
     keep, rest = _partition(B, M, k, sum(shape))
     want = python_ref.compact(h, vis_start, keep, rest, Z)
     got = impl.compact(*_on(device, h, vis_start, keep.int(), rest), Z)  # int32 slots are accepted too
     for name, a, b in zip(("h_new", "src", "rest_h", "merged_rows", "inverse"), got, want):
         assert a.dtype == b.dtype and torch.equal(a.cpu(), b), name
-    if Z == 0:
-        return
     later = torch.randn(want[0].shape, generator=g).to(dtype)
-    group = torch.randint(0, Z, (B, M - k), generator=g)
+    # Z = 0 (nothing merged): the rest tokens come back unchanged and group is not read (any values)
+    group = torch.randint(0, Z, (B, M - k), generator=g) if Z else torch.randint(-9, 99, (B, M - k), generator=g)
     then = torch.randn(B, Z, d, generator=g).to(dtype)
     args = (later, want[4], vis_start, rest, want[2], group, want[3], then)
-    assert torch.equal(impl.restore(*_on(device, *args)).cpu(), python_ref.restore(*args))
+    restored = impl.restore(*_on(device, *args)).cpu()
+    assert torch.equal(restored, python_ref.restore(*args))
+    if Z == 0:  # bit for bit: the rest rows are h's own (-0.0 included)
+        rows = vis_start[:, None] + rest
+        assert torch.equal(restored.gather(1, rows[..., None].expand(-1, -1, d)).view(torch.uint8),
+                           h.gather(1, rows[..., None].expand(-1, -1, d)).view(torch.uint8))
 
 
 def test_compact_and_restore_strided(backend):
@@ -493,6 +499,9 @@ def test_compact_and_restore_out_of_range_values_stay_in_bounds(backend):
     merged_rows = torch.tensor([[0, 10**6], [-5, 3]])
     got = impl.restore(*_on(device, out[0], inverse, torch.tensor([2, 30]), rest, out[2], group, merged_rows,
                             torch.randn(B, Z, d)))
+    assert got.shape == (B, n, d)
+    got = impl.restore(*_on(device, out[0], inverse, torch.tensor([2, 30]), rest, out[2], group, merged_rows[:, :0],
+                            torch.randn(B, 0, d)))  # Z = 0: group not read, rows outside [0, n) skipped
     assert got.shape == (B, n, d)
 
 

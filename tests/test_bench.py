@@ -58,7 +58,7 @@ def test_pytest_benchmark_smoke(benchmark, op):
 def test_prefill_harness_smoke():
     rows = prefill.run("smoke", batches=[1], budgets=[12], rounds=2, dtype=torch.float32, device="cpu",
                        progress=lambda *a: None)
-    assert [r["method"] for r in rows] == ["vanilla", "fastv", "pdrop", "swiftvlm"]
+    assert [r["method"] for r in rows] == ["vanilla", "fastv", "pdrop", "swiftvlm", "alvts"]
     vanilla = rows[0]
     assert vanilla["speedup"] == 1.0 and vanilla["predicted_speedup"] == 1.0
     for r in rows[1:]:

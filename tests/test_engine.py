@@ -6,7 +6,7 @@ import torch
 import python_ref
 from bench.host import OpCounter, stage_ops
 from swiftvlm_kernels.models.tiny import tiny_inputs, tiny_llava
-from swiftvlm_kernels.pruning import FastV, PDrop, PruningEngine, PruningPlan, Sequence, Stage, SwiftVLM
+from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, PruningEngine, PruningPlan, Sequence, Stage, SwiftVLM
 
 B, L, D_MODEL, N_V = 3, 20, 6, 8
 H, HKV, D = 4, 2, 5
@@ -117,19 +117,29 @@ def test_stage_op_counts_and_no_host_sync(model, inputs):
     launch on a GPU) and reads of device values on the host (none: the path can be graph-captured).
     A regression guard at today's counts (SwiftVLM 12.7: its merging stage before a layer lets the
     layer compute its own normed input and keys, since merged rows changed after scoring; FastV 3,
-    PDrop 3.7). The project's goal of 12 is checked, and reported missed, by bench.report."""
-    rows = stage_ops(model, inputs, [("swiftvlm", SwiftVLM()), ("fastv", FastV()), ("pdrop", PDrop(layers=(4, 8, 12)))])
-    bound = {"swiftvlm": 38 / 3, "fastv": 3, "pdrop": 11 / 3}
+    PDrop 3.7; ALVTS 8 per selecting layer: the selector's one matmul, attention_importance, t2v * v2v,
+    topk_select, compact, the RoPE table's and the normed input's takes, restore). The project's goal
+    of 12 is checked, and reported missed, by bench.report."""
+    rows = stage_ops(model, inputs, [("swiftvlm", SwiftVLM()), ("fastv", FastV()), ("pdrop", PDrop(layers=(4, 8, 12))),
+                                     ("alvts", ALVTS())])
+    bound = {"swiftvlm": 38 / 3, "fastv": 3, "pdrop": 11 / 3, "alvts": 8}
     for r in rows:
         assert r["ops_per_stage"] <= bound[r["method"]] + 1e-9, r
         assert r["syncs_beyond_vanilla"] == 0, r
-        assert set(r["swiftvlm_ops"]) >= {"swiftvlm::score_select", "swiftvlm::compact"}
+        if r["method"] == "alvts":
+            assert r["stages"] == 15 and set(r["swiftvlm_ops"]) == {
+                "swiftvlm::attention_importance", "swiftvlm::topk_select", "swiftvlm::compact", "swiftvlm::restore"}
+        else:
+            assert set(r["swiftvlm_ops"]) >= {"swiftvlm::score_select", "swiftvlm::compact"}
 
 
-def test_the_prefill_issues_no_host_sync(model):
+@pytest.mark.parametrize("pruning", [SwiftVLM(), ALVTS()], ids=["swiftvlm", "alvts"])
+def test_the_prefill_issues_no_host_sync(model, pruning):
     """Beyond the input checks (which read input_ids on the host once), nothing syncs."""
     inputs = tiny_inputs(2, left_pad=2)
     checked = model.check_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], True)
+    plan = model.plan_for(pruning)
+    selector = model.selector_for(pruning, plan)  # (ALVTS: made once per model, before the prefill)
     with OpCounter() as counter:
-        model.prefill(*checked[:3], model.plan_for(SwiftVLM()))
+        model.prefill(*checked[:3], plan, selector=selector)
     assert counter.syncs == 0, counter.by_name

@@ -1,9 +1,10 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from swiftvlm_kernels.pruning.flops import PrefillFlops, layer_flops, prefill_flops
-from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
+from swiftvlm_kernels.pruning.flops import PrefillFlops, layer_flops, prefill_flops, selector_flops
+from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, Selector, SwiftVLM
 
 TINY = dict(hidden_size=8, intermediate_size=20, num_hidden_layers=6)
 LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
@@ -22,7 +23,7 @@ def test_vanilla_hand_computed():
 
 
 @pytest.mark.parametrize("pruning", [SwiftVLM(layers=(2, 4), keep=(10, 10)), FastV(keep=10),
-                                     PDrop(layers=(1, 3, 5), keep=(10, 10, 10))])
+                                     PDrop(layers=(1, 3, 5), keep=(10, 10, 10)), ALVTS(keep=10)])
 def test_keep_all_layers_equal_vanilla(pruning):
     vanilla = prefill_flops(TINY, 2, 10)
     f = prefill_flops(TINY, 2, 10, pruning)
@@ -62,13 +63,34 @@ def test_drop_only_overhead_hand_worked():
     assert f.overhead == 2 * 12 * 8
 
 
+def test_alvts_hand_worked():
+    """ALVTS at layers 2 and 5 (keep 4, 1), d = 8, n = 2 + 10 rows, rank 3: Eq. 17 with 4 and 1 visual
+    tokens at those layers only; each stage costs its selector's projections 4 n d R and
+    attention_importance's two passes over the n (n + 1) / 2 causal logits, 2 n (n + 1) R."""
+    pruning = ALVTS(layers=(2, 5), keep=(4, 1), rank=3)
+    f = prefill_flops(TINY, 2, 10, pruning)
+    assert f.per_layer == tuple(layer_flops(2 + v, 8, 20) for v in (10, 4, 10, 10, 1, 10))
+    stage = 4 * 12 * 8 * 3 + 2 * 12 * 13 * 3
+    assert selector_flops(12, 8, 3) == stage == 2088
+    assert f.overhead == 2 * stage and f.recompute == 0 and f.total == sum(f.per_layer) + 2 * stage
+    # the rank: the method's, a given selector's, else min(128, d) (a plan carries none)
+    selector = Selector({2: (torch.zeros(8, 5), torch.zeros(8, 5)), 5: (torch.zeros(8, 5), torch.zeros(8, 5))})
+    assert prefill_flops(TINY, 2, 10, ALVTS(layers=(2, 5), keep=(4, 1), selector=selector)).overhead == \
+        2 * selector_flops(12, 8, 5)
+    assert prefill_flops(TINY, 2, 10, pruning.plan(10, 6)).overhead == 2 * selector_flops(12, 8, 8)
+    # LLaVA-1.5-7B at T = 192 (keep 180 at layers 2-32), rank 128: the selectors cost 1.3 % of the prefill
+    f = prefill_flops(LLAVA_7B, 74, 576, ALVTS(budget=192))
+    assert f.overhead == 31 * selector_flops(650, 4096, 128)
+    assert 0.012 < f.overhead / f.total < 0.014
+
+
 def test_plan_object_or_pruning_object():
     pruning = SwiftVLM(layers=(2, 4), budget=5)
     assert prefill_flops(TINY, 2, 10, pruning.plan(10, 6)) == prefill_flops(TINY, 2, 10, pruning)
 
 
 @pytest.mark.parametrize("make", [lambda b: SwiftVLM(budget=b), lambda b: FastV(budget=b),
-                                  lambda b: PDrop(budget=b)])
+                                  lambda b: PDrop(budget=b), lambda b: ALVTS(budget=b)])
 def test_monotonic_in_budget(make):
     totals = [prefill_flops(LLAVA_7B, 64, 576, make(b)).total for b in range(150, 397, 6)]
     assert all(a < b for a, b in zip(totals, totals[1:]))

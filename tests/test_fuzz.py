@@ -154,12 +154,12 @@ def restore_args(draw):
     B, n, d = size(draw, 1, 3), size(draw, 1, 12), size(draw, 1, 4)
     M = draw(st.integers(1, n))
     k = draw(st.integers(0, M - 1))
-    Z = draw(st.integers(1, M - k))
+    Z = draw(st.integers(0, M - k))  # Z = 0: nothing merged, the rest back unchanged, group not read
     keep, rest = partition(draw, B, M, k)
     vis_start = torch.randint(0, n - M + 1, (B,), generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     h = floats(draw, (B, n, d), wrong=0)
     h_new, _, rest_h, merged_rows, inverse = python_ref.compact(h, vis_start, keep, rest, Z)
-    group = ints(draw, (B, M - k), 0, Z, wrong=0)
+    group = ints(draw, (B, M - k), 0, Z, wrong=0) if Z else ints(draw, (B, M - k), -50, 50, wrong=0)
     then = floats(draw, (B, Z, d), wrong=0).to(h.dtype)
     args = [h_new, inverse, vis_start, rest, rest_h, group, merged_rows, then]
     if draw(st.floats(0, 1)) < 0.3:  # corrupt one index

@@ -270,19 +270,41 @@ def test_batch_equals_samples_alone(llava, ragged):
 Q_IMG, Q_VS, Q_VE = 250, 251, 252
 
 
+def _qwen_text(num_layers):
+    return dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+_QWEN_TOKENS = dict(image_token_id=Q_IMG, video_token_id=253, vision_start_token_id=Q_VS, vision_end_token_id=Q_VE,
+                    attn_implementation="sdpa", bos_token_id=1, eos_token_id=2)
+
+
+def tiny_qwen2_vl(num_layers=6):
+    """A random tiny Qwen2-VL (seed 0): 64 wide, 4 query heads on 2 KV heads, one vision block."""
+    cfg = transformers.Qwen2VLConfig(
+        text_config=_qwen_text(num_layers),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3), **_QWEN_TOKENS)
+    torch.manual_seed(0)
+    return transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwen2_5_vl(num_layers=4):
+    """A random tiny Qwen2.5-VL (seed 0): Qwen2-VL's text model, a two-block windowed vision tower."""
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=_qwen_text(num_layers),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=8,
+                           fullatt_block_indexes=[1]), **_QWEN_TOKENS)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
 @pytest.fixture(scope="module")
 def qwen():
-    cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
-        image_token_id=Q_IMG, video_token_id=253, vision_start_token_id=Q_VS, vision_end_token_id=Q_VE,
-        attn_implementation="sdpa", bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen2_vl()
     yield model
     hf.apply(model, None)
 
@@ -408,15 +430,21 @@ def test_transformers_floor_is_checked_and_matches_pyproject():
 
 # -- LLaVA-NeXT: anyres, a different visual-token count per image after padding removal -------------
 
-@pytest.fixture(scope="module")
-def llava_next():
+def tiny_llava_next(num_layers=6):
+    """A random tiny LLaVA-NeXT (seed 0): the tiny LLaVA's towers, 28 px tiles, anyres grids up to 56 px."""
     c = tiny_llava_config()
     cfg = transformers.LlavaNextConfig(
-        vision_config=dict(c["vision_config"], image_size=28), text_config=dict(c["text_config"], num_hidden_layers=6),
+        vision_config=dict(c["vision_config"], image_size=28),
+        text_config=dict(c["text_config"], num_hidden_layers=num_layers),
         image_token_index=IMG, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu", attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    return transformers.LlavaNextForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    model = tiny_llava_next()
     yield model
     hf.apply(model, None)
 
@@ -557,18 +585,7 @@ def test_layer_profile_matches_minimal_forward(llava, ours):
 
 
 def test_qwen2_5_vl_shares_the_path():
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=8,
-                           fullatt_block_indexes=[1]),
-        image_token_id=Q_IMG, video_token_id=253, vision_start_token_id=Q_VS, vision_end_token_id=Q_VE,
-        attn_implementation="sdpa", bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen2_5_vl()
     grids = [[1, 8, 8], [1, 4, 8]]
     inputs = qwen_inputs(grids)
     alone = []

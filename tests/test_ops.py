@@ -50,9 +50,11 @@ def compact_inputs(Z=2):
     return h, torch.tensor([2, 4]), torch.tensor([[0, 3, 5], [1, 2, 6]]), torch.tensor([[1, 2, 4, 6], [0, 3, 4, 5]]), Z
 
 
-def restore_inputs():
-    h, vis_start, keep, rest, Z = compact_inputs()
+def restore_inputs(Z=2):
+    h, vis_start, keep, rest, Z = compact_inputs(Z)
     h_new, _, rest_h, merged_rows, inverse = python_ref.compact(h, vis_start, keep, rest, Z)
+    if not Z:  # nothing merged: the rest comes back unchanged, group is not read
+        return h_new, inverse, vis_start, rest, rest_h, rest, merged_rows, rest_h[:, :0]
     merged, group, _ = python_ref.group_merge(rest_h, Z)
     return h_new, inverse, vis_start, rest, rest_h, group, merged_rows, merged
 
@@ -96,7 +98,7 @@ SAMPLES = {
     "bypass_align_into": [("plain", lambda: (torch.zeros(2, 12, 5), torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2))
                            + merge_inputs(), {})],
     "compact": [("merge", lambda: compact_inputs(), {}), ("drop", lambda: compact_inputs(Z=0), {})],
-    "restore": [("plain", lambda: restore_inputs(), {})],
+    "restore": [("plain", lambda: restore_inputs(), {}), ("unmerged", lambda: restore_inputs(Z=0), {})],
     "attention_importance": [("gqa_mask", lambda: (torch.randn(2, 4, 9, 5), torch.randn(2, 2, 9, 5), torch.tensor([1, 3]),
                                                   4, 0.4, torch.tensor([[True] * 9, [False] + [True] * 8])), {}),
                              ("one_head", lambda: (torch.randn(1, 1, 7, 3), torch.randn(1, 1, 7, 3), torch.tensor([2]), 3,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swiftvlm_kernels.pruning import FastV, PDrop, PruningPlan, Stage, SwiftVLM
+from swiftvlm_kernels.pruning import ALVTS, FastV, PDrop, PruningPlan, RaggedPlan, Stage, SwiftVLM
 
 N_VIS, LAYERS = 576, 32  # LLaVA-1.5-7B
 
@@ -92,6 +92,36 @@ def test_default_budget_is_a_third():
     assert SwiftVLM(layers=(2, 5)).plan(90, 8) == SwiftVLM(layers=(2, 5), budget=30).plan(90, 8)
 
 
+def test_alvts_selects_at_every_layer_from_2_for_that_layer_only():
+    """ALVTS: one stage per selecting layer (default 2..L), each acting before its layer and for it
+    only; the budget counts k at each selecting layer and n_vis at layer 1."""
+    plan = ALVTS(budget=192).plan(N_VIS, LAYERS)
+    assert plan.method == "alvts" and not plan.bypass and plan.layers == tuple(range(2, 33))
+    assert {s.keep for s in plan.stages} == {180} and {s.merge for s in plan.stages} == {0}
+    assert plan.visual_tokens_per_layer() == [576] + [180] * 31
+    assert plan.average_visual_tokens() == (576 + 31 * 180) / 32 == 192.375  # 179: 191.41
+    assert ALVTS(budget=128).plan(N_VIS, LAYERS).stages[0].keep == 114  # (576 + 31 * 114) / 32 = 128.44
+    for s in range(len(plan.stages)):
+        assert plan.acts_before(s) and plan.layer_only(s) and plan.scored_tokens(s) == N_VIS
+        assert plan.effective_layer(s) == s + 2
+    assert plan.stage_before(2) == 0 and plan.stage_before(32) == 30 and plan.stage_after(2) is None
+    assert plan.stage_before(1) is None
+    assert not SwiftVLM().plan(N_VIS, LAYERS).layer_only(1) and not FastV().plan(N_VIS, LAYERS).layer_only(0)
+    # explicit layers and keep counts: free in [0, n_vis] at every layer, in any order
+    explicit = ALVTS(layers=(1, 5, 32), keep=(10, 400, 3)).plan(N_VIS, LAYERS)
+    counts = [576] * 32
+    counts[0], counts[4], counts[31] = 10, 400, 3
+    assert explicit.visual_tokens_per_layer() == counts
+    assert ALVTS(keep=7).plan(36, 4).visual_tokens_per_layer() == [36, 7, 7, 7]
+    assert ALVTS().plan(36, 16).average_visual_tokens() == pytest.approx(12, abs=0.5)  # T = n_vis / 3
+    assert ALVTS(budget_ratio=1 / 9).plan(36, 16).stages[0].keep == 2  # (36 + 15 * 2) / 16 = 4.125
+    with pytest.raises(ValueError, match=r"^budget_ratio: expected a number in \[0\.0312, 1\.0000\]"):
+        ALVTS(budget_ratio=0.03).plan(N_VIS, LAYERS)  # k = 0 still runs layer 1 on all: 576 / 32
+    ragged = RaggedPlan.for_counts(ALVTS(budget_ratio=0.25), [36, 72], 16)
+    assert ragged.layer_only(0) and ragged.acts_before(14) and ragged.stages[0].keep == max(
+        p.stages[0].keep for p in ragged.plans)
+
+
 def test_frozen():
     plan = SwiftVLM().plan(N_VIS, LAYERS)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -114,6 +144,9 @@ def rule_average(make, k, n_vis, num_layers):
     pruning = make(None)
     if isinstance(pruning, FastV):
         keep = k
+    elif isinstance(pruning, ALVTS):
+        keep = (k,) * len(pruning.selecting_layers(num_layers))
+        pruning = dataclasses.replace(pruning, layers=pruning.selecting_layers(num_layers))
     elif isinstance(pruning, PDrop):
         keep = tuple(math.floor(k * pruning.ratio ** s + 0.5) for s in range(len(pruning.layers)))
     else:
@@ -137,6 +170,8 @@ GRID = [
     (lambda b: PDrop(budget=b), 576, 32),
     (lambda b: PDrop(layers=(2, 6, 8), budget=b, ratio=0.7), 576, 32),
     (lambda b: PDrop(layers=(1, 2, 3), budget=b, ratio=1.0), 21, 5),
+    (lambda b: ALVTS(budget=b), 576, 32),
+    (lambda b: ALVTS(layers=(1, 4, 5), budget=b), 13, 8),
 ]
 
 
@@ -151,7 +186,7 @@ def test_budget_rule_hits_the_budget(make, n_vis, num_layers):
             assert abs(rule_average(make, k - 1, n_vis, num_layers) - budget) > error
         if k < n_vis:
             assert abs(rule_average(make, k + 1, n_vis, num_layers) - budget) >= error
-        if plan.method == "swiftvlm":  # equal k, Z from merge_ratio
+        if plan.method in ("swiftvlm", "alvts"):  # equal k (SwiftVLM: Z from merge_ratio)
             assert len(set(keeps)) == 1
         if plan.method == "pdrop":
             ratio = make(0).ratio
@@ -219,6 +254,15 @@ BAD_CONSTRUCTION = [
     (lambda: FastV(keep=(5,)), "keep"),
     (lambda: PDrop(ratio=0.0), "ratio"),
     (lambda: PDrop(keep=(3, 2)), "keep"),
+    (lambda: ALVTS(layers=(3, 3)), "layers"),
+    (lambda: ALVTS(keep=(1, 2)), "keep"),
+    (lambda: ALVTS(layers=(2, 3), keep=(1, 2, 3)), "keep"),
+    (lambda: ALVTS(keep=-1), "keep"),
+    (lambda: ALVTS(budget=3, keep=4), "budget, keep"),
+    (lambda: ALVTS(budget_ratio=1.5), "budget_ratio"),
+    (lambda: ALVTS(rank=0), "rank"),
+    (lambda: ALVTS(rank=2.0), "rank"),
+    (lambda: ALVTS(selector=3), "selector"),
     (lambda: Stage(0, 1, 0), "Stage.layer"),
     (lambda: Stage(1, -1, 0), "Stage.keep"),
     (lambda: Stage(1, 1, -1), "Stage.merge"),
@@ -239,6 +283,10 @@ BAD_PLAN = [
     (SwiftVLM(), 0, 32, "n_vis"),
     (SwiftVLM(), 576, 0, "num_layers"),
     (FastV(), 576.0, 32, "n_vis"),
+    (ALVTS(layers=(2, 33)), 576, 32, "layers"),
+    (ALVTS(keep=577), 576, 32, "keep"),
+    (ALVTS(layers=(2, 3), keep=(5, 577)), 576, 32, "keep"),
+    (ALVTS(), 576, 1, "layers"),
 ]
 
 
@@ -262,6 +310,9 @@ def test_bad_plan_raises(pruning, n_vis, num_layers, name):
     (dict(stages=(Stage(3, 10, 5), Stage(11, 10, 3))), "merge"),
     (dict(method="pdrop", bypass=False, stages=(Stage(3, 10, 5),)), "merge"),
     (dict(stages=(Stage(11, 10, 5), Stage(3, 10, 0))), "layers"),
+    (dict(method="alvts", bypass=False, stages=(Stage(3, 10, 1),)), "merge"),
+    (dict(method="alvts", bypass=True), "bypass"),
+    (dict(method="alvts", bypass=False, stages=(Stage(3, 577, 0),)), "keep"),
 ])
 def test_bad_direct_plan_raises(kwargs, name):
     fields = dict(method="swiftvlm", n_vis=576, num_layers=32, stages=(Stage(3, 10, 0),),

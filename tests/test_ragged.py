@@ -255,3 +255,44 @@ def test_compact_and_restore_ragged_equal_each_sample_alone(backend, dtype, data
                               one[2], group[b:b + 1, :rb], one[3], merged_then[b:b + 1, :zb], backend=backend)
         assert torch.equal(restored[b, rows], one_back[0])
         assert not restored[b, pre + v:pre + M].any()  # the block's padding rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS + TRITON)
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(data=st.data())
+def test_compact_and_restore_ragged_without_merging_equal_each_sample_alone(backend, dtype, data):
+    """A ragged stage that merges nothing (ALVTS: the skipped tokens rejoin after the layer): compact
+    with Z_b = 0 and width 0, then restore with Z = 0 puts every rest token back unchanged (group not
+    read), the carried rows as the layer left them, the block padding rows zero; each sample as alone."""
+    B = data.draw(st.integers(1, 4))
+    M = data.draw(st.integers(1, 12))
+    pre, post = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 3))
+    n, d = pre + M + post, data.draw(st.sampled_from([1, 8]))
+    vis_len = torch.tensor([data.draw(st.integers(0, M)) for _ in range(B)])
+    keep = torch.tensor([data.draw(st.integers(0, int(v))) for v in vis_len])
+    K = int(keep.max())
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 999)))
+    h = torch.randn(B, n, d, generator=g).to(dtype)
+    vis_start = torch.full((B,), pre)
+    keep_idx, rest_idx = python_ref.topk_select(torch.randn(B, M, generator=g), keep, vis_len, K)
+    h_new, src, rest_h, merged_rows, inverse = sk.compact(h, vis_start, keep_idx, rest_idx, torch.zeros(B, dtype=torch.long),
+                                                          max_merged=0, backend=backend)
+    assert merged_rows.shape == (B, 0) and h_new.shape == (B, n - M + K, d)
+    h_later = (h_new.float() * 1.5 + 0.25).to(dtype)
+    group = torch.randint(-3, 40, (B, M), generator=g)  # not read
+    restored = sk.restore(h_later, inverse, vis_start, rest_idx, rest_h, group, merged_rows, rest_h[:, :0],
+                          backend=backend)
+    assert torch.equal(restored, python_ref.restore(h_later, inverse, vis_start, rest_idx, rest_h, group, merged_rows,
+                                                    rest_h[:, :0]))
+    for b in range(B):
+        v, kb = int(vis_len[b]), int(keep[b])
+        rest_rows = (pre + rest_idx[b, :v - kb]).tolist()
+        assert torch.equal(restored[b, rest_rows].view(torch.uint8), h[b, rest_rows].view(torch.uint8))
+        rows = list(range(pre + v)) + list(range(pre + M, n))
+        one = sk.compact(h[b:b + 1, rows], vis_start[b:b + 1], keep_idx[b:b + 1, :kb], rest_idx[b:b + 1, :v - kb], 0,
+                         backend=backend)
+        new_rows = list(range(pre + kb)) + list(range(pre + K, n - M + K))
+        one_back = sk.restore(h_later[b:b + 1, new_rows], one[4], vis_start[b:b + 1], rest_idx[b:b + 1, :v - kb],
+                              one[2], group[b:b + 1, :v - kb], one[3], one[2][:, :0], backend=backend)
+        assert torch.equal(restored[b, rows], one_back[0])
+        assert not restored[b, pre + v:pre + M].any()  # the block's padding rows

@@ -1,4 +1,4 @@
-"""SwiftVLM, FastV and PDrop on Hugging Face transformers models, in one call.
+"""SwiftVLM, FastV, PDrop and ALVTS on Hugging Face transformers models, in one call.
 
     model = LlavaForConditionalGeneration.from_pretrained(...)
     swiftvlm_kernels.hf.apply(model, SwiftVLM(layers=(3, 11, 15)))
@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..pruning import FastV, PDrop, SwiftVLM
+from ..pruning import ALVTS, FastV, PDrop, SwiftVLM
 from ._profile import layer_profile
 from .patch import SUPPORTED, PrefillRecord, apply, apply_on_load, is_applied, last_prefill, model_family
 
@@ -70,7 +70,7 @@ def default_layers(num_layers: int, method: str = "swiftvlm") -> tuple[int, ...]
     Parameters
     ----------
     num_layers: the language model's depth (>= 4).
-    method: "swiftvlm" (three stages), "fastv" (one) or "pdrop" (three).
+    method: "swiftvlm" (three stages), "fastv" (one), "pdrop" (three) or "alvts" (every layer from 2 on).
 
     Returns
     -------
@@ -78,7 +78,8 @@ def default_layers(num_layers: int, method: str = "swiftvlm") -> tuple[int, ...]
     (LLaVA-1.5-7B, LLaVA-NeXT-7B); at another depth L each layer scales as round(x * L / 32), kept
     >= 2, strictly increasing and below L (Qwen2-VL-7B, 28 layers: (3, 10, 13)). For a model of
     your own, run the profiler (`swiftvlm_kernels.hf.layer_profile`) and `select_pruning_layers`.
-    FastV: layer 2 (its paper's K = 2). PDrop: L/4, L/2, 3L/4 (its paper's 8, 16, 24 at 32).
+    FastV: layer 2 (its paper's K = 2). PDrop: L/4, L/2, 3L/4 (its paper's 8, 16, 24 at 32). ALVTS:
+    every layer from 2 to L (layer 1 runs on all tokens).
 
     Raises
     ------
@@ -90,8 +91,10 @@ def default_layers(num_layers: int, method: str = "swiftvlm") -> tuple[int, ...]
         return (2,)
     if method == "pdrop":
         return tuple(sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.25, 0.5, 0.75)}))
+    if method == "alvts":
+        return tuple(range(2, num_layers + 1))
     if method != "swiftvlm":
-        raise ValueError(f"method: expected 'swiftvlm', 'fastv' or 'pdrop', got {method!r}")
+        raise ValueError(f"method: expected 'swiftvlm', 'fastv', 'pdrop' or 'alvts', got {method!r}")
     out = []
     for x in _PAPER_LAYERS:
         layer = max(2 if not out else out[-1] + 1, round(x * num_layers / 32))
@@ -105,12 +108,12 @@ def default_method(model: nn.Module, method: str = "swiftvlm", **kwargs):
     Parameters
     ----------
     model: a supported transformers model.
-    method: "swiftvlm", "fastv" or "pdrop".
+    method: "swiftvlm", "fastv", "pdrop" or "alvts".
     kwargs: the method's other arguments (budget, budget_ratio, keep, ...).
 
     Returns
     -------
-    SwiftVLM / FastV / PDrop.
+    SwiftVLM / FastV / PDrop / ALVTS.
 
     Raises
     ------
@@ -122,4 +125,6 @@ def default_method(model: nn.Module, method: str = "swiftvlm", **kwargs):
     layers = default_layers(num_layers, method)
     if method == "fastv":
         return FastV(layer=layers[0], **kwargs)
+    if method == "alvts":
+        return ALVTS(layers=layers, **kwargs)
     return (SwiftVLM if method == "swiftvlm" else PDrop)(layers=layers, **kwargs)

@@ -8,9 +8,11 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    layer x's keys as the layer writes them (a tap on the cache's `update`, so no key is computed
    twice) and the last token's query (one row: input norm, q_proj, RoPE); a SwiftVLM stage s >= 2
    restores the bypassed tokens and computes layer y's keys and last query on them before the layer
-   runs on the kept set. After every stage the causal mask is rebuilt with HF's
-   `create_causal_mask` from the shorter sequence's 2-D key mask (rows stay in position order, so
-   index-causal is position-causal). Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   runs on the kept set. An ALVTS stage computes its selector's queries and keys on layer l's normed
+   input (all rows) before the layer, which runs on the kept set; the skipped tokens rejoin after it.
+   After every stage the causal mask is rebuilt with HF's `create_causal_mask` from the shorter
+   sequence's 2-D key mask (rows stay in position order, so index-causal is position-causal); the
+   input sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
    PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
    then renumbers the positions (each row's original position minus the tokens dropped before it;
    the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
@@ -42,6 +44,7 @@ from ..pruning import PruningEngine, PruningPlan, RaggedPlan, Sequence, Stage, l
 from ..pruning.layout import RaggedLayout, SpanErrors, check_spans, ragged_layout
 from ..pruning.loop import StageInputs, Step, run_layers
 from ..pruning.plan import plan_for_counts
+from ..pruning.selector import selector_for
 
 _DROPPED_KWARGS = ("output_attentions", "output_hidden_states", "return_dict")
 
@@ -230,6 +233,8 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
                              vis_counts=ragged.counts)
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
+    selector = selector_for(state.pruning if prof is None else None, plan, layers, self.config.hidden_size)
+    full_mask = mask
     official = prof is None and bool(getattr(state.pruning, "official", False))
     if official:  # PDrop's official variant: positions renumbered after each drop (1-D RoPE only)
         real = _real_rows(seq)
@@ -246,7 +251,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             pos = seq.carry["pos0"] - dropped
             seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
             shift = dropped[:, -1]
-        mask = _causal_mask(self, seq.h, seq.key_mask)
+        mask = full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
 
     def run_layer(seq, step: Step):
         layer = layers[step.layer - 1]
@@ -269,8 +274,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             return _stage_inputs(layers[step.layer], seq)
         return StageInputs(q_last, tap.keys)  # this layer's own query and keys
 
-    seq = run_layers(seq, plan, engine, len(layers), run_layer,
-                     stage_inputs=lambda i, seq: _stage_inputs(layers[i - 1], seq), restaged=restaged,
+    def inputs_before(i, seq):  # ALVTS: layer i's selector on the full sequence; SwiftVLM: its last query, keys
+        if selector is not None:
+            return loop.selector_stage_inputs(layers[i - 1], selector, i, seq.h)
+        return _stage_inputs(layers[i - 1], seq)
+
+    seq = run_layers(seq, plan, engine, len(layers), run_layer, stage_inputs=inputs_before, restaged=restaged,
                      scores=lambda s: None if prof is None else prof.stage_scores)
     out = self.norm(seq.h)
     index = seq.carry["index"] if ragged is None else torch.where(seq.key_mask, seq.carry["index"], -1)

@@ -84,9 +84,9 @@ def apply(model: nn.Module, pruning, *, backend: Optional[str] = None) -> nn.Mod
     ----------
     model: a `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
         `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration` (or a subclass).
-    pruning: a pruning method (`SwiftVLM(...)`, `FastV(...)`, `PDrop(...)`; its plan is made per call
-        for the call's visual-token count and the model's depth), a `PruningPlan` / `RaggedPlan`
-        for one exact input shape, or None to restore the original model.
+    pruning: a pruning method (`SwiftVLM(...)`, `FastV(...)`, `PDrop(...)`, `ALVTS(...)`; its plan is
+        made per call for the call's visual-token count and the model's depth), a `PruningPlan` /
+        `RaggedPlan` for one exact input shape, or None to restore the original model.
     backend: the swiftvlm ops' backend for every op (None: each device's default).
 
     Returns

@@ -30,7 +30,8 @@ def greedy(model, input_ids, pixel_values, attention_mask=None, pruning=None, ma
                          f"exceed max_position_embeddings = {limit} of the config; expected at most "
                          f"{max(0, limit - input_ids.shape[1])}")
     seq, caches = model.prefill(input_ids, pixel_values, inputs.mask, plan, caching=True, layout=layout,
-                                stage_scores=model.check_stage_scores(stage_scores, plan, input_ids.shape[0]))
+                                stage_scores=model.check_stage_scores(stage_scores, plan, input_ids.shape[0]),
+                                selector=model.selector_for(pruning, plan))
     lm = model.language_model
     token = model.lm_head(seq.h[:, -1]).argmax(-1)
     tokens = [token]

@@ -1,5 +1,5 @@
-"""LLaVA-1.5 in plain PyTorch, with visual-token pruning (SwiftVLM, FastV, PDrop) through the pruning
-engine and the swiftvlm ops.
+"""LLaVA-1.5 in plain PyTorch, with visual-token pruning (SwiftVLM, FastV, PDrop, ALVTS) through the
+pruning engine and the swiftvlm ops.
 
 Read top to bottom: the modules (CLIP vision tower, MLP projector, LLaMA decoder, named like the
 HF checkpoints so weights load by name), the KV cache, then `LlavaForward`: construction, input
@@ -26,6 +26,7 @@ from ..pruning import PruningEngine, RaggedPlan, Sequence, loop
 from ..pruning.layout import RaggedLayout, SpanErrors, check_spans, ragged_layout
 from ..pruning.loop import StageInputs, Step, run_layers
 from ..pruning.plan import check_pruning, plan_for_counts
+from ..pruning.selector import selector_for
 from . import checkpoint
 from .generate import greedy
 
@@ -342,6 +343,11 @@ class LlavaForward(nn.Module):
         counts = [self.num_visual_tokens] if n_vis is None else [n_vis] if isinstance(n_vis, int) else list(n_vis)
         return plan_for_counts(pruning, counts, self.num_layers)
 
+    def selector_for(self, pruning, plan):
+        """The selector an ALVTS plan runs with (the method's, else the default SVD selector of this
+        model, made once: `pruning.selector`); None for other plans."""
+        return selector_for(pruning, plan, self.language_model.layers, self.text_config.hidden_size)
+
     def check_inputs(self, input_ids, pixel_values, attention_mask, pruning) -> Inputs:
         """Validated inputs on the model's device; attention_mask None when nothing is padding."""
         device = self.lm_head.weight.device
@@ -452,11 +458,11 @@ class LlavaForward(nn.Module):
         return ((causal & key_mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_mask.device))[:, None]
 
     def prefill(self, input_ids, pixel_values, attention_mask, plan, *, caching=False, hidden=None,
-                scores=None, stage_scores=None, layout=None):
+                scores=None, stage_scores=None, layout=None, selector=None):
         """The decoder layers over a sequence that the plan's stages shorten (`pruning.loop.run_layers`).
         Returns the final sequence (its h after the last norm) and, with caching, the per-layer KV
         caches. hidden / scores: lists that receive each layer's input (with its input positions) /
-        each layer's T-V scores."""
+        each layer's T-V scores. selector: an ALVTS plan's (default: the default SVD selector)."""
         B, L = input_ids.shape
         if layout is not None:  # a ragged batch: its padded layout, the block padding invalid keys
             vis_start, n_vis, attention_mask = layout.vis_start, layout.width, layout.src >= 0
@@ -471,10 +477,14 @@ class LlavaForward(nn.Module):
                              left_padded=layout is None, vis_counts=None if layout is None else layout.counts)
         engine = PruningEngine(plan, self.head_dim ** -0.5, self.backend) if plan is not None else None
         layers, caches = self.language_model.layers, []
+        if selector is None:
+            selector = self.selector_for(None, plan)
         full_mask = self.attention_mask(attention_mask)
         mask = full_mask
 
         def inputs_before(i, seq):  # a SwiftVLM stage >= 2 scores with layer i on the restored sequence
+            if selector is not None:  # ALVTS: layer i's selector on the full sequence
+                return loop.selector_stage_inputs(layers[i - 1], selector, i, seq.h)
             x, k, q_last = self.stage_inputs(layers[i - 1], seq)
             return StageInputs(q_last, k.transpose(1, 2), (x, k))
 
@@ -485,10 +495,11 @@ class LlavaForward(nn.Module):
         def run_layer(seq, step: Step):
             x = k = None
             if step.prepared is not None and plan.stages[step.before].merge == 0:
-                # Reuse the scoring pass's normed input and keys for the layer's rows, unless the stage
-                # merged: a merged row then carries its group's mean, not the state they were computed
-                # on, and the layer computes its inputs afresh (fewer ops than patching Z rows).
-                x, k = (seq.take(t) for t in step.prepared.extra)
+                # Reuse the scoring pass's normed input and keys (ALVTS: the normed input) for the
+                # layer's rows, unless the stage merged: a merged row then carries its group's mean,
+                # not the state they were computed on, and the layer computes its inputs afresh
+                # (fewer ops than patching Z rows).
+                x, k = (None if t is None else seq.take(t) for t in step.prepared.extra)
             if hidden is not None:
                 hidden.append((seq.h, seq.index))
             cos, sin = seq.carry["rope"].unbind(2)
@@ -516,7 +527,10 @@ class LlavaForward(nn.Module):
 
     def _corner(self, full_mask, seq):
         """The attention mask of a pruned left-padded sequence: the input mask's [:n, :n] corner (a
-        ragged batch's, whose block padding rows move: rebuilt from the key mask)."""
+        ragged batch's, whose block padding rows move: rebuilt from the key mask); the input mask
+        itself for the input sequence (after ALVTS' skipped tokens rejoined)."""
+        if seq.src is None:
+            return full_mask
         if not seq.left_padded and seq.key_mask is not None:
             return self.attention_mask(seq.key_mask)
         n = seq.h.shape[1]
@@ -534,7 +548,7 @@ class LlavaForward(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids, pixel_values, attention_mask=None, pruning=None, *, all_logits=False,
                 output_hidden_states=False, output_scores=False, stage_scores=None) -> LlavaOutput:
-        """Prefill logits with `pruning` (a SwiftVLM / FastV / PDrop object, a PruningPlan, or None).
+        """Prefill logits with `pruning` (a SwiftVLM / FastV / PDrop / ALVTS object, a PruningPlan, or None).
 
         input_ids [B, L] hold exactly N_v contiguous image tokens per sample (anywhere, after any left
         padding); pixel_values [B, C, S, S]; attention_mask [B, L] (0 = left padding). The logits are
@@ -549,7 +563,7 @@ class LlavaForward(nn.Module):
         plan = self.plan_for(pruning, inputs.counts)
         seq, _ = self.prefill(inputs.input_ids, inputs.pixel_values, inputs.mask, plan, hidden=hidden, scores=scores,
                               stage_scores=self.check_stage_scores(stage_scores, plan, inputs.input_ids.shape[0]),
-                              layout=inputs.layout)
+                              layout=inputs.layout, selector=self.selector_for(pruning, plan))
         logits = self.lm_head(seq.h if all_logits else seq.h[:, -1:])
         return LlavaOutput(logits, logits[:, -1], seq.kept, seq,
                            [h for h, _ in hidden] if hidden is not None else None,

@@ -29,6 +29,12 @@ sets the rest aside; for a merging stage, group_merge (Eq. 10-11) and one index_
 tokens into their rows. `restore` (the next SwiftVLM stage) rebuilds the earlier sequence in one
 pass, the bypassed tokens shifted by their merged token's drift (Eq. 12-13). Nothing reads device
 values on the host, so the whole path can be captured in a CUDA graph.
+
+An ALVTS stage (`plan.layer_only(s)`, docs/semantics.md "ALVTS") selects for one layer only: `select`
+gets the selector's queries and keys of every row, scores the visual tokens with
+attention_importance (S = t2v * v2v), keeps k_s with topk_select and compacts with Z = 0 (the layer's
+rows: text + kept visual; the skipped rows set aside); after the layer, `restore` (Z = 0) puts the
+skipped rows back unchanged, in position order.
 """
 from __future__ import annotations
 
@@ -156,7 +162,8 @@ class PruningEngine:
         and the KV heads those read; every stage then scores with `distributed.tp_score_select` (one
         all_reduce) and all ranks keep the same tokens. num_heads: the heads of all ranks (default:
         the heads a rank hands in x the group's size). Hidden states are replicated under tensor
-        parallelism, so compact / group_merge / restore run unchanged on every rank."""
+        parallelism, so compact / group_merge / restore run unchanged on every rank (and so does an
+        ALVTS stage: its selector is replicated, every rank computes the same importance)."""
         if not isinstance(plan, (PruningPlan, RaggedPlan)):
             raise ValueError(f"plan: expected a PruningPlan or a RaggedPlan, got {type(plan).__name__}")
         self.plan, self.scale, self.backend = plan, scale, backend
@@ -177,10 +184,17 @@ class PruningEngine:
                scores: Optional[Tensor] = None) -> Sequence:
         """Stage s (0-based) on `seq`: score the visual block with q_last [B, H, D] and k [B, Hkv, n, D]
         (after RoPE; any strides), keep k_s tokens, and merge the rest into Z_s bypassing tokens or
-        drop it. `scores` fp32 [B, M] replaces the model's own scores (analysis)."""
+        drop it. `scores` fp32 [B, M] replaces the model's own scores (analysis).
+
+        An ALVTS stage (plan.layer_only(s)): q_last and k are the selector's queries and keys of every
+        row, [B, 1, n, R] each; the k_s tokens of largest importance are kept for the stage's layer and
+        the others are set aside until `restore`, which the caller runs right after that layer."""
         if isinstance(self.plan, RaggedPlan) or seq.vis_counts is not None:
             return self._select_ragged(seq, s, q_last, k, scores)
         stage, backend = self.plan.stages[s], self.backend
+        layer_only = self.plan.layer_only(s)
+        if scores is None and layer_only:
+            scores = self._importance(q_last, k, seq, seq.vis_len)
         if scores is None:
             keep_idx, rest_idx, _ = self._score_select(q_last, k, seq.vis_start, seq.vis_len, stage.keep,  # Eq. 1-2
                                                        seq.key_mask)
@@ -199,7 +213,22 @@ class PruningEngine:
             B, n, d = h.shape
             h.view(B * n, d).index_copy_(0, merged_rows.view(-1), merged.view(B * stage.merge, d))
             new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
+        elif layer_only:
+            new._bypass = self._skipped(seq, inverse, rest_idx, rest_h, merged_rows)
         return new
+
+    def _importance(self, q: Tensor, k: Tensor, seq: Sequence, vis_len, max_vis_len=None) -> Tensor:
+        """ALVTS' importance of the visual block: t2v * v2v of attention_importance over every row, at
+        the selector's scale R ** -0.5 (R = q.shape[-1], its rank)."""
+        t2v, v2v = ops.attention_importance(q, k, seq.vis_start, vis_len, q.shape[-1] ** -0.5, seq.key_mask,
+                                            max_vis_len=max_vis_len, backend=self.backend)
+        return t2v * v2v
+
+    @staticmethod
+    def _skipped(seq: Sequence, inverse, rest_idx, rest_h, merged_rows) -> _Bypass:
+        """What an ALVTS stage sets aside: the skipped rows, restored unchanged after its layer (Z = 0:
+        merged_rows [B, 0], merged_then a [B, 0, d] view; restore does not read group, here rest_idx)."""
+        return _Bypass(seq._metadata(), inverse, rest_idx, rest_h, rest_idx, merged_rows, rest_h[:, :0])
 
     def _score_select(self, q_last, k, vis_start, vis_len, keep, key_mask, **widths):
         """score_select on one rank, or across the tensor-parallel group (distributed.py)."""
@@ -223,6 +252,9 @@ class PruningEngine:
         keep_b, merge_b = self.stage_counts(s, dev)
         counts = seq.vis_counts if seq.vis_counts is not None else torch.full((B,), seq.vis_len, device=dev)
         K, Z = stage.keep, stage.merge
+        layer_only = self.plan.layer_only(s)
+        if scores is None and layer_only:
+            scores = self._importance(q_last, k, seq, counts, seq.vis_len)
         if scores is None:
             keep_idx, rest_idx, _ = self._score_select(q_last, k, seq.vis_start, counts, keep_b,  # Eq. 1-2
                                                        seq.key_mask, max_vis_len=seq.vis_len, max_keep=K)
@@ -244,12 +276,15 @@ class PruningEngine:
                                                backend=backend)
             h.view(B * h.shape[1], d).index_copy_(0, merged_rows.view(-1), merged.view(B * Z, d))
             new._bypass = _Bypass(seq._metadata(), inverse, rest_idx, rest_h, group, merged_rows, merged)
+        elif layer_only:
+            new._bypass = self._skipped(seq, inverse, rest_idx, rest_h, merged_rows)
         return new
 
     def restore(self, seq: Sequence) -> Sequence:
         """Before a later SwiftVLM stage: the sequence the last merging stage compacted, every rest
-        token back as h + merged_now - merged_then of its group (Eq. 12-13). A sequence that
-        bypasses nothing is returned as it is."""
+        token back as h + merged_now - merged_then of its group (Eq. 12-13); right after an ALVTS
+        stage's layer: the sequence before the stage, the skipped tokens back unchanged (Z = 0). A
+        sequence that bypasses nothing is returned as it is."""
         bp = seq._bypass
         if bp is None:
             return seq

@@ -36,6 +36,18 @@ the layer computes its keys afresh (models/llava.py, hf/): the n_text + k_s kept
 - n_keys: the score softmax runs over every key (docs/semantics.md, tv_score): n_text + n_vis at SwiftVLM
   stages (all visual tokens are present again), n_text + the current visual tokens at drop-only
   stages. Eq. 19 writes 2 n_v d, counting the visual keys only.
+
+ALVTS (docs/semantics.md "ALVTS"): layer l runs on n_text + k_l tokens at a selecting layer and on
+all n = n_text + n_vis elsewhere (Eq. 17-18 with those counts). Its stages replace Eq. 19 with the
+selector's own cost, on all n rows of the layer's input, R the selector's rank (the method's rank or
+selector, else min(128, d)):
+
+  selector projections q~ = x Wq~, k~ = x Wk~       2 x 2 d R per token:  4 n d R
+  attention_importance (two passes: each row's     2 x n (n + 1) / 2 causal logits of
+    log-sum-exp, then the column sums)              2 R FLOPs each:       2 n (n + 1) R
+
+The input norm the selector reads is the layer's own (norms are left out, as in the paper), and the
+product t2v * v2v and the top-k are O(n_vis) (left out, as the score top-k is).
 """
 from __future__ import annotations
 
@@ -75,8 +87,25 @@ def _config_int(text_config, name: str) -> int:
     return as_int(value, f"text_config.{name}", 1)
 
 
-def _stage_overhead(plan: PruningPlan, s: int, n_text: int, d: int) -> int:
-    """Eq. 19 terms of stage s (0-based), as in the module docstring's table."""
+def selector_flops(n: int, d: int, rank: int) -> int:
+    """FLOPs of one ALVTS stage on n rows: the selector's projections and attention_importance's two
+    passes (module docstring)."""
+    return 4 * n * d * rank + 2 * n * (n + 1) * rank
+
+
+def _selector_rank(pruning, d: int) -> int:
+    """The rank an ALVTS run's selector has: the given selector's, else min(rank or 128, d)."""
+    selector = getattr(pruning, "selector", None)
+    if selector is not None:
+        return as_int(selector.rank, "pruning.selector.rank", 1)
+    rank = getattr(pruning, "rank", None)
+    return min(128 if rank is None else rank, d)
+
+
+def _stage_overhead(plan: PruningPlan, s: int, n_text: int, d: int, rank: int) -> int:
+    """Eq. 19 terms of stage s (0-based), as in the module docstring's table (ALVTS: its selector)."""
+    if plan.layer_only(s):
+        return selector_flops(n_text + plan.n_vis, d, rank)
     stage = plan.stages[s]
     rest = plan.n_vis - stage.keep
     if plan.bypass:
@@ -102,7 +131,8 @@ def prefill_flops(text_config, n_text: int, n_vis: int, pruning=None) -> Prefill
 
     text_config: a mapping or an object with hidden_size, intermediate_size, num_hidden_layers
     (an HF LlamaConfig, for instance). pruning: None (vanilla), a pruning object with
-    .plan(n_vis, num_layers) (SwiftVLM, FastV, PDrop), or a PruningPlan for these n_vis and layers.
+    .plan(n_vis, num_layers) (SwiftVLM, FastV, PDrop, ALVTS), or a PruningPlan for these n_vis and
+    layers (an ALVTS plan: its selector's rank taken as min(128, d)).
     """
     d = _config_int(text_config, "hidden_size")
     m = _config_int(text_config, "intermediate_size")
@@ -117,6 +147,7 @@ def prefill_flops(text_config, n_text: int, n_vis: int, pruning=None) -> Prefill
         raise ValueError(f"pruning: expected a plan for n_vis = {n_vis}, num_layers = "
                          f"{num_layers}, got n_vis = {plan.n_vis}, num_layers = {plan.num_layers}")
     per_layer = tuple(layer_flops(n_text + v, d, m) for v in plan.visual_tokens_per_layer())
-    overhead = sum(_stage_overhead(plan, s, n_text, d) for s in range(len(plan.stages)))
+    rank = _selector_rank(pruning, d)
+    overhead = sum(_stage_overhead(plan, s, n_text, d, rank) for s in range(len(plan.stages)))
     recompute = sum(_stage_recompute(plan, s, n_text, d) for s in range(len(plan.stages)))
     return PrefillFlops(sum(per_layer) + overhead + recompute, per_layer, overhead, recompute)

@@ -1,6 +1,6 @@
 """Pruning plans: how many visual tokens each stage keeps and merges, and which layers prune.
 
-A pruning object (`SwiftVLM`, `FastV`, `PDrop`) turns (n_vis, num_layers) into a `PruningPlan`,
+A pruning object (`SwiftVLM`, `FastV`, `PDrop`, `ALVTS`) turns (n_vis, num_layers) into a `PruningPlan`,
 the list of `Stage`s that the pruning engine (`engine.py`) executes. Layers are numbered from 1, as in the
 paper (SwiftVLM, arXiv 2602.03134). This module is pure Python: it imports no torch.
 
@@ -11,6 +11,10 @@ Timing of a stage (docs/CONTRACT.md)
   Such a stage at the last layer would change nothing, so it must sit in [1, num_layers - 1].
 - A SwiftVLM stage s >= 2 at layer y restores the bypassed tokens and re-scores all n_vis visual
   tokens BEFORE layer y; layer y already runs on the kept set, so y may be num_layers.
+- An ALVTS stage at layer l selects for that layer only (`PruningPlan.layer_only`): it acts BEFORE
+  layer l (its selector scores all n_vis visual tokens on layer l's input), layer l runs on the kept
+  set, and the skipped tokens rejoin, unchanged, right after layer l; the next layer sees every token
+  again. Nothing is merged (Z = 0) and keep counts are free in [0, n_vis] at every stage.
 - A SwiftVLM stage that is not the last merges its R = n_vis - k rest tokens into Z groups, 1 <= Z
   <= R (Z = 0 only when R = 0); the Z merged tokens run with the k kept ones until the next stage.
   The last stage drops its rest (Z = 0). Every stage re-scores all n_vis tokens, so SwiftVLM keep
@@ -20,7 +24,8 @@ Timing of a stage (docs/CONTRACT.md)
 
 Visual tokens per layer (`PruningPlan.visual_tokens_per_layer`), for stages (x_s, k_s, Z_s):
 n_vis up to the first stage's layer x_1; from the layer where stage s takes effect (x_s + 1 for the
-first / drop-only stages, x_s for SwiftVLM stages s >= 2) on, k_s + Z_s.
+first / drop-only stages, x_s for SwiftVLM stages s >= 2) on, k_s + Z_s. ALVTS: k_s at its layer
+x_s only, n_vis at every other layer.
 
 The budget rule (docs/semantics.md, "The SwiftVLM prefill" point 3)
 ----------------------------------------------------
@@ -40,6 +45,9 @@ If neither
 - FastV: its single stage keeps k.
 - PDrop: stage s keeps round(k * ratio ** (s - 1)) (ratio = 0.5 by default: each stage halves the
   survivors, PDrop's geometric schedule).
+- ALVTS: every selecting layer keeps the same k (each selects afresh from all n_vis tokens); by
+  default every layer from 2 on selects (layer 1 runs on all tokens), so the average is
+  (n_vis + (L - 1) k) / L and the lowest reachable budget n_vis / L.
 round() rounds halves up. Worked example, LLaVA-1.5-7B (32 layers, 576 visual tokens):
 
   SwiftVLM(layers=(3, 11, 15)), T = 192: k = 144, Z = round(0.05 * 432) = 22.
@@ -64,7 +72,7 @@ from fractions import Fraction
 from numbers import Integral, Real
 from typing import Any, Callable, Optional, Sequence
 
-METHODS = ("swiftvlm", "fastv", "pdrop")
+METHODS = ("swiftvlm", "fastv", "pdrop", "alvts")
 
 
 def as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
@@ -162,7 +170,7 @@ class PruningPlan:
                                  f"prunes after its layer must come before the last layer)")
             if st.keep > n_vis:
                 raise ValueError(f"keep: {where}: expected at most n_vis = {n_vis}, got {st.keep}")
-            if not self.bypass and s > 0 and st.keep > stages[s - 1].keep:
+            if not self.bypass and not self.layer_only(s) and s > 0 and st.keep > stages[s - 1].keep:
                 raise ValueError(f"keep: {where}: expected non-increasing keep counts for a "
                                  f"drop-only method, got {st.keep} after {stages[s - 1].keep}")
             rest = n_vis - st.keep
@@ -180,19 +188,29 @@ class PruningPlan:
     # The timing rule, defined here only (the engine, the models and flops.py read it):
     def acts_before(self, s: int) -> bool:
         """True when stage s (0-based) acts BEFORE its layer (a SwiftVLM stage s >= 2: restore the
-        bypassed tokens, score with the layer's query and keys, and run the layer on the kept set);
-        False when it acts after its layer, with the layer's own query and keys (first and drop-only
-        stages), so that the pruning takes effect from the next layer."""
-        return self.bypass and s > 0
+        bypassed tokens, score with the layer's query and keys, and run the layer on the kept set; an
+        ALVTS stage: select with the layer's selector, run the layer on the kept set); False when it
+        acts after its layer, with the layer's own query and keys (first and drop-only stages), so
+        that the pruning takes effect from the next layer."""
+        return (self.bypass and s > 0) or self.layer_only(s)
+
+    def layer_only(self, s: int) -> bool:
+        """True when stage s selects for its own layer only (ALVTS): it acts before the layer, the layer
+        runs on the kept set, and the skipped tokens rejoin, unchanged, right after the layer (the
+        next layer sees every token again)."""
+        return self.method == "alvts"
 
     def effective_layer(self, s: int) -> int:
         """First 1-indexed layer that runs on stage s's tokens."""
         return self.stages[s].layer + (0 if self.acts_before(s) else 1)
 
     def scored_tokens(self, s: int) -> int:
-        """The visual tokens stage s scores: all n_vis at the first stage and at every SwiftVLM stage
-        (the bypassed tokens are restored first), the previous stage's survivors otherwise."""
-        return self.n_vis if s == 0 or self.bypass else self.stages[s - 1].keep + self.stages[s - 1].merge
+        """The visual tokens stage s scores: all n_vis at the first stage, at every SwiftVLM stage
+        (the bypassed tokens are restored first) and at every ALVTS stage (nothing is lost for good),
+        the previous stage's survivors otherwise."""
+        if s == 0 or self.bypass or self.layer_only(s):
+            return self.n_vis
+        return self.stages[s - 1].keep + self.stages[s - 1].merge
 
     def stage_before(self, layer: int) -> Optional[int]:
         """The stage that acts before 1-indexed `layer`, or None."""
@@ -207,7 +225,8 @@ class PruningPlan:
         counts = [self.n_vis] * self.num_layers
         for s, st in enumerate(self.stages):
             start = self.effective_layer(s) - 1
-            counts[start:] = [st.keep + st.merge] * (self.num_layers - start)
+            end = start + 1 if self.layer_only(s) else self.num_layers
+            counts[start:end] = [st.keep + st.merge] * (end - start)
         return counts
 
     def average_visual_tokens(self) -> float:
@@ -396,6 +415,75 @@ class PDrop:
 
 
 @dataclass(frozen=True)
+class ALVTS:
+    """ALVTS (adaptive layer-wise visual token selection, docs/semantics.md "ALVTS"): before each
+    selecting layer, a cheap low-rank selector scores ALL n_vis visual tokens on the layer's input and
+    keeps k of them; the layer runs on the text and those k tokens, and the others skip the layer
+    (their states pass unchanged) and rejoin right after it. Nothing is lost for good: the next layer
+    chooses again from every visual token.
+
+    layers: the selecting layers (default: every layer from 2 on; layer 1 runs on all tokens).
+    Give `budget` (T: visual tokens processed per layer, averaged over all layers; the same k at every
+    selecting layer), `budget_ratio` (T = budget_ratio * n_vis), `keep` (an int: k at every selecting
+    layer; or one count per layer of `layers`), or none (T = n_vis / 3).
+    rank: the rank R of the default selector (a truncated SVD of each layer's query-key form,
+    `pruning.selector`; default 128, at most the hidden size). selector: a `pruning.selector.Selector`
+    (for instance calibrated, or `Selector.load(path)`) used instead; not together with rank."""
+
+    budget: Optional[float] = None
+    budget_ratio: Optional[float] = None
+    layers: Optional[tuple[int, ...]] = None
+    keep: Any = None
+    rank: Optional[int] = None
+    selector: Any = None
+
+    def __post_init__(self):
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _as_layers(self.layers))
+        _check_budget_or_keep(self)
+        if self.keep is not None and not isinstance(self.keep, Integral):
+            if self.layers is None:
+                raise ValueError("keep: per-layer keep counts need `layers` (one count per selecting layer); "
+                                 "an int keeps the same count at every selecting layer")
+            object.__setattr__(self, "keep", _as_ints(self.keep, "keep", len(self.layers)))
+        elif self.keep is not None:
+            object.__setattr__(self, "keep", as_int(self.keep, "keep", 0))
+        if self.rank is not None:
+            object.__setattr__(self, "rank", as_int(self.rank, "rank", 1))
+            if self.selector is not None:
+                raise ValueError("rank, selector: expected at most one of them (rank sets the default selector's "
+                                 "rank; a given selector has its own)")
+        if self.selector is not None and not callable(getattr(self.selector, "projection", None)):
+            raise ValueError(f"selector: expected a swiftvlm_kernels.pruning.selector.Selector (or None: the "
+                             f"default SVD selector), got {type(self.selector).__name__}")
+
+    def selecting_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The selecting layers of a model of num_layers layers: `layers`, or 2..num_layers."""
+        if self.layers is not None:
+            return self.layers
+        if num_layers < 2:
+            raise ValueError(f"layers: ALVTS selects from layer 2 on by default (layer 1 runs on all tokens); a "
+                             f"model of {num_layers} layer has none: give layers")
+        return tuple(range(2, num_layers + 1))
+
+    def _plan(self, n_vis, num_layers, layers, keep) -> PruningPlan:
+        return PruningPlan("alvts", n_vis, num_layers, tuple(Stage(x, k, 0) for x, k in zip(layers, keep)),
+                           bypass=False)
+
+    def plan(self, n_vis: int, num_layers: int) -> PruningPlan:
+        n_vis = as_int(n_vis, "n_vis", 1)
+        num_layers = as_int(num_layers, "num_layers", 1)
+        layers = self.selecting_layers(num_layers)
+        if self.keep is not None:
+            keep = (self.keep,) * len(layers) if isinstance(self.keep, int) else self.keep
+            for s, k in enumerate(keep):
+                as_int(k, f"keep[{s}]" if len(keep) > 1 else "keep", 0, n_vis)
+            return self._plan(n_vis, num_layers, layers, keep)
+        return _fit_budget(self, n_vis, num_layers,
+                           lambda k: self._plan(n_vis, num_layers, layers, (k,) * len(layers)))
+
+
+@dataclass(frozen=True)
 class RaggedPlan:
     """The plans of a ragged batch, one PruningPlan per sample (each for its own n_vis), run as one
     batch: the samples share the method, the layers and so the timing; each stage's keep and merge
@@ -440,6 +528,9 @@ class RaggedPlan:
     def acts_before(self, s: int) -> bool:
         return self.plans[0].acts_before(s)
 
+    def layer_only(self, s: int) -> bool:
+        return self.plans[0].layer_only(s)
+
     def effective_layer(self, s: int) -> int:
         return self.plans[0].effective_layer(s)
 
@@ -465,7 +556,7 @@ def check_pruning(pruning) -> None:
     """ValueError unless `pruning` is a PruningPlan, a RaggedPlan or a pruning method (has `.plan`)."""
     if not isinstance(pruning, (PruningPlan, RaggedPlan)) and not callable(getattr(pruning, "plan", None)):
         raise ValueError(f"pruning: expected None, a PruningPlan, a RaggedPlan or a pruning method such as "
-                         f"SwiftVLM(), FastV() or PDrop(), got {type(pruning).__name__} {pruning!r}")
+                         f"SwiftVLM(), FastV(), PDrop() or ALVTS(), got {type(pruning).__name__} {pruning!r}")
 
 
 def plan_for_counts(pruning, counts: Sequence[int], num_layers: int):

@@ -6,7 +6,8 @@ Grid (B, cdiv(n + R, BLOCK_R)): one program handles BLOCK_R items of sample b, n
                a ragged block's padding rows (inverse -2): zero,
   [n, n + R)   the rest tokens: h_rest + h[merged_rows[g]] - merged_then[g] in fp32 (g clamped into
                [0, Z)), written to row vis_start + rest_idx (skipped outside [0, n), and for the
-               ragged padding entries, rest_idx or group -1).
+               ragged padding entries, rest_idx or group -1); with Z = 0 (nothing merged) h_rest
+               itself, copied unchanged, group not read.
 The two sets of rows are disjoint (compact marks every rest row -1 in inverse).
 """
 import torch
@@ -39,9 +40,12 @@ def _restore_kernel(h_ptr, inv_ptr, vis_ptr, rest_ptr, h_rest_ptr, group_ptr, mr
     slot = tl.load(rest_ptr + b * stride_rb + q * stride_rr, mask=is_rest, other=0).to(tl.int64)
     row = tl.load(vis_ptr + b * stride_vis).to(tl.int64) + slot
     g = tl.load(group_ptr + b * stride_gb + q * stride_gr, mask=is_rest, other=0).to(tl.int64)
-    writes_rest = is_rest & (row >= 0) & (row < n) & (slot >= 0) & (g >= 0)
+    # Z = 0: nothing was merged, the rest tokens come back unchanged (group not read)
+    merged = (tl.zeros_like(g) + Z) > 0
+    writes_rest = is_rest & (row >= 0) & (row < n) & (slot >= 0) & ((g >= 0) | ~merged)
+    drifts = writes_rest & merged
     g = tl.minimum(tl.maximum(g, 0), tl.maximum(Z - 1, 0))
-    now = tl.load(mrows_ptr + b * stride_mb + g * stride_mz, mask=writes_rest, other=0).to(tl.int64)
+    now = tl.load(mrows_ptr + b * stride_mb + g * stride_mz, mask=drifts, other=0).to(tl.int64)
     now = tl.minimum(tl.maximum(now, 0), B * n_cur - 1)
     now_b = now // tl.maximum(n_cur, 1)
     now_r = now % tl.maximum(n_cur, 1)
@@ -54,14 +58,16 @@ def _restore_kernel(h_ptr, inv_ptr, vis_ptr, rest_ptr, h_rest_ptr, group_ptr, mr
         copied = tl.load(h_ptr + src_b[:, None] * stride_hb + src_r[:, None] * stride_hn + col[None, :] * stride_hd,
                          mask=copies[:, None] & col_ok[None, :], other=0.0)
         rest_mask = writes_rest[:, None] & col_ok[None, :]
-        x = tl.load(h_rest_ptr + b * stride_xb + q[:, None] * stride_xr + col[None, :] * stride_xd,
-                    mask=rest_mask, other=0.0).to(tl.float32)
+        drift_mask = drifts[:, None] & col_ok[None, :]
+        kept = tl.load(h_rest_ptr + b * stride_xb + q[:, None] * stride_xr + col[None, :] * stride_xd,
+                       mask=rest_mask, other=0.0)
         merged_now = tl.load(h_ptr + now_b[:, None] * stride_hb + now_r[:, None] * stride_hn + col[None, :] * stride_hd,
-                             mask=rest_mask, other=0.0).to(tl.float32)
+                             mask=drift_mask, other=0.0).to(tl.float32)
         merged_then = tl.load(then_ptr + b * stride_tb + g[:, None] * stride_tz + col[None, :] * stride_td,
-                              mask=rest_mask, other=0.0).to(tl.float32)
-        aligned = x + (merged_now - merged_then)  # Eq. 12-13
-        value = tl.where(is_rest[:, None], cast_rne(aligned, out_ptr.dtype.element_ty), copied)
+                              mask=drift_mask, other=0.0).to(tl.float32)
+        aligned = cast_rne(kept.to(tl.float32) + (merged_now - merged_then), out_ptr.dtype.element_ty)  # Eq. 12-13
+        rest_value = tl.where(drifts[:, None], aligned, kept.to(out_ptr.dtype.element_ty))
+        value = tl.where(is_rest[:, None], rest_value, copied)
         tl.store(out_ptr + (b * n + dst)[:, None] * d + col[None, :], value,
                  mask=(copies | zeros | writes_rest)[:, None] & col_ok[None, :])
 
