@@ -11,9 +11,10 @@ def cli(*args):
     return run.returncode, run.stdout, run.stderr
 
 
-@pytest.mark.parametrize("args, words", [(("--help",), "Subcommands: demo (the default), eval, ops"),
+@pytest.mark.parametrize("args, words", [(("--help",), "Subcommands: demo (the default), eval, calibrate, ops"),
                                          (("demo", "--help"), "--new-tokens"),
                                          (("eval", "--help"), "--budgets"),
+                                         (("calibrate", "--help"), "--rank"),
                                          (("ops", "--help"), "--backend")])
 def test_help(args, words):
     code, out, err = cli(*args)

@@ -11,15 +11,19 @@ def test_demo_answers_held_out_questions_and_writes_a_picture_per_method(tmp_pat
     out = capsys.readouterr().out
     for kind in ("colour", "shape", "count", "location", "coarse"):  # one question of each type
         assert f", {kind}): " in out
-    for name in ("vanilla", "SwiftVLM", "FastV", "PDrop"):
+    for name in ("vanilla", "SwiftVLM", "FastV", "PDrop", "ALVTS"):
         line = next(x for x in out.splitlines() if x.startswith(f"{name}: "))
         right = int(re.match(rf"{name}: (\d)/5 right", line).group(1))
         assert 0 <= right <= 5 and "% of vanilla's FLOPs" in line
     assert "SwiftVLM: " in out and "+ 6 merged" in out  # the default budget, 1/3: 27 kept + 6 merged
-    for key in ("vanilla", "swiftvlm", "fastv", "pdrop"):
+    # ALVTS: 1/3 of 144 per layer on average with layer 1 unpruned: (144 + 11 k) / 12 = 48 -> k = 39
+    assert "layers 2-12: each keeps its own 39; selector: rank " in out and "svd+calibration" in out
+    for key in ("vanilla", "swiftvlm", "fastv", "pdrop", "alvts"):
         img = read_png(tmp_path / f"{key}.png")
         assert img.shape[0] == 3 and img.shape[1] > 5 * 192  # five rows of 2x-scaled 96 px images
         assert str(tmp_path / f"{key}.png") in out
+    # ALVTS: beside each image, its 11 selecting layers' panels and the "how often kept" one, six to a line
+    assert read_png(tmp_path / "alvts.png").shape[2] >= 192 + 6 * 96
 
 
 def test_random_weights_view_prints_stages_flops_and_tokens(capsys):

@@ -53,10 +53,14 @@ def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
     out = tmp_path / "ev"
     assert cli_main(["eval", "--n", "24", "--budgets", "0.5,0.2", "--batch-size", "12", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "SwiftVLM" in text and "FastV" in text and "PDrop" in text and "targets kept" in text
+    assert "SwiftVLM" in text and "FastV" in text and "PDrop" in text and "ALVTS" in text and "targets kept" in text
     doc = json.loads((out / "results.json").read_text())
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(doc["results"]) == 1 + 3 * 2
+    assert len(doc["results"]) == 1 + 4 * 2
+    assert [r["budget"] for r in doc["results"] if r["method"] == "ALVTS"] == [0.5, 0.2]
+    assert doc["settings"]["layers"]["alvts"] == list(range(2, 13))
+    assert doc["settings"]["alvts_selector"].startswith("the checkpoint's alvts-selector/: svd+calibration")
+    assert sum(x["method"] == "ALVTS" for x in rows) == 2 * (1 + len(synth.KINDS))
     for r in doc["results"]:
         all_row = next(x for x in rows if x["method"] == r["method"] and x["kind"] == "all"
                        and x["budget"] == ("" if r["budget"] is None else f"{r['budget']:.4f}"))

@@ -39,3 +39,25 @@ def test_kept_panel_keeps_kept_patches_and_fades_the_rest():
     assert fig.dtype == torch.uint8 and fig.shape[0] == 3
     with pytest.raises(ValueError, match="rows: expected at least one question"):
         figures.kept_tokens_figure([], 4, [], "T")
+
+
+def test_layer_figure_has_a_panel_per_layer_and_a_count_panel():
+    image = torch.randint(100, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    kept = [torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([1, 15])]
+    fig = figures.layer_kept_figure([{"image": image, "kept": kept, "caption": "q"}], 4, ["l2", "l3", "l4"], "T",
+                                    columns=2, scale=2)
+    gap, label, head = 8, 11, 30  # the figure's layout: the 2x image, then 1x panels, two per line
+    x0 = 2 * gap + 32
+    for i, k in enumerate(kept):
+        x, y = x0 + (i % 2) * (16 + gap), head + (i // 2) * (16 + label + gap) + label
+        assert torch.equal(fig[:, y:y + 16, x:x + 16], figures.kept_panel(image, 4, k, scale=1)), i
+    x, y = x0 + 16 + gap, head + 16 + label + gap + label  # the 4th panel: how often each patch was kept
+    count = torch.zeros(16)
+    for k in kept:
+        count[k] += 1
+    want = figures.kept_panel(image, 4, None, scale=1, share=count / count.max())
+    assert torch.equal(fig[:, y:y + 16, x:x + 16], want)
+    assert torch.equal(figures.kept_panel(image, 4, None, scale=1, share=(count > 0).float()),
+                       figures.kept_panel(image, 4, torch.tensor([0, 1, 2, 15]), scale=1))
+    with pytest.raises(ValueError, match="rows: expected at least one question"):
+        figures.layer_kept_figure([], 4, [], "T")

@@ -23,6 +23,8 @@ names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = {"swiftvlm_kernels/py.typed", "swiftvlm_kernels/apps/weights/tiny-vqa/model.safetensors",
         "swiftvlm_kernels/apps/weights/tiny-vqa/config.json", "swiftvlm_kernels/apps/weights/tiny-vqa/vocab.json",
         "swiftvlm_kernels/apps/weights/tiny-vqa/train.json", "swiftvlm_kernels/apps/weights/tiny-vqa/prompt.json",
+        "swiftvlm_kernels/apps/weights/tiny-vqa/alvts-selector/selector.json",
+        "swiftvlm_kernels/apps/weights/tiny-vqa/alvts-selector/selector.safetensors",
         "swiftvlm_kernels/__main__.py", "swiftvlm_kernels/apps/cli.py", "swiftvlm_kernels/apps/evaluation/__init__.py",
         "swiftvlm_kernels/csrc/torch_bindings.cpp", "swiftvlm_kernels/csrc/tv_score.cu",
         "swiftvlm_kernels/csrc/score_select.cu", "swiftvlm_kernels/csrc/common.cuh", "swiftvlm_kernels/csrc/launch.h",

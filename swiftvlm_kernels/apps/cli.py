@@ -1,9 +1,10 @@
-"""`python -m swiftvlm_kernels [demo|eval|ops] [options]` (no subcommand: demo).
+"""`python -m swiftvlm_kernels [demo|eval|calibrate|ops] [options]` (no subcommand: demo).
 
-demo   vanilla, SwiftVLM, FastV and PDrop on the embedded trained tiny LLaVA (no downloads):
-       answers, FLOPs and pictures of the kept tokens
-eval   accuracy against visual-token budget per method and question type (table, CSV, JSON, PNG)
-ops    score_select / group_merge / bypass_align on generated LLaVA-1.5-shaped data
+demo       vanilla, SwiftVLM, FastV, PDrop and ALVTS on the embedded trained tiny LLaVA (no
+           downloads): answers, FLOPs and pictures of the kept tokens
+eval       accuracy against visual-token budget per method and question type (table, CSV, JSON, PNG)
+calibrate  fit ALVTS' selectors to a model's own attention and write them
+ops        score_select / group_merge / bypass_align on generated LLaVA-1.5-shaped data
 
 Each subcommand has its own --help. A bad subcommand or option exits 2 with one line; an error while
 running prints one line and exits 1 (--debug: the traceback instead). Benchmarks run from a source
@@ -16,6 +17,8 @@ import sys
 import time
 
 from .options import backend_name, require_backend
+
+SUBCOMMANDS = ("demo", "eval", "calibrate", "ops")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,15 +60,16 @@ def ops_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, evaluation
+    from . import calibrate, demo, evaluation
 
     common = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, print the traceback")
     parser = _Parser(prog="python -m swiftvlm_kernels", description=__doc__.split("\n")[0], parents=[common],
-                     epilog="Subcommands: demo (the default), eval, ops. `python -m swiftvlm_kernels SUBCOMMAND --help`.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,ops}", parser_class=_Parser)
-    d = sub.add_parser("demo", parents=[common], help="vanilla / SwiftVLM / FastV / PDrop on the tiny LLaVA",
+                     epilog="Subcommands: demo (the default), eval, calibrate, ops. `python -m swiftvlm_kernels SUBCOMMAND "
+                            "--help`.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,calibrate,ops}", parser_class=_Parser)
+    d = sub.add_parser("demo", parents=[common], help="vanilla / SwiftVLM / FastV / PDrop / ALVTS on the tiny LLaVA",
                        description=demo.__doc__)
     demo.add_arguments(d)
     d.set_defaults(run=demo.run)
@@ -73,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=evaluation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluation.add_arguments(e)
     e.set_defaults(run=evaluation.run)
+    c = sub.add_parser("calibrate", parents=[common], help="fit ALVTS' selectors to a model's attention",
+                       description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate.add_arguments(c)
+    c.set_defaults(run=calibrate.run)
     o = sub.add_parser("ops", parents=[common], help="the ops on LLaVA-1.5-shaped data",
                        description="score_select, group_merge and bypass_align on generated LLaVA-1.5-shaped data.")
     o.add_argument("--backend", type=backend_name, default=None, help="auto, torch, cpu, triton or cuda (default: auto)")
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    has_subcommand = any(a in ("demo", "eval", "ops") for a in argv)
+    has_subcommand = any(a in SUBCOMMANDS for a in argv)
     if not argv or argv[0].startswith("-") and not has_subcommand and not any(a in ("-h", "--help") for a in argv):
         argv = ["demo", *argv]  # no subcommand: the demo, with its options
     args = build_parser().parse_args(argv)

@@ -1,9 +1,11 @@
-"""`python -m swiftvlm_kernels demo`: vanilla, SwiftVLM, FastV and PDrop on the embedded tiny LLaVA
-trained on the synthetic VQA task (swiftvlm_kernels.apps.synth; nothing downloaded). For a few held-out
-questions, each method's answer against the truth at one visual-token budget, the prefill FLOPs
-against vanilla, and one PNG per method (in --out) with each image and the visual tokens kept at
-each stage: kept patches bright, the others faded, the patches the answer depends on outlined (the
-SwiftVLM paper's Fig. 6 style).
+"""`python -m swiftvlm_kernels demo`: vanilla, SwiftVLM, FastV, PDrop and ALVTS on the embedded tiny
+LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth; nothing downloaded). For a few
+held-out questions, each method's answer against the truth at one visual-token budget, the prefill
+FLOPs against vanilla, and one PNG per method (in --out) with each image and the visual tokens kept
+at each stage: kept patches bright, the others faded, the patches the answer depends on outlined (the
+SwiftVLM paper's Fig. 6 style). ALVTS (with the model's calibrated selector) keeps its own tokens at
+every layer from 2 on: its picture has a small panel per layer, and one where each patch is as bright
+as the share of those layers that kept it.
 
 --random: the former view instead, on the 16-layer tiny LLaVA with random weights: per-stage kept
 tokens, FLOPs and greedy output ids for a left-padded batch (random weights answer nothing)."""
@@ -87,9 +89,9 @@ def _pick(n: int) -> list:
 
 def _run_trained(args):
     from . import evaluation
-    from .figures import kept_tokens_figure
+    from .figures import kept_tokens_figure, layer_kept_figure
     from .png import write_png
-    from .trained import trained_record, trained_tiny_llava
+    from .trained import checkpoint_selector, trained_record, trained_tiny_llava
 
     model = trained_tiny_llava(DTYPES[args.dtype], args.device)
     model.backend = args.backend
@@ -111,12 +113,13 @@ def _run_trained(args):
         print(f"  Q{j + 1} (held-out #{i}, {s.kind}): {' '.join(s.question)}   truth: {s.answer}")
     print()
     layers = evaluation.eval_layers(model.num_layers)
+    selector = checkpoint_selector()
     n_text = inputs["input_ids"].shape[1] - n_vis
     vanilla_flops = prefill_flops(text, n_text, n_vis).total
     paths = []
-    for key in ("vanilla", "swiftvlm", "fastv", "pdrop"):
+    for key in evaluation.METHODS:
         name = evaluation.NAMES[key]
-        pruning = None if key == "vanilla" else evaluation.make_method(key, share, layers[key])
+        pruning = None if key == "vanilla" else evaluation.make_method(key, share, layers[key], selector)
         plan = model.plan_for(pruning)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -125,9 +128,13 @@ def _run_trained(args):
         pred = out.last_logits.argmax(-1).tolist()
         answers = [prompts.decode([p]) for p in pred]
         right = sum(a == it.answer for a, it in zip(answers, items))
-        flops = prefill_flops(text, n_text, n_vis, plan).total
+        flops = prefill_flops(text, n_text, n_vis, pruning).total
         stages = ", ".join(f"layer {st.layer}: keep {st.keep}" + (f" + {st.merge} merged" if st.merge else "")
                            for st in plan.stages) if plan else "all tokens"
+        if key == "alvts":
+            stages = (f"layers {plan.stages[0].layer}-{plan.stages[-1].layer}: each keeps its own "
+                      f"{plan.stages[0].keep}; selector: rank {selector.rank}, {selector.record.get('init')}"
+                      if selector is not None else "SVD selector")
         print(f"{name}: {right}/{len(items)} right, prefill {100 * flops / vanilla_flops:.0f}% of vanilla's FLOPs ({100 - 100 * flops / vanilla_flops:.0f}% saved), "
               f"{plan.average_visual_tokens() if plan else n_vis:.1f} visual tokens per layer ({stages}), "
               f"{seconds * 1e3:.0f} ms")
@@ -142,7 +149,12 @@ def _run_trained(args):
         title = f"{name} at {100 * share:.0f}% of the visual tokens: kept (bright) per stage"
         if plan is not None and plan.bypass:
             title = f"{name} at {100 * share:.0f}%: kept per stage (rest merged and bypassing)"
-        paths.append(write_png(Path(args.out) / f"{key}.png", kept_tokens_figure(rows, grid, labels, title)))
+        if key == "alvts":
+            title = f"{name} at {100 * share:.0f}%: the tokens each layer ran on (the rest skip that layer only)"
+            figure = layer_kept_figure(rows, grid, [f"layer {st.layer}: {st.keep}" for st in plan.stages], title)
+        else:
+            figure = kept_tokens_figure(rows, grid, labels, title)
+        paths.append(write_png(Path(args.out) / f"{key}.png", figure))
     print("\npictures (image | tokens kept at each stage; answer patches outlined): " +
           ", ".join(str(p) for p in paths))
     return 0

@@ -1,6 +1,7 @@
 """Pictures without a plotting library: a 5 x 7 bitmap font, lines and boxes on uint8 [3, H, W]
 canvases, the accuracy-against-budget plot of the evaluation, and the kept-token panels of the demo
-(the SwiftVLM paper's Fig. 6 style). Written as PNG by `swiftvlm_kernels.apps.png`."""
+(the SwiftVLM paper's Fig. 6 style; for ALVTS, whose every layer keeps its own tokens, a small panel
+per layer). Written as PNG by `swiftvlm_kernels.apps.png`."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -35,8 +36,8 @@ _BITMAPS = {c: torch.tensor([[(row >> (4 - i)) & 1 for i in range(5)] for row in
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 METHOD_COLOURS = {"vanilla": (60, 60, 60), "SwiftVLM": (214, 39, 40), "FastV": (31, 119, 180),
-                  "PDrop": (44, 160, 44)}
-_PALETTE = ((148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194), (23, 190, 207))
+                  "PDrop": (44, 160, 44), "ALVTS": (148, 103, 189)}
+_PALETTE = ((255, 127, 14), (140, 86, 75), (227, 119, 194), (23, 190, 207))
 
 
 def canvas(height: int, width: int, colour=WHITE) -> Tensor:
@@ -160,19 +161,21 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
 
 
 def kept_panel(image: Tensor, grid: int, kept: Optional[Tensor], targets: Sequence[tuple[int, int, int, int]] = (),
-               scale: int = 2) -> Tensor:
+               scale: int = 2, share: Optional[Tensor] = None) -> Tensor:
     """The image (uint8 [3, H, W]) upscaled by `scale`, with the patches of a `grid` x `grid` patch
     grid that are NOT in `kept` (visual-token indices, row-major; None: all kept) faded to a dark
-    grey, and `targets` (pixel boxes x0, y0, x1, y1 of the unscaled image) outlined in white."""
+    grey, and `targets` (pixel boxes x0, y0, x1, y1 of the unscaled image) outlined in white.
+    share: instead of kept, each patch's brightness in [0, 1] (fp32 [grid * grid]; 0 faded, 1 as is)."""
     img = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2).clone()
     H, W = img.shape[1:]
-    if kept is not None:
-        on = torch.zeros(grid * grid, dtype=torch.bool)
-        on[kept.long().cpu()] = True
+    if kept is not None and share is None:
+        share = torch.zeros(grid * grid)
+        share[kept.long().cpu()] = 1.0
+    if share is not None:
         ph, pw = H // grid, W // grid
-        on = on.view(grid, grid).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
-        faded = (img.float() * 0.2 + 40).to(torch.uint8)
-        img = torch.where(on[None], img, faded)
+        on = share.float().view(grid, grid).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+        faded = (img.float() * 0.2 + 40).floor()
+        img = (faded + (img.float() - faded) * on[None]).round().to(torch.uint8)
         for i in range(1, grid):  # faint patch grid
             img[:, i * ph, :] = torch.where(img[:, i * ph, :] > 60, img[:, i * ph, :] - 30, img[:, i * ph, :])
             img[:, :, i * pw] = torch.where(img[:, :, i * pw] > 60, img[:, :, i * pw] - 30, img[:, :, i * pw])
@@ -207,4 +210,42 @@ def kept_tokens_figure(rows: Sequence[dict], grid: int, stage_labels: Sequence[s
             img[:, y + 12:y + 12 + ph, x:x + pw] = panel
         text(img, gap, y + 14 + ph + 4, row.get("caption", "")[: (width - 2 * gap) // 6])
         y += ph + 14 + foot
+    return img
+
+
+def layer_kept_figure(rows: Sequence[dict], grid: int, layer_labels: Sequence[str], title: str, columns: int = 6,
+                      scale: int = 2) -> Tensor:
+    """One figure for a method whose every layer keeps its own tokens (ALVTS): per row (a question),
+    the image (upscaled by `scale`), then a block of small panels (the image's own size), `columns`
+    per line: one per layer with the tokens it kept, and a last one where each patch is as bright as
+    the number of layers that kept it (the most kept: fully bright). Row dicts as for kept_tokens_figure (kept: one index
+    tensor per layer)."""
+    if not rows:
+        raise ValueError("rows: expected at least one question")
+    H, W = rows[0]["image"].shape[1:]
+    gap, label, head, foot = 8, 11, 30, 20
+    panels = len(layer_labels) + 1
+    lines = -(-panels // columns)
+    block_h = max(H * scale + label, lines * (H + label + gap) - gap)
+    width = max(2 * gap + W * scale + gap + columns * (W + gap), text_width(title, 2) + 2 * gap)
+    img = canvas(head + len(rows) * (block_h + foot) + gap, width)
+    text(img, gap, 8, title, scale=2)
+    y = head
+    for row in rows:
+        targets = row.get("targets", ())
+        text(img, gap, y, "image")
+        img[:, y + label:y + label + H * scale, gap:gap + W * scale] = kept_panel(row["image"], grid, None, targets, scale)
+        share = torch.zeros(grid * grid)
+        for k in row["kept"]:
+            share[k.long().cpu()] += 1.0
+        share /= share.max().clamp_min(1.0)
+        small = [kept_panel(row["image"], grid, k, targets, 1) for k in row["kept"]]
+        small.append(kept_panel(row["image"], grid, None, targets, 1, share=share))
+        for i, (name, panel) in enumerate(zip(list(layer_labels) + ["how often kept"], small)):
+            x = 2 * gap + W * scale + (i % columns) * (W + gap)
+            top = y + (i // columns) * (H + label + gap)
+            text(img, x, top, name[: W // 6])
+            img[:, top + label:top + label + H, x:x + W] = panel
+        text(img, gap, y + block_h + 4, row.get("caption", "")[: (width - 2 * gap) // 6])
+        y += block_h + foot
     return img

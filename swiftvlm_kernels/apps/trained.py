@@ -1,17 +1,22 @@
 """The embedded tiny LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth) by
 tools/train_tiny.py: its weights (weights/tiny-vqa/: config.json, model.safetensors, vocab.json,
-prompt.json, train.json) and the readers of a word-vocabulary checkpoint's files."""
+prompt.json, train.json), its calibrated ALVTS selector (weights/tiny-vqa/alvts-selector/, made by
+`python -m swiftvlm_kernels calibrate`, the command in the README) and the readers of a
+word-vocabulary checkpoint's files."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..models.llava import LlavaForward
+from ..pruning.selector import Selector
 from .untrusted import read_json
 
 TRAINED_DIR = Path(__file__).resolve().parent / "weights" / "tiny-vqa"
 SPECIAL_WORDS = ("<bos>", "<unk>")  # the words a word-vocabulary prompt is built with
+SELECTOR_DIR = "alvts-selector"  # a checkpoint directory's ALVTS selector, when it has one
 
 
 def trained_vocab(path=None) -> tuple:
@@ -51,6 +56,13 @@ def trained_record(path=None) -> dict:
     if not path.is_file():
         raise ValueError(f"train.json: expected a file at {path}")
     return read_json(path, 1 << 20)
+
+
+def checkpoint_selector(path=None) -> Optional[Selector]:
+    """The ALVTS selector a checkpoint directory ships (its alvts-selector/, `Selector.load`; default:
+    the embedded model's, calibrated), or None when it has none (ALVTS then runs the SVD default)."""
+    where = Path(TRAINED_DIR if path is None else path) / SELECTOR_DIR
+    return Selector.load(where) if where.is_dir() else None
 
 
 def trained_tiny_llava(dtype=torch.float32, device="cpu") -> LlavaForward:

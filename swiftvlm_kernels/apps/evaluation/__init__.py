@@ -1,19 +1,24 @@
-"""`python -m swiftvlm_kernels eval`: accuracy of vanilla, SwiftVLM, FastV and PDrop against the
+"""`python -m swiftvlm_kernels eval`: accuracy of vanilla, SwiftVLM, FastV, PDrop and ALVTS against the
 visual-token budget, per question type, on the embedded trained tiny LLaVA (or any llava-hf
 checkpoint directory) and the synthetic held-out set (or a dataset folder of your own).
 
     python -m swiftvlm_kernels eval [--n 1000] [--budgets 0.5,0.333,0.222,0.2] [--out swiftvlm-eval]
-        [--model CHECKPOINT_DIR] [--data DATASET_DIR] [--methods vanilla,swiftvlm,fastv,pdrop]
+        [--model CHECKPOINT_DIR] [--data DATASET_DIR] [--methods vanilla,swiftvlm,fastv,pdrop,alvts]
+        [--selector SELECTOR_DIR|svd|svd:RANK]
 
 What is measured. Every method and budget answers the same questions greedily through the
 project's LLaVA forward (`LlavaForward`, the swiftvlm ops). A budget is the share of the visual
 tokens the language model keeps per layer on average (merged tokens counted; `budget_ratio`), so
 all methods spend the same prefill at one budget. Layers: FastV at layer 2 (its paper's K), PDrop at
 2, L/2 and 3L/4, SwiftVLM at the library's default for the depth (`hf.default_layers`: 2, 4, 6 at
-12 layers); `--layers` overrides. A budget below what a method's first stage allows (the layers
+12 layers), ALVTS at every layer from 2 on (each layer its own k tokens); `--layers` overrides.
+ALVTS' selector: the checkpoint directory's alvts-selector/ when it has one (the embedded model's is
+calibrated: `python -m swiftvlm_kernels calibrate`), else the SVD default; `--selector` names another
+(a directory `calibrate` wrote, or `svd`). A budget below what a method's first stage allows (the layers
 before it run every visual token: 2 of 12 layers are already 1/6 of the tokens) is reported as
 n/a. Besides accuracy the evaluation reports, where the questions name their patches (the
-synthetic set; `boxes` in a dataset), the share of those patches the last stage keeps.
+synthetic set; `boxes` in a dataset), the share of those patches the last stage keeps (ALVTS: the
+mean over its layers of the share each layer keeps).
 
 Outputs in --out: results.csv (one row per method, budget and question type), results.json (the
 same, with the settings), results.md (the table in Markdown), accuracy.png (accuracy against budget; the unpruned model dashed). The
@@ -58,7 +63,7 @@ from typing import Optional
 
 import torch
 
-from ..options import positive, require_backend
+from ..options import add_model_and_data, layer_list, positive, require_backend
 from .data import (MAX_LINES, ImageFile, Item, dataset_items, json_object, resize, synthetic_item, synthetic_items,
                    target_patches)
 from .prompts import TokenizerPrompts, WordPrompts, batch_inputs, normalise, pixels, prompt_ids, prompts_for
@@ -66,7 +71,7 @@ from .report import kinds_of, markdown_table, table, write_outputs
 from .run import (DEFAULT_BUDGETS, METHODS, NAMES, Progress, Result, check_layers, eval_layers, evaluate,
                   make_method)
 
-__all__ = ["add_arguments", "run", "load_model", "Item", "ImageFile", "Result", "synthetic_item", "synthetic_items",
+__all__ = ["add_arguments", "run", "load_model", "load_selector", "Item", "ImageFile", "Result", "synthetic_item", "synthetic_items",
            "dataset_items", "json_object", "target_patches", "resize", "MAX_LINES", "WordPrompts", "TokenizerPrompts",
            "prompts_for", "normalise", "pixels", "prompt_ids", "batch_inputs", "DEFAULT_BUDGETS", "METHODS", "NAMES",
            "Progress", "eval_layers", "check_layers", "make_method", "evaluate", "kinds_of", "table",
@@ -100,13 +105,10 @@ def _layers(text: str) -> dict:
         name, _, spec = part.partition("=")
         name = name.strip().lower()
         if name not in METHODS[1:] or not spec:
-            raise argparse.ArgumentTypeError(f"expected METHOD=L1:L2:... for swiftvlm, fastv or pdrop, got {part!r}")
+            raise argparse.ArgumentTypeError(f"expected METHOD=L1:L2:... for {', '.join(METHODS[1:])}, got {part!r}")
         if name in out:
             raise argparse.ArgumentTypeError(f"expected each method once, got {name} twice")
-        try:
-            out[name] = tuple(int(v) for v in spec.split(":"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected integer layers, got {spec!r}") from None
+        out[name] = layer_list(spec)
         if not all(v >= 1 for v in out[name]) or list(out[name]) != sorted(set(out[name])):
             raise argparse.ArgumentTypeError(f"expected increasing layers >= 1, got {spec!r}")
         if name == "fastv" and len(out[name]) != 1:
@@ -115,17 +117,17 @@ def _layers(text: str) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="an llava-hf checkpoint directory (default: the embedded trained tiny LLaVA)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a dataset folder with questions.jsonl (default: the synthetic held-out set)")
+    add_model_and_data(parser, "the synthetic held-out set")
     parser.add_argument("--n", type=positive, default=1000, help="questions (default 1000)")
     parser.add_argument("--budgets", type=_budgets, default=DEFAULT_BUDGETS,
                         help="shares of the visual tokens per layer (default 0.5,0.333,0.222,0.2)")
-    parser.add_argument("--methods", type=_methods, default=METHODS, help="default vanilla,swiftvlm,fastv,pdrop")
+    parser.add_argument("--methods", type=_methods, default=METHODS, help=f"default {','.join(METHODS)}")
     parser.add_argument("--layers", type=_layers, default=None,
-                        help="e.g. swiftvlm=2:4:6,fastv=2,pdrop=2:6:9 (increasing, 1-indexed; checked against the "
-                             "model before anything runs)")
+                        help="e.g. swiftvlm=2:4:6,fastv=2,pdrop=2:6:9,alvts=2:4:8 (increasing, 1-indexed; checked "
+                             "against the model before anything runs)")
+    parser.add_argument("--selector", type=_selector_choice, default=None, metavar="DIR|svd|svd:RANK",
+                        help="ALVTS' selector: a directory written by `calibrate`, or the SVD default (svd: rank "
+                             "min(128, d); svd:RANK); default: the checkpoint's alvts-selector/ when it has one, else svd")
     parser.add_argument("--batch-size", type=positive, default=50)
     parser.add_argument("--max-new-tokens", type=positive, default=8, help="tokenizer models: answer length")
     parser.add_argument("--out", type=Path, default=Path("swiftvlm-eval"), help="output folder (default swiftvlm-eval)")
@@ -146,9 +148,39 @@ def load_model(model_dir: Optional[Path], device="cpu"):
     return LlavaForward.from_pretrained(path, device=device)
 
 
+def _selector_choice(text: str) -> str:
+    """--selector: svd, svd:RANK or a directory (checked when the command runs)."""
+    if text.startswith("svd:"):
+        positive(text[4:])
+    return text
+
+
+def load_selector(choice: Optional[str], model, model_dir: Optional[Path], layers) -> tuple:
+    """(ALVTS' selector for `layers` of `model`, a description) for --selector: a directory, svd (the
+    default: rank min(128, d)), svd:RANK, or None (the alvts-selector/ of the checkpoint directory
+    model_dir, None: the embedded model's, when it has one, else the default)."""
+    from ...pruning.selector import DEFAULT_RANK, Selector
+    from ..trained import checkpoint_selector
+
+    if choice is not None and choice.startswith("svd"):
+        rank = min(int(choice[4:] or DEFAULT_RANK), model.text_config.hidden_size)
+        return Selector.from_layers(model.language_model.layers, layers, rank), f"svd, rank {rank}"
+    if choice is not None and not Path(choice).is_dir():
+        raise ValueError(f"--selector: expected a selector directory (selector.json, selector.safetensors), svd or "
+                         f"svd:RANK, got {choice}")
+    selector = Selector.load(Path(choice)) if choice is not None else checkpoint_selector(model_dir)
+    if selector is None:
+        return load_selector("svd", model, model_dir, layers)
+    where = choice if choice is not None else "the checkpoint's alvts-selector/"
+    return selector, f"{where}: {selector.record.get('init')}, rank {selector.rank}"
+
+
 def run(args) -> int:
     device = torch.device(args.device)
     require_backend(args.backend, device.type)
+    if args.selector is not None and not args.selector.startswith("svd") and not Path(args.selector).is_dir():
+        raise ValueError(f"--selector: expected a selector directory (selector.json, selector.safetensors), svd or "
+                         f"svd:RANK, got {args.selector}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device)
@@ -158,19 +190,23 @@ def run(args) -> int:
     check_layers({m: layers[m] for m in args.methods if m != "vanilla"} | (args.layers or {}), model, "--layers")
     prompts = prompts_for(args.model, model)
     items = synthetic_items(args.n) if args.data is None else dataset_items(args.data, args.n)
+    selector, about_selector = load_selector(args.selector, model, args.model, layers["alvts"]) \
+        if "alvts" in args.methods else (None, None)
     where = "embedded trained tiny LLaVA" if args.model is None else str(args.model)
     data = "synthetic held-out set (split 1)" if args.data is None else str(args.data)
     print(f"model: {where} ({model.num_visual_tokens} visual tokens, {model.num_layers} layers); data: {data}, "
           f"{len(items)} questions")
-    print("layers: " + ", ".join(f"{NAMES[m]} {layers[m]}" for m in args.methods if m != "vanilla"))
+    print("layers: " + ", ".join(f"{NAMES[m]} {layers[m]}" for m in args.methods if m != "vanilla")
+          + (f"; ALVTS selector: {about_selector}" if about_selector else ""))
     runs = sum(1 if m == "vanilla" else len(args.budgets) for m in args.methods)
     batches = math.ceil(len(items) / args.batch_size)
     progress = Progress(runs * batches)
     results = evaluate(model, items, prompts, args.methods, args.budgets, layers, args.batch_size,
-                       args.max_new_tokens, progress, device)
+                       args.max_new_tokens, progress, device, selector=selector)
     print(table(results))
     settings = {"model": where, "data": data, "n": len(items), "budgets": list(args.budgets),
                 "methods": list(args.methods), "layers": {k: list(v) for k, v in layers.items()},
+                "alvts_selector": about_selector,
                 "backend": args.backend or "auto", "device": str(device), "torch": torch.__version__}
     title = f"accuracy against visual-token budget ({len(items)} questions)"
     paths = write_outputs(results, args.out, settings, title)

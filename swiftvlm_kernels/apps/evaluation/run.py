@@ -10,13 +10,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...pruning import FastV, PDrop, SwiftVLM, prefill_flops
+from ...pruning import ALVTS, FastV, PDrop, SwiftVLM, prefill_flops
 from .data import Item, target_patches
 from .prompts import batch_inputs, normalise, prompt_ids
 
 DEFAULT_BUDGETS = (0.5, 1 / 3, 2 / 9, 0.2)
-METHODS = ("vanilla", "swiftvlm", "fastv", "pdrop")
-NAMES = {"vanilla": "vanilla", "swiftvlm": "SwiftVLM", "fastv": "FastV", "pdrop": "PDrop"}
+METHODS = ("vanilla", "swiftvlm", "fastv", "pdrop", "alvts")
+NAMES = {"vanilla": "vanilla", "swiftvlm": "SwiftVLM", "fastv": "FastV", "pdrop": "PDrop", "alvts": "ALVTS"}
 
 
 @dataclass
@@ -52,7 +52,8 @@ def eval_layers(num_layers: int) -> dict:
     from ...hf import default_layers
 
     pdrop = tuple(sorted({2, *(max(3, min(num_layers - 1, round(num_layers * f))) for f in (0.5, 0.75))}))
-    return {"swiftvlm": default_layers(num_layers, "swiftvlm"), "fastv": (2,), "pdrop": pdrop}
+    return {"swiftvlm": default_layers(num_layers, "swiftvlm"), "fastv": (2,), "pdrop": pdrop,
+            "alvts": default_layers(num_layers, "alvts")}
 
 
 def check_layers(layers: dict, model, option: str = "layers") -> None:
@@ -71,8 +72,11 @@ def check_layers(layers: dict, model, option: str = "layers") -> None:
             raise ValueError(f"{spec}: expected layers that fit the model's {model.num_layers} layers ({e})") from None
 
 
-def make_method(name: str, budget: float, layers: Sequence[int]):
-    """The pruning object of `name` at `budget` (a share of the visual tokens) and `layers`."""
+def make_method(name: str, budget: float, layers: Sequence[int], selector=None):
+    """The pruning object of `name` at `budget` (a share of the visual tokens) and `layers`; ALVTS with
+    `selector` (None: the default SVD selector)."""
+    if name == "alvts":
+        return ALVTS(layers=tuple(layers), budget_ratio=budget, selector=selector)
     if name == "swiftvlm":
         return SwiftVLM(layers=tuple(layers), budget_ratio=budget)
     if name == "fastv":
@@ -122,10 +126,12 @@ def _predict(model, prompts, inputs, pruning, max_new_tokens: int):
 def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = METHODS,
              budgets: Sequence[float] = DEFAULT_BUDGETS, layers: Optional[dict] = None, batch_size: int = 32,
              max_new_tokens: int = 8, progress: Optional[Progress] = None, device="cpu",
-             dtype=torch.float32) -> list[Result]:
+             dtype=torch.float32, selector=None) -> list[Result]:
     """Every method at every budget (vanilla once) on `items`; see the package docstring. The
     layers and every prompt are checked before anything runs; then each batch's inputs are built
-    once (its images read one at a time) and every method and budget answers it."""
+    once (its images read one at a time) and every method and budget answers it. selector: ALVTS'
+    (None: the default SVD selector). "Targets kept": the share of the answers' patches in the last
+    stage's kept set; for ALVTS, whose layers each keep their own set, the mean over its layers."""
     layers = {**eval_layers(model.num_layers), **(layers or {})}
     check_layers({m: layers[m] for m in methods if m != "vanilla"}, model)
     text = model.text_config
@@ -140,14 +146,14 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
                            for m in methods for b in ((None,) if m == "vanilla" else budgets)]:
         pruning = None
         try:
-            pruning = None if budget is None else make_method(method, budget, layers[method])
+            pruning = None if budget is None else make_method(method, budget, layers[method], selector)
             plan = model.plan_for(pruning)
         except ValueError:  # a budget below what the method's layers allow
             results.append(Result(NAMES[method], budget, float("nan"), float("nan"), feasible=False))
             if progress:
                 progress.update(len(batches), f"{NAMES[method]} {budget:.0%}: n/a")
             continue
-        flops = prefill_flops(text, n_text, model.num_visual_tokens, plan).total / \
+        flops = prefill_flops(text, n_text, model.num_visual_tokens, pruning).total / \
             prefill_flops(text, n_text, model.num_visual_tokens).total
         per_layer = plan.average_visual_tokens() if plan else float(model.num_visual_tokens)
         results.append(Result(NAMES[method], budget, per_layer, flops))
@@ -165,10 +171,11 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
                 res.right[it.kind] = res.right.get(it.kind, 0) + int(ok)
                 res.total[it.kind] = res.total.get(it.kind, 0) + 1
                 if len(targets[b]):
-                    last = kept[-1][b] if kept else torch.arange(model.num_visual_tokens)
-                    hit = torch.isin(targets[b].to(last.device), last).sum().item()
+                    sets = [k[b] for k in (kept if isinstance(pruning, ALVTS) else kept[-1:])] or \
+                        [torch.arange(model.num_visual_tokens)]
+                    hit = sum(torch.isin(targets[b].to(ks.device), ks).sum().item() for ks in sets)
                     res.target_kept[it.kind] = res.target_kept.get(it.kind, 0) + hit
-                    res.target_total[it.kind] = res.target_total.get(it.kind, 0) + len(targets[b])
+                    res.target_total[it.kind] = res.target_total.get(it.kind, 0) + len(targets[b]) * len(sets)
             if progress:
                 progress.update(1, label)
     return results
