@@ -413,6 +413,9 @@ def _writable(name, dst, inputs):
     if dst.requires_grad or (dst._base is not None and dst._base.requires_grad):
         fail(f"{name}: expected a tensor that does not require grad (nor its base): the op writes it in place "
               "and has no gradient; use a detached tensor or torch.no_grad() on a copy")
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        fail(f"{name}: expected a tensor that may be written here: an inference tensor (made under "
+             "torch.inference_mode()) is written in place only inside inference mode, as torch's in-place ops refuse")
     span = _byte_span(dst)
     if span is None:
         return
