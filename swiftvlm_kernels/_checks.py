@@ -28,7 +28,17 @@ def fail(msg):
     raise ValueError(msg)
 
 
+# os.environ's own store (CPython's os._Environ, kept current by os.environ[...] = ... and by
+# monkeypatch.setenv): a dict lookup there costs a twentieth of os.environ.get, and every op call reads
+# the flag once
+_ENV_DATA = getattr(os.environ, "_data", None)
+_DEBUG_KEY = os.environ.encodekey("SWIFTVLM_DEBUG") if hasattr(os.environ, "encodekey") else None
+
+
 def _debug():
+    if isinstance(_ENV_DATA, dict) and _DEBUG_KEY is not None:
+        value = _ENV_DATA.get(_DEBUG_KEY)
+        return value is not None and os.environ.decodevalue(value) == "1"
     return os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
 
 
@@ -67,8 +77,8 @@ def _host(t):
 def _min_max(t):
     """(min, max) of a non-empty integer tensor (or numpy array) whose values may be read."""
     if isinstance(t, torch.Tensor):
-        if t.numel() <= 64:
-            values = t.flatten().tolist()
+        if t.dim() == 1 and t.numel() <= 64:  # one value per sample: a list is cheaper than numpy
+            values = t.tolist()
             return min(values), max(values)
         t = _host(t)
     return int(t.min()), int(t.max())
