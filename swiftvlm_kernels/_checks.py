@@ -77,8 +77,10 @@ def _host(t):
 def _min_max(t):
     """(min, max) of a non-empty integer tensor (or numpy array) whose values may be read."""
     if isinstance(t, torch.Tensor):
-        if t.dim() == 1 and t.numel() <= 64:  # one value per sample: a list is cheaper than numpy
+        if t.dim() <= 2 and t.numel() <= 64:  # a few values: a list is cheaper than numpy
             values = t.tolist()
+            if t.dim() == 2:
+                values = [v for row in values for v in row]
             return min(values), max(values)
         t = _host(t)
     return int(t.min()), int(t.max())
