@@ -74,6 +74,9 @@ def _host(t):
     return a.astype(np.int64, copy=False) if a.dtype.kind in "iu" else a
 
 
+_AMIN, _AMAX = np.minimum.reduce, np.maximum.reduce  # ndarray.min / max without their Python wrapper
+
+
 def _min_max(t):
     """(min, max) of a non-empty integer tensor (or numpy array) whose values may be read."""
     if isinstance(t, torch.Tensor):
@@ -83,7 +86,7 @@ def _min_max(t):
                 values = [v for row in values for v in row]
             return min(values), max(values)
         t = _host(t)
-    return int(t.min()), int(t.max())
+    return int(_AMIN(t, axis=None)), int(_AMAX(t, axis=None))
 
 
 def _tensor(name, t):
