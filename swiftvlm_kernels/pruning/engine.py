@@ -93,6 +93,7 @@ class Sequence:
     _index: Optional[Tensor] = None       # [B, n] each row's input position, made on demand
     _parent: Optional["Sequence"] = None  # the previous sequence (hidden states dropped), for index
     _bypass: Optional[_Bypass] = None
+    _place: Optional[Tensor] = None       # [B, n0 >= n] row - vis_start[b], made once, shared by the stages
 
     @classmethod
     def begin(cls, h: Tensor, vis_start: Tensor, vis_len: int, key_mask: Optional[Tensor] = None,
@@ -138,6 +139,14 @@ class Sequence:
             return torch.arange(self.vis_len, device=self.vis_start.device).expand(self._size[0], self.vis_len)
         rows = self.vis_start.to(torch.long)[:, None] + torch.arange(self.vis_len, device=self.vis_start.device)
         return self.index.gather(1, rows) - self.vis_start.to(torch.long)[:, None]
+
+    def block_place(self, n: int) -> Tensor:
+        """[B, n] in vis_start's dtype: each row's place relative to its sample's visual block (row -
+        vis_start[b]); vis_start is the same at every stage, so one tensor serves them all (a view)."""
+        if self._place is None or self._place.shape[1] < n:
+            self._place = (torch.arange(n, device=self.vis_start.device, dtype=self.vis_start.dtype)[None, :]
+                           - self.vis_start[:, None])
+        return self._place[:, :n]
 
     def __post_init__(self):
         if self.h is not None:
@@ -268,11 +277,10 @@ class PruningEngine:
             keep_idx >= 0, seq.block_ids.gather(1, keep_idx.clamp_min(0)), -1)
         h, src, rest_h, merged_rows, inverse = ops.compact(seq.h, seq.vis_start, keep_idx, rest_idx, merge_b,
                                                            max_merged=Z, backend=backend)
+        rel = seq.block_place(n)[:, :h.shape[1]]  # made at the first stage (before the metadata kept below)
         new = Sequence(h, seq.vis_start, K + Z, kept=seq.kept + [kept], src=src, vis_counts=rows_b,
-                       _full=False, _block_ids=kept if Z == 0 else None, _parent=seq._metadata())
-        # each row's place relative to the block (in vis_start's dtype: no conversion op); valid keys are
-        # the valid rows moved, less the block's padding rows (rel in [rows_b, K + Z))
-        rel = torch.arange(h.shape[1], device=dev, dtype=seq.vis_start.dtype)[None, :] - seq.vis_start[:, None]
+                       _full=False, _block_ids=kept if Z == 0 else None, _parent=seq._metadata(), _place=seq._place)
+        # valid keys: the valid rows moved, less the block's padding rows (rel in [rows_b, K + Z))
         not_padding = (rel < rows_b[:, None]) | (rel >= K + Z)
         new.key_mask = seq.take_rows(seq.key_mask, src) & not_padding if seq.key_mask is not None else not_padding
         new.carry = {name: new.take(x) for name, x in seq.carry.items()}
