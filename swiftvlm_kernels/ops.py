@@ -27,7 +27,7 @@ _LIB = torch.library.Library("swiftvlm", "DEF")
 # A kernel runs its backend function below autograd, as aten's own kernels run: the op is what autograd
 # sees (the dispatcher's autograd fallback has already handled it before the device key), so each of
 # the function's torch calls would otherwise go through the autograd and ADInplaceOrView keys again for
-# nothing (measured: 5 to 10% of a cpu function's time at LLaVA-1.5 shapes; bench/host.py).
+# nothing (measured: 4 to 13% of a cpu function's time at LLaVA-1.5 batch 1 shapes).
 _BelowAutograd = torch._C._AutoDispatchBelowADInplaceOrView
 
 # overload -> its input check, which takes exactly the schema's arguments (schemas.SCHEMAS)
