@@ -78,14 +78,14 @@ _AMIN, _AMAX = np.minimum.reduce, np.maximum.reduce  # ndarray.min / max without
 
 
 def _min_max(t):
-    """(min, max) of a non-empty integer tensor (or numpy array) whose values may be read."""
-    if isinstance(t, torch.Tensor):
-        if t.dim() <= 2 and t.numel() <= 64:  # a few values: a list is cheaper than numpy
+    """(min, max) of a non-empty integer tensor (or numpy array of one) whose values may be read."""
+    if isinstance(t, torch.Tensor):  # one reduction of a tensor: aminmax is one op, numpy would be two
+        if t.dim() <= 2 and t.numel() <= 64:  # a few values: a list is cheaper still
             values = t.tolist()
             if t.dim() == 2:
                 values = [v for row in values for v in row]
             return min(values), max(values)
-        t = _host(t)
+        return tuple(int(v) for v in torch.aminmax(t))
     return int(_AMIN(t, axis=None)), int(_AMAX(t, axis=None))
 
 
