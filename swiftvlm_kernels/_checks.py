@@ -9,9 +9,10 @@ and on a GPU only when SWIFTVLM_DEBUG=1, because reading a GPU value synchronise
 breaks CUDA-graph capture. Kernels never touch memory out of bounds either way. Sizes may be SymInts
 (torch.compile with dynamic shapes, torch.export); a check on a SymInt records a guard.
 
-The value checks read the values through numpy views of the CPU tensors (`_host`): a numpy reduction of
-a few hundred ints costs about a microsecond, a torch op several (dispatch and a fresh tensor each), and
-a check runs on every op call (bench/host.py measures what an op call costs above its function).
+A check runs on every op call (bench/host.py measures what an op call costs above its function): the
+value checks of several steps read the values through numpy views of the CPU tensors (`_host`; a numpy
+step on a few hundred ints costs about a microsecond, a torch op several: dispatch and a fresh tensor
+each); a lone range is one torch.aminmax, or a list's min and max up to 64 values.
 """
 import os
 
