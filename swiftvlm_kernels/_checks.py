@@ -8,9 +8,15 @@ SWIFTVLM_DEBUG=1 also NaN / inf in q, k and the hidden states) run when the tens
 and on a GPU only when SWIFTVLM_DEBUG=1, because reading a GPU value synchronises with the host and
 breaks CUDA-graph capture. Kernels never touch memory out of bounds either way. Sizes may be SymInts
 (torch.compile with dynamic shapes, torch.export); a check on a SymInt records a guard.
+
+A check runs on every op call (bench/host.py measures what an op call costs above its function): the
+value checks of several steps read the values through numpy views of the CPU tensors (`_host`; a numpy
+step on a few hundred ints costs about a microsecond, a torch op several: dispatch and a fresh tensor
+each); a lone range is one torch.aminmax, or a list's min and max up to 64 values.
 """
 import os
 
+import numpy as np
 import torch
 
 from .schemas import RAGGED
@@ -23,7 +29,17 @@ def fail(msg):
     raise ValueError(msg)
 
 
+# os.environ's own store (CPython's os._Environ, kept current by os.environ[...] = ... and by
+# monkeypatch.setenv): a dict lookup there costs a twentieth of os.environ.get, and every op call reads
+# the flag once
+_ENV_DATA = getattr(os.environ, "_data", None)
+_DEBUG_KEY = os.environ.encodekey("SWIFTVLM_DEBUG") if hasattr(os.environ, "encodekey") else None
+
+
 def _debug():
+    if isinstance(_ENV_DATA, dict) and _DEBUG_KEY is not None:
+        value = _ENV_DATA.get(_DEBUG_KEY)
+        return value is not None and os.environ.decodevalue(value) == "1"
     return os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
 
 
@@ -47,12 +63,31 @@ def _read_values(t):
     return t.device.type != "meta" and _debug()
 
 
+def _host(t):
+    """The values of t (a CPU tensor, or any tensor in debug mode; see _read_values) as a numpy array:
+    a view of a CPU tensor's memory, integer tensors as int64."""
+    if not t.is_cpu:
+        t = t.cpu()
+    try:
+        a = t.numpy()
+    except (RuntimeError, TypeError):  # a wrapper tensor without numpy memory: its values as a list
+        a = np.asarray(t.tolist(), dtype=np.float64 if t.is_floating_point() else np.int64).reshape(tuple(t.shape))
+    return a.astype(np.int64, copy=False) if a.dtype.kind in "iu" else a
+
+
+_AMIN, _AMAX = np.minimum.reduce, np.maximum.reduce  # ndarray.min / max without their Python wrapper
+
+
 def _min_max(t):
-    """(min, max) of an integer tensor whose values may be read."""
-    if t.numel() <= 64:
-        values = t.flatten().tolist()
-        return min(values), max(values)
-    return tuple(int(v) for v in torch.aminmax(t))
+    """(min, max) of a non-empty integer tensor (or numpy array of one) whose values may be read."""
+    if isinstance(t, torch.Tensor):  # one reduction of a tensor: aminmax is one op, numpy would be two
+        if t.dim() <= 2 and t.numel() <= 64:  # a few values: a list is cheaper still
+            values = t.tolist()
+            if t.dim() == 2:
+                values = [v for row in values for v in row]
+            return min(values), max(values)
+        return tuple(int(v) for v in torch.aminmax(t))
+    return int(_AMIN(t, axis=None)), int(_AMAX(t, axis=None))
 
 
 def _tensor(name, t):
@@ -72,7 +107,7 @@ def _float(name, t):
 
 
 def _same(name, t, ref_name, ref, dtype=True):
-    if t.device != ref.device:
+    if not (t.is_cpu and ref.is_cpu) and t.device != ref.device:  # two CPU tensors: the one CPU device
         fail(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
     if dtype and t.dtype != ref.dtype:
         fail(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
@@ -90,11 +125,15 @@ def at_least_one(name, size, what):
         fail(f"{name}: expected at least one {what}, got 0")
 
 
-def _finite(name, t):
-    """With SWIFTVLM_DEBUG=1: no NaN or inf in t (the ops' results follow torch.softmax otherwise)."""
-    if _debug() and t.numel() and readable(t) and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        fail(f"{name}: contains NaN or inf (SWIFTVLM_DEBUG=1 checks; without it the results follow the "
-              "rules of the README's Errors section)")
+def _finite(*named):
+    """With SWIFTVLM_DEBUG=1: no NaN or inf in the (name, tensor) pairs (the ops' results follow
+    torch.softmax otherwise). The environment is read once per call."""
+    if not _debug():
+        return
+    for name, t in named:
+        if t.numel() and readable(t) and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            fail(f"{name}: contains NaN or inf (SWIFTVLM_DEBUG=1 checks; without it the results follow the "
+                  "rules of the README's Errors section)")
 
 
 def _check_scores_common(q, k, vis_start, scale, key_mask):
@@ -114,8 +153,7 @@ def _check_scores_common(q, k, vis_start, scale, key_mask):
     if Hkv == 0 or H % Hkv != 0:
         fail(f"k: expected a number of KV heads that divides the {H} query heads, got Hkv={Hkv}")
     _vis_start_scale_mask(vis_start, scale, key_mask, q, B, L)
-    _finite("q", q)
-    _finite("k", k)
+    _finite(("q", q), ("k", k))
     return B, L
 
 
@@ -170,8 +208,7 @@ def _check_importance_common(q, k, vis_start, scale, key_mask):
     if Hk == 0 or H % Hk != 0:
         fail(f"k: expected a number of key heads that divides the {H} query heads, got Hk={Hk}")
     _vis_start_scale_mask(vis_start, scale, key_mask, q, B, L)
-    _finite("q", q)
-    _finite("k", k)
+    _finite(("q", q), ("k", k))
     return B, L
 
 
@@ -210,15 +247,15 @@ def _width_int(name, value, lo, hi, what):
 
 
 def _per_sample(name, t, lo, hi, what):
-    """lo[b] <= t[b] <= hi[b] (ints or tensors [B]) when the values may be read."""
+    """lo[b] <= t[b] <= hi[b] (ints, tensors [B] or numpy arrays [B]) when the values may be read."""
     if not t.numel() or not _read_values(t):
         return
-    v = t.to(torch.long).cpu()
-    low = lo.to(torch.long).cpu() if isinstance(lo, torch.Tensor) else torch.full_like(v, lo)
-    high = hi.to(torch.long).cpu() if isinstance(hi, torch.Tensor) else torch.full_like(v, hi)
-    bad = ((v < low) | (v > high)).nonzero()
-    if bad.numel():
-        b = int(bad[0, 0])
+    v = _host(t)
+    low = np.broadcast_to(_host(lo) if isinstance(lo, torch.Tensor) else lo, v.shape)
+    high = np.broadcast_to(_host(hi) if isinstance(hi, torch.Tensor) else hi, v.shape)
+    bad = np.flatnonzero((v < low) | (v > high))
+    if bad.size:
+        b = int(bad[0])
         fail(f"{name}: expected {what} ({int(low[b])} <= {name}[b] <= {int(high[b])}), got {name}[{b}] = {int(v[b])}")
 
 
@@ -254,7 +291,7 @@ def _check_ragged_spans(q, vis_start, vis_len, max_vis_len, B, L):
     _width_int("max_vis_len", max_vis_len, 0, L, "the padded width of the visual spans, at most L")
     _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")
     if B and _read_values(vis_start) and _read_values(vis_len):
-        _per_sample("vis_start", vis_start, 0, L - vis_len.to(torch.long).cpu(),
+        _per_sample("vis_start", vis_start, 0, L - _host(vis_len),
                     f"a visual span inside the sequence: vis_start[b] + vis_len[b] <= L = {L}")
 
 
@@ -282,17 +319,16 @@ def check_tv_score_varlen(q, k, cu_seqlens, vis_start, vis_len, scale, max_vis_l
                "the padded width of the visual spans, at most the longest sample")
     _per_sample("vis_len", vis_len, 0, max_vis_len, "at most max_vis_len")
     if _read_values(cu_seqlens):
-        cu = cu_seqlens.to(torch.long).cpu()
+        cu = _host(cu_seqlens)
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
             fail(f"cu_seqlens: expected ascending offsets from 0 to total = {total} (k.shape[0]), got {cu.tolist()[:8]}")
         lengths = cu[1:] - cu[:-1]
         if max_seqlen is not None and B and int(lengths.max()) > max_seqlen:
             fail(f"max_seqlen: expected at least the longest sample ({int(lengths.max())} keys), got {max_seqlen}")
         if _read_values(vis_start) and _read_values(vis_len):
-            _per_sample("vis_start", vis_start, 0, lengths - vis_len.to(torch.long).cpu(),
+            _per_sample("vis_start", vis_start, 0, lengths - _host(vis_len),
                         "a visual span inside its sample: vis_start[b] + vis_len[b] <= its length")
-    _finite("q", q)
-    _finite("k", k)
+    _finite(("q", q), ("k", k))
 
 
 def check_score_select_varlen(q, k, cu_seqlens, vis_start, vis_len, keep, scale, max_vis_len=None, max_keep=None,
@@ -336,7 +372,7 @@ def check_group_merge(h, num_groups):
     if R == 0:
         fail("h: expected at least one rest token (R >= 1), got R = 0")
     check_int("num_groups", num_groups, 1, R, "the number of groups Z, in [1, R]")
-    _finite("h", h)
+    _finite(("h", h))
 
 
 def check_group_merge_ragged(h, num_groups, lengths=None, max_groups=None):
@@ -348,13 +384,12 @@ def check_group_merge_ragged(h, num_groups, lengths=None, max_groups=None):
         _counts("lengths", lengths, B, "h", h, "the number of rest tokens (the rows after them are padding)")
         _per_sample("lengths", lengths, 0, R, "at most R = h.shape[1]")
     _width_int("max_groups", max_groups, 0, R, "the padded width of merged and counts, in [0, R]")
-    n = lengths if lengths is not None else torch.full((B,), R, dtype=torch.long)
-    if _read_values(num_groups) and _read_values(n):
-        n_cpu = n.to(torch.long).cpu()
-        _per_sample("num_groups", num_groups, n_cpu.clamp(max=1), n_cpu,
+    if _read_values(num_groups) and (lengths is None or _read_values(lengths)):
+        n_host = _host(lengths) if lengths is not None else np.full(B, R, dtype=np.int64)
+        _per_sample("num_groups", num_groups, np.minimum(n_host, 1), n_host,
                     "1 <= num_groups[b] <= lengths[b] (0 for a sample without rows)")
     _per_sample("num_groups", num_groups, 0, max_groups, "at most max_groups")
-    _finite("h", h)
+    _finite(("h", h))
 
 
 def check_bypass_align(h_rest, group, merged_now, merged_then):
@@ -384,8 +419,10 @@ def check_bypass_align(h_rest, group, merged_now, merged_then):
 
 def _byte_span(t):
     """[start, end) bytes of t's elements in memory, or None for an empty or unreadable tensor."""
-    if t.numel() == 0 or not readable(t) or t.device.type == "meta":
+    if t.numel() == 0 or t.is_meta or not readable(t):
         return None
+    if t.is_contiguous():  # dense: the common case, without a loop over the dimensions
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
     low = t.data_ptr() + t.element_size() * sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())
                                                 if stride < 0)
@@ -407,16 +444,20 @@ def _strides_separate(t):
 def _writable(name, dst, inputs):
     """dst may be written in place: no zero strides, no internal overlap, no shared memory with the
     inputs, no autograd history to corrupt (as torch's own in-place ops refuse)."""
-    if any(stride == 0 and size > 1 for size, stride in zip(dst.shape, dst.stride())):
+    dense = dst.numel() and dst.is_contiguous()  # then no zero stride and no internal overlap
+    if not dense and any(stride == 0 and size > 1 for size, stride in zip(dst.shape, dst.stride())):
         fail(f"{name}: expected a tensor without zero strides (an expanded view writes one element many "
               f"times), got strides {tuple(dst.stride())} for shape {tuple(dst.shape)}")
     if dst.requires_grad or (dst._base is not None and dst._base.requires_grad):
         fail(f"{name}: expected a tensor that does not require grad (nor its base): the op writes it in place "
               "and has no gradient; use a detached tensor or torch.no_grad() on a copy")
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        fail(f"{name}: expected a tensor that may be written here: an inference tensor (made under "
+             "torch.inference_mode()) is written in place only inside inference mode, as torch's in-place ops refuse")
     span = _byte_span(dst)
     if span is None:
         return
-    if torch._debug_has_internal_overlap(dst) != 0 and not _strides_separate(dst):
+    if not dense and torch._debug_has_internal_overlap(dst) != 0 and not _strides_separate(dst):
         fail(f"{name}: expected a tensor whose elements do not overlap each other, got strides {tuple(dst.stride())}")
     for other_name, other in inputs:
         other_span = _byte_span(other)
@@ -458,8 +499,8 @@ def _index(name, t, ref_name, ref, shape, layout):
 
 
 def _in_range(name, t, lo, hi, what):
-    """Values of t in [lo, hi) when they may be read."""
-    if t.numel() and _read_values(t):
+    """Values of t (a tensor, or a numpy array of readable values) in [lo, hi) when they may be read."""
+    if t.size if isinstance(t, np.ndarray) else (t.numel() and _read_values(t)):
         low, high = _min_max(t)
         if low < lo or high >= hi:
             fail(f"{name}: expected {what} in [{lo}, {hi}), got values in [{low}, {high}]")
@@ -486,14 +527,16 @@ def check_compact(h, vis_start, keep_idx, rest_idx, num_merged):
             fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + k + R <= n = {n} "
                   f"(k + R = {M}), got values in [{lo}, {hi}]")
     if B and M and _read_values(keep_idx):
-        slots = torch.cat([keep_idx, rest_idx], 1).to(torch.long)
+        keep, rest = _host(keep_idx), _host(rest_idx)
+        slots = np.concatenate([keep, rest], 1)
         _in_range("keep_idx, rest_idx", slots, 0, M, "block slots")
-        seen = torch.zeros(B, M, dtype=torch.bool).scatter_(1, slots, True)
-        if not bool(seen.all()):
+        # B M slots in [0, M): each sample's slots 0..M-1 exactly once iff none is missing
+        seen = np.bincount((slots + np.arange(0, B * M, M)[:, None] if B > 1 else slots).ravel(), minlength=B * M)
+        if seen.min() == 0:
             fail(f"keep_idx, rest_idx: expected the slots 0..{M - 1} of each sample's block exactly once "
                   "(a partition, as score_select returns)")
-        for name, t in (("keep_idx", keep_idx), ("rest_idx", rest_idx)):
-            if t.shape[1] > 1 and not bool((t[:, 1:] > t[:, :-1]).all()):
+        for name, t in (("keep_idx", keep), ("rest_idx", rest)):
+            if t.shape[1] > 1 and not (t[:, 1:] > t[:, :-1]).all():
                 fail(f"{name}: expected ascending slots in each row (as score_select returns them)")
 
 
@@ -519,20 +562,21 @@ def check_compact_ragged(h, vis_start, keep_idx, rest_idx, num_merged, max_merge
             fail(f"vis_start: expected 0 <= vis_start[b] and vis_start[b] + M <= n = {n} (M = {M}), "
                   f"got values in [{lo}, {hi}]")
     if B and M and _read_values(keep_idx) and _read_values(rest_idx):
-        keep, rest = keep_idx.to(torch.long).cpu(), rest_idx.to(torch.long).cpu()
+        keep, rest = _host(keep_idx), _host(rest_idx)
         for name, t in (("keep_idx", keep), ("rest_idx", rest)):
             _in_range(name, t, -1, M, "block slots (-1: padding)")
             valid = t >= 0
-            if t.shape[1] > 1 and not bool(((t[:, 1:] > t[:, :-1]) | ~valid[:, 1:]).all() and
-                                             (valid[:, :-1] | ~valid[:, 1:]).all()):
+            if t.shape[1] > 1 and not (((t[:, 1:] > t[:, :-1]) | ~valid[:, 1:]).all() and
+                                       (valid[:, :-1] | ~valid[:, 1:]).all()):
                 fail(f"{name}: expected each row's slots ascending, then -1 (as score_select.ragged returns them)")
-        seen = torch.zeros(B, M + 1, dtype=torch.long)
-        seen.scatter_add_(1, torch.cat([keep, rest], 1).clamp_min(-1) % (M + 1), torch.ones(B, K + M, dtype=torch.long))
-        if bool((seen[:, :M] > 1).any()):
+        # per sample, how often each slot occurs (padding -1 counted in column M)
+        flat = np.concatenate([keep, rest], 1) % (M + 1) + np.arange(0, B * (M + 1), M + 1)[:, None]
+        seen = np.bincount(flat.ravel(), minlength=B * (M + 1)).reshape(B, M + 1)
+        if (seen[:, :M] > 1).any():
             fail("keep_idx, rest_idx: expected each block slot at most once in a sample (kept or rest)")
         # a sample of m_b = k_b + r_b slots partitions exactly its first m_b slots 0..m_b - 1 (no gap)
         m_b = (keep >= 0).sum(1) + (rest >= 0).sum(1)
-        if not torch.equal(seen[:, :M] > 0, torch.arange(M)[None, :] < m_b[:, None]):
+        if not np.array_equal(seen[:, :M] > 0, np.arange(M)[None, :] < m_b[:, None]):
             fail("keep_idx, rest_idx: expected each sample's kept and rest slots to partition its block's first "
                  "k_b + r_b slots 0..k_b + r_b - 1 (no gap), as score_select.ragged returns them")
         if _read_values(num_merged):
@@ -563,27 +607,33 @@ def check_restore(h, inverse, vis_start, rest_idx, h_rest, group, merged_rows, m
     if n_cur == 0 and B and n:
         fail("h: expected at least one row to restore from (n' >= 1)")
     _index("merged_rows", merged_rows, "h", h, (B, Z), "([B, Z], compact's merged_rows)")
-    _in_range("inverse", inverse, -2, B * n_cur, "flattened rows of h (or -1: restored, -2: ragged block padding)")
+    inv = _host(inverse) if _read_values(inverse) else None
+    if inv is not None:
+        _in_range("inverse", inv, -2, B * n_cur, "flattened rows of h (or -1: restored, -2: ragged block padding)")
     _in_range("merged_rows", merged_rows, 0, B * n_cur, "flattened rows of h")
-    if Z:  # Z = 0 (nothing merged): every rest token comes back unchanged, group's values are not read
-        _in_range("group", group, -1, Z, "group ids (Z = merged_then.shape[1]; -1: ragged padding)")
+    # Z = 0 (nothing merged): every rest token comes back unchanged, group's values are not read
+    grp = _host(group) if Z and _read_values(group) else None
+    if grp is not None and grp.size:
+        group_low = _min_max(grp)[0]
+        _in_range("group", grp, -1, Z, "group ids (Z = merged_then.shape[1]; -1: ragged padding)")
     if B and _read_values(vis_start):
         lo, hi = _min_max(vis_start)
         if lo < 0:
             fail(f"vis_start: expected values >= 0, got values in [{lo}, {hi}]")
-        if R:
-            rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
-            _in_range("rest_idx", torch.where(rest_idx >= 0, rows, torch.where(rest_idx == -1, 0, -1)), 0, n,
+        rest = _host(rest_idx)
+        rows = _host(vis_start)[:, None] + rest
+        padded = R and rest.min() < 0  # ragged padding entries (-1), or bad ones
+        restored = rest >= 0 if padded else slice(None)
+        targets = rows[restored] if padded else rows.ravel()  # the rows restored (>= 0: vis_start >= 0 here)
+        if padded and rest.min() < -1 or (targets.size and targets.max() >= n):
+            _in_range("rest_idx", np.where(rest >= 0, rows, np.where(rest == -1, 0, -1)), 0, n,
                       "rows vis_start[b] + rest_idx[b, i] of the restored sequence (rest_idx -1: ragged padding)")
-        if n and _read_values(inverse) and _read_values(rest_idx) and (Z == 0 or _read_values(group)):
-            rows = vis_start.to(torch.long)[:, None] + rest_idx.to(torch.long)
-            restored = rest_idx >= 0
-            if Z:
-                if ((rest_idx >= 0) & (group < 0)).any():
-                    fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
-                restored = restored & (group >= 0)
-            times = torch.zeros(B, n + 1, dtype=torch.long)
-            times.scatter_add_(1, torch.where(restored, rows, n).clamp(0, n).cpu(), torch.ones(B, R, dtype=torch.long))
-            if not torch.equal(times[:, :n] > 0, (inverse == -1).cpu()) or (times[:, :n] > 1).any():
+        if n and inv is not None and _read_values(rest_idx) and (Z == 0 or grp is not None):
+            if Z and targets.size and group_low < 0 and grp[restored].min() < 0:
+                fail("group: expected a group id >= 0 for every rest entry (-1 only where rest_idx is -1)")
+            # how often each row of the restored sequence is restored ([0, n) each: checked above)
+            flat = (rows + np.arange(0, B * n, n)[:, None])[restored].ravel() if B > 1 else targets
+            times = np.bincount(flat, minlength=B * n)
+            if (times.reshape(B, n) != (inv == -1)).any():  # a row restored twice counts 2 != 1 as well
                 fail("inverse, rest_idx: expected the rows marked -1 in inverse to be exactly the rows the rest "
                       "entries restore (vis_start + rest_idx), each once")

@@ -82,6 +82,12 @@ def _signature(schema: str) -> Signature:
 
 SIGNATURES: dict[str, Signature] = {name: _signature(schema) for name, schema in SCHEMAS.items()}
 
+# overload -> the positions of the arguments it writes in place (Tensor(a!)), for the overloads that write any
+MUTATED: dict[str, tuple[int, ...]] = {
+    name: at for name, schema in SCHEMAS.items()
+    if (at := tuple(i for i, p in enumerate(schema[schema.index("(") + 1:schema.rindex(") ->")].split(", "))
+                    if "!" in p.split()[0]))}
+
 
 @dataclass(frozen=True)
 class Widths:

@@ -133,6 +133,21 @@ def test_stage_op_counts_and_no_host_sync(model, inputs):
             assert set(r["swiftvlm_ops"]) >= {"swiftvlm::score_select", "swiftvlm::compact"}
 
 
+def test_ragged_stage_op_counts_and_no_host_sync(model):
+    """The same count on a ragged batch (4 samples of 1 to 3 images, bench.host.tiny_ragged_inputs): a
+    regression guard at today's counts (SwiftVLM 72 over 3 stages, FastV 15, PDrop 51, ALVTS 272 over
+    15). A ragged stage rebuilds the block's key mask: from the rows' place relative to the block (made
+    once per forward, in vis_start's dtype) and the block's per-sample rows from the plan."""
+    from bench.host import tiny_ragged_inputs
+
+    rows = stage_ops(model, tiny_ragged_inputs()[0], [("swiftvlm", SwiftVLM()), ("fastv", FastV()),
+                                                      ("pdrop", PDrop(layers=(4, 8, 12))), ("alvts", ALVTS())])
+    bound = {"swiftvlm": 72 / 3, "fastv": 15, "pdrop": 51 / 3, "alvts": 272 / 15}
+    for r in rows:
+        assert r["ops_per_stage"] <= bound[r["method"]] + 1e-9, r
+        assert r["syncs_beyond_vanilla"] == 0, r
+
+
 @pytest.mark.parametrize("pruning", [SwiftVLM(), ALVTS()], ids=["swiftvlm", "alvts"])
 def test_the_prefill_issues_no_host_sync(model, pruning):
     """Beyond the input checks (which read input_ids on the host once), nothing syncs."""

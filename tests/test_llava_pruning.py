@@ -4,6 +4,7 @@ import torch
 
 from swiftvlm_kernels.pruning import FastV, PDrop, SwiftVLM
 from swiftvlm_kernels.models.tiny import tiny_inputs, tiny_llava
+from bench.host import tiny_ragged_inputs as ragged_inputs  # noqa: F401  (test_alvts imports it from here)
 
 N_V = 36  # the tiny model's visual tokens
 PLANS = {
@@ -288,31 +289,6 @@ def test_cuda_bfloat16_keep_all_equals_vanilla(inputs, pruning):
 
 
 # ---- ragged batches: samples with their own number of images (one pool of visual tokens each) ----
-
-def ragged_inputs(images=(1, 2, 1, 3), text=(7, 5, 9, 4), seed=3):
-    """Samples with images[b] images side by side after a few text tokens, left-padded to one length;
-    and each sample alone (no padding)."""
-    from swiftvlm_kernels.models.checkpoint import parse_config
-    from swiftvlm_kernels.models.tiny import tiny_llava_config
-    llava, vision, _ = parse_config(tiny_llava_config())
-    gen = torch.Generator().manual_seed(seed)
-    alone = []
-    for b, (n_img, n_text) in enumerate(zip(images, text)):
-        words = torch.randint(3, 200, (n_text,), generator=gen)
-        before = 1 + b % (n_text - 1)
-        ids = torch.cat([words[:before], torch.full((n_img * N_V,), llava.image_token_index), words[before:]])
-        pixels = torch.randn(n_img, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
-        alone.append({"input_ids": ids[None], "pixel_values": pixels})
-    L = max(a["input_ids"].shape[1] for a in alone)
-    input_ids = torch.zeros(len(alone), L, dtype=torch.long)
-    mask = torch.zeros(len(alone), L, dtype=torch.long)
-    for b, a in enumerate(alone):
-        n = a["input_ids"].shape[1]
-        input_ids[b, L - n:], mask[b, L - n:] = a["input_ids"][0], 1
-    batch = {"input_ids": input_ids, "pixel_values": torch.cat([a["pixel_values"] for a in alone]),
-             "attention_mask": mask}
-    return batch, alone
-
 
 RAGGED = {
     "swiftvlm": SwiftVLM(),  # T = n_vis / 3 of each sample's own visual tokens

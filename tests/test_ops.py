@@ -472,6 +472,56 @@ def test_bypass_align_into_accepts_separate_strided_destinations():
     assert torch.equal(dst, want)
 
 
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_bypass_align_into_bumps_the_version_of_dst(backend):
+    """The kernels run their functions below autograd; the op itself marks dst written, as an in-place
+    torch op does (autograd then refuses a backward through a stale saved dst)."""
+    h, group, now, then = merge_inputs()
+    rows = torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)
+    dst = torch.zeros(2, 12, 5)
+    before = dst._version
+    sk.bypass_align_into(dst, rows, h, group, now, then, backend=backend)
+    assert dst._version > before
+    before = dst._version
+    torch.ops.swiftvlm.bypass_align_into(dst, rows, h, group, now, then)
+    assert dst._version == before + 1
+
+
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_bypass_align_into_writes_inference_tensors_only_in_inference_mode(backend):
+    h, group, now, then = merge_inputs()
+    rows = torch.tensor([[0, 2, 3, 5, 7, 8, 11]] * 2)
+    want = torch.zeros(2, 12, 5)
+    python_ref.bypass_align_into(want, rows, h, group, now, then)
+    with torch.inference_mode():
+        dst = torch.zeros(2, 12, 5)
+        sk.bypass_align_into(dst, rows, h, group, now, then, backend=backend)
+    assert torch.equal(dst, want)
+    with pytest.raises(ValueError, match="dst: expected a tensor that may be written here: an inference tensor"):
+        sk.bypass_align_into(dst, rows, h, group, now, then, backend=backend)
+
+
+def test_kernels_run_their_functions_below_autograd():
+    """A kernel's own torch calls record no autograd graph (the op is what autograd sees)."""
+    seen = []
+
+    def spy(*args):
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
+        return real(*args)
+
+    from swiftvlm_kernels import _backend
+
+    h, group, now, then = merge_inputs()
+    _backend.default("bypass_align", "cpu")
+    real = _backend.resolved[("cpu", "bypass_align")]
+    _backend.resolved[("cpu", "bypass_align")] = spy
+    try:
+        out = torch.ops.swiftvlm.bypass_align(h, group, now, then)
+    finally:
+        _backend.resolved[("cpu", "bypass_align")] = real
+    assert seen == [True] and torch.equal(out, python_ref.bypass_align(h, group, now, then))
+
+
 # ---- empty shapes: an empty result, or a ValueError naming what must not be empty ----
 
 def test_empty_shapes():

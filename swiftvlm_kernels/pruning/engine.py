@@ -93,6 +93,7 @@ class Sequence:
     _index: Optional[Tensor] = None       # [B, n] each row's input position, made on demand
     _parent: Optional["Sequence"] = None  # the previous sequence (hidden states dropped), for index
     _bypass: Optional[_Bypass] = None
+    _place: Optional[Tensor] = None       # [B, n0 >= n] row - vis_start[b], made once, shared by the stages
 
     @classmethod
     def begin(cls, h: Tensor, vis_start: Tensor, vis_len: int, key_mask: Optional[Tensor] = None,
@@ -139,6 +140,14 @@ class Sequence:
         rows = self.vis_start.to(torch.long)[:, None] + torch.arange(self.vis_len, device=self.vis_start.device)
         return self.index.gather(1, rows) - self.vis_start.to(torch.long)[:, None]
 
+    def block_place(self, n: int) -> Tensor:
+        """[B, n] in vis_start's dtype: each row's place relative to its sample's visual block (row -
+        vis_start[b]); vis_start is the same at every stage, so one tensor serves them all (a view)."""
+        if self._place is None or self._place.shape[1] < n:
+            self._place = (torch.arange(n, device=self.vis_start.device, dtype=self.vis_start.dtype)[None, :]
+                           - self.vis_start[:, None])
+        return self._place[:, :n]
+
     def __post_init__(self):
         if self.h is not None:
             self._size = tuple(self.h.shape[:2])  # (B, n), kept when the hidden states are dropped
@@ -173,11 +182,15 @@ class PruningEngine:
 
     def stage_counts(self, s: int, device) -> tuple[Tensor, Tensor]:
         """A RaggedPlan's stage s per-sample keep and merge counts, int64 [B] on `device` (made once)."""
+        return self._stage_counts(s, device)[:2]
+
+    def _stage_counts(self, s: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """stage_counts and their sum (each sample's rows of the new block), from the plan's ints: no op."""
         key = (s, str(device))
         if key not in self._counts:
             keep, merge = self.plan.counts(s)
-            self._counts[key] = (torch.tensor(keep, dtype=torch.long, device=device),
-                                 torch.tensor(merge, dtype=torch.long, device=device))
+            self._counts[key] = tuple(torch.tensor(c, dtype=torch.long, device=device)
+                                      for c in (keep, merge, [k + m for k, m in zip(keep, merge)]))
         return self._counts[key]
 
     def select(self, seq: Sequence, s: int, q_last: Optional[Tensor], k: Optional[Tensor],
@@ -249,7 +262,7 @@ class PruningEngine:
         if len(self.plan.plans) != B:
             raise ValueError(f"plan: expected a RaggedPlan of {B} samples (the batch), got {len(self.plan.plans)}")
         stage, backend, dev = self.plan.stages[s], self.backend, seq.h.device
-        keep_b, merge_b = self.stage_counts(s, dev)
+        keep_b, merge_b, rows_b = self._stage_counts(s, dev)
         counts = seq.vis_counts if seq.vis_counts is not None else torch.full((B,), seq.vis_len, device=dev)
         K, Z = stage.keep, stage.merge
         layer_only = self.plan.layer_only(s)
@@ -264,12 +277,12 @@ class PruningEngine:
             keep_idx >= 0, seq.block_ids.gather(1, keep_idx.clamp_min(0)), -1)
         h, src, rest_h, merged_rows, inverse = ops.compact(seq.h, seq.vis_start, keep_idx, rest_idx, merge_b,
                                                            max_merged=Z, backend=backend)
-        new = Sequence(h, seq.vis_start, K + Z, kept=seq.kept + [kept], src=src, vis_counts=keep_b + merge_b,
-                       _full=False, _block_ids=kept if Z == 0 else None, _parent=seq._metadata())
-        rel = torch.arange(h.shape[1], device=dev)[None, :] - seq.vis_start.to(torch.long)[:, None]
-        padding = (rel >= new.vis_counts[:, None]) & (rel < K + Z)  # the block's padding rows
-        valid = seq.take_rows(seq.key_mask, src) if seq.key_mask is not None else torch.ones_like(padding)
-        new.key_mask = valid & ~padding
+        rel = seq.block_place(n)[:, :h.shape[1]]  # made at the first stage (before the metadata kept below)
+        new = Sequence(h, seq.vis_start, K + Z, kept=seq.kept + [kept], src=src, vis_counts=rows_b,
+                       _full=False, _block_ids=kept if Z == 0 else None, _parent=seq._metadata(), _place=seq._place)
+        # valid keys: the valid rows moved, less the block's padding rows (rel in [rows_b, K + Z))
+        not_padding = (rel < rows_b[:, None]) | (rel >= K + Z)
+        new.key_mask = seq.take_rows(seq.key_mask, src) & not_padding if seq.key_mask is not None else not_padding
         new.carry = {name: new.take(x) for name, x in seq.carry.items()}
         if Z:
             merged, group, _ = ops.group_merge(rest_h, merge_b, lengths=counts - keep_b, max_groups=Z,  # Eq. 10-11
