@@ -37,6 +37,7 @@ _BITMAPS = {c: torch.tensor([[(row >> (4 - i)) & 1 for i in range(5)] for row in
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 METHOD_COLOURS = {"vanilla": (60, 60, 60), "SwiftVLM": (214, 39, 40), "FastV": (31, 119, 180),
                   "PDrop": (44, 160, 44), "ALVTS": (148, 103, 189)}
+ERROR_BAR_SPREAD = 5  # pixels between the methods' points (and error bars) at one budget
 _PALETTE = ((255, 127, 14), (140, 86, 75), (227, 119, 194), (23, 190, 207))
 
 
@@ -104,10 +105,15 @@ def method_colour(name: str, i: int = 0):
 
 def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Optional[float]]],
                   reference: Optional[tuple[str, float]] = None, title: str = "",
-                  width: int = 720, height: int = 460) -> Tensor:
+                  width: int = 720, height: int = 460,
+                  intervals: Optional[Mapping[str, Sequence[Optional[tuple[float, float]]]]] = None,
+                  reference_interval: Optional[tuple[float, float]] = None) -> Tensor:
     """uint8 [3, height, width]: accuracy (0..1, drawn in %) against budget (fraction of the visual
     tokens per layer, drawn in %), one line with markers per method (None: a missing point, e.g.
-    an infeasible budget), `reference` = (label, accuracy) as a dashed level (the unpruned model)."""
+    an infeasible budget), `reference` = (label, accuracy) as a dashed level (the unpruned model).
+    intervals: per method, per budget, (low, high) drawn as an error bar with caps in the method's
+    colour (None: no bar); the methods' points at one budget are set a few pixels apart so that
+    their bars do not overlap. reference_interval: the reference's, drawn as a grey band."""
     if not budgets or not curves:
         raise ValueError("curves: expected at least one method with one budget")
     img = canvas(height, width)
@@ -123,6 +129,9 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
     def py(a):
         return bottom - a * (bottom - top)
 
+    if reference_interval is not None:  # the reference's interval: a light band under everything
+        rect(img, left + 1, round(py(reference_interval[1])), right, round(py(reference_interval[0])) + 1,
+             (236, 236, 236))
     for tick in range(0, 101, 20):  # y grid and labels
         y = round(py(tick / 100))
         rect(img, left, y, right, y + 1, (225, 225, 225))
@@ -143,9 +152,19 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
         for x in range(left, right, 12):
             line(img, x, y, min(x + 6, right), y, GREY, 2)
     legend_y = top + 6
+    spread = ERROR_BAR_SPREAD if intervals else 0
     for i, (name, values) in enumerate(curves.items()):
         colour = method_colour(name, i)
-        points = [(px(b), py(v)) for b, v in zip(budgets, values) if v is not None]
+        dx = round((i - (len(curves) - 1) / 2) * spread)
+        bars = list((intervals or {}).get(name) or [None] * len(budgets))
+        for b, bar in zip(budgets, bars):
+            if bar is not None:
+                x = round(px(b)) + dx
+                y0, y1 = round(py(bar[1])), round(py(bar[0]))
+                rect(img, x, y0, x + 1, y1 + 1, colour)
+                rect(img, x - 3, y0, x + 4, y0 + 1, colour)  # caps
+                rect(img, x - 3, y1, x + 4, y1 + 1, colour)
+        points = [(px(b) + dx, py(v)) for b, v in zip(budgets, values) if v is not None]
         for (xa, ya), (xb, yb) in zip(points, points[1:]):
             line(img, xa, ya, xb, yb, colour, 2)
         for x, y in points:
@@ -157,6 +176,17 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
         for x in range(right + 16, right + 34, 8):
             line(img, x, legend_y + 3, x + 4, legend_y + 3, GREY, 2)
         text(img, right + 40, legend_y, reference[0])
+        legend_y += 16
+    if intervals or reference_interval is not None:
+        legend_y += 8
+        rect(img, right + 24, legend_y - 2, right + 25, legend_y + 9, BLACK)
+        rect(img, right + 21, legend_y - 2, right + 28, legend_y - 1, BLACK)
+        rect(img, right + 21, legend_y + 8, right + 28, legend_y + 9, BLACK)
+        text(img, right + 40, legend_y, "95% CI (Wilson)")
+        if reference_interval is not None:
+            legend_y += 16
+            rect(img, right + 16, legend_y - 1, right + 34, legend_y + 8, (236, 236, 236))
+            text(img, right + 40, legend_y, "all tokens' CI")
     return img
 
 
