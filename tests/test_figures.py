@@ -1,5 +1,6 @@
 """swiftvlm_kernels.apps.figures: text lands where asked, the plot draws each method's markers at its
-points, the kept-token panels keep the kept patches' pixels and fade the others."""
+points and its intervals as error bars, the kept-token panels keep the kept patches' pixels and fade
+the others."""
 import pytest
 import torch
 
@@ -26,6 +27,40 @@ def test_plot_marks_each_point_in_its_colour():
     assert (img == red).all(0).sum() > 50 and (img == blue).all(0).sum() > 20
     with pytest.raises(ValueError, match="curves: expected at least one method"):
         figures.accuracy_plot([], {}, None)
+
+
+def test_plot_draws_each_interval_as_an_error_bar_beside_its_point():
+    w, h = 400, 300
+    bars = {"SwiftVLM": [(0.7, 0.95), None], "FastV": [(0.6, 0.9), (0.1, 0.3)]}
+    img = figures.accuracy_plot([0.5, 0.25], {"SwiftVLM": [0.9, 0.5], "FastV": [0.8, 0.2]}, ("vanilla", 0.95), "t",
+                                width=w, height=h, intervals=bars, reference_interval=(0.9, 0.99))
+    plain = figures.accuracy_plot([0.5, 0.25], {"SwiftVLM": [0.9, 0.5], "FastV": [0.8, 0.2]}, ("vanilla", 0.95), "t",
+                                  width=w, height=h)
+    left, right, top, bottom = 64, w - 170, 40, h - 56  # the plot's frame (see accuracy_plot)
+    lo, hi = 0.25 - 0.25 * 0.06, 0.5 + 0.25 * 0.06
+
+    def px(b):
+        return left + (b - lo) / (hi - lo) * (right - left)
+
+    def py(a):
+        return bottom - a * (bottom - top)
+
+    def colour_rows(name, x):
+        c = torch.tensor(figures.METHOD_COLOURS[name], dtype=torch.uint8)[:, None]
+        return (img[:, :, x] == c).all(0).nonzero().flatten()
+
+    spread = figures.ERROR_BAR_SPREAD
+    # FastV (second of two methods) sits spread / 2 right of its budget; its bar spans its interval there
+    x = round(px(0.25)) + round(0.5 * spread)
+    rows = colour_rows("FastV", x)
+    assert rows.min().item() == round(py(0.3)) and rows.max().item() == round(py(0.1))
+    x = round(px(0.5)) + round(-0.5 * spread)  # SwiftVLM's bar at 50 %: from 70 % to 95 %
+    rows = colour_rows("SwiftVLM", x)
+    assert rows.min().item() == round(py(0.95)) and rows.max().item() == round(py(0.7))
+    assert colour_rows("SwiftVLM", round(px(0.25)) - round(0.5 * spread)).numel() < 12  # no bar: the marker only
+    band = torch.tensor((236, 236, 236), dtype=torch.uint8)[:, None]  # the reference's interval as a band
+    assert (img[:, round(py(0.97)), left + 5:left + 20] == band).all()
+    assert not (plain[:, round(py(0.97)), left + 5:left + 20] == band).all()
 
 
 def test_kept_panel_keeps_kept_patches_and_fades_the_rest():
