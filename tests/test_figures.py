@@ -63,36 +63,87 @@ def test_plot_draws_each_interval_as_an_error_bar_beside_its_point():
     assert not (plain[:, round(py(0.97)), left + 5:left + 20] == band).all()
 
 
-def test_kept_panel_keeps_kept_patches_and_fades_the_rest():
+def test_kept_panel_keeps_kept_patches_frames_them_and_fades_the_rest():
     image = torch.randint(100, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    panel = figures.kept_panel(image, 4, torch.tensor([0, 5]), scale=2)
+    panel = figures.kept_panel(image, 4, torch.tensor([0, 1, 5]), scale=2)
     up = image.repeat_interleave(2, 1).repeat_interleave(2, 2)
-    assert torch.equal(panel[:, 1:8, 1:8], up[:, 1:8, 1:8])  # patch 0 (grid lines aside)
-    assert torch.equal(panel[:, 9:16, 9:16], up[:, 9:16, 9:16])  # patch 5 = row 1, column 1
-    assert (panel[:, 1:8, 9:16].int() < up[:, 1:8, 9:16].int()).all()  # patch 1 faded
+    assert torch.equal(panel[:, 1:7, 1:7], up[:, 1:7, 1:7])  # patch 0 inside its frame (grid lines aside)
+    assert torch.equal(panel[:, 9:15, 9:15], up[:, 9:15, 9:15])  # patch 5 = row 1, column 1
+    assert (panel[:, 1:8, 17:24].float().mean() < up[:, 1:8, 17:24].float().mean())  # patch 2 faded
+    orange = torch.tensor(figures.KEPT_FRAME, dtype=torch.uint8)[:, None]
+    assert (panel[:, 0, 0:16] == orange).all() and (panel[:, 0:8, 0] == orange).all()  # the kept region's border
+    assert (panel[:, 1:7, 7:9] != orange[:, :, None]).any(0).all()  # not between patches 0 and 1, both kept
+    assert (panel[:, 1:8, 15] == orange).all()  # patch 2, right of patch 1, is not kept
+    assert (panel[:, 7, 0:8] == orange).all()  # patch 4 below patch 0 is not kept
     fig = figures.kept_tokens_figure([{"image": image, "kept": [torch.tensor([0])], "caption": "q"}], 4, ["s1"], "T")
     assert fig.dtype == torch.uint8 and fig.shape[0] == 3
     with pytest.raises(ValueError, match="rows: expected at least one question"):
         figures.kept_tokens_figure([], 4, [], "T")
 
 
+def test_kept_patches_stay_distinguishable_on_a_black_background():
+    image = torch.full((3, 16, 16), 10, dtype=torch.uint8)  # the synthetic set's black background
+    panel = figures.kept_panel(image, 2, torch.tensor([0]), scale=1).int()
+    kept, dropped = panel[:, 1:7, 1:7], panel[:, 9:15, 9:15]
+    assert (kept == 10).all()  # as it is ...
+    orange = torch.tensor(figures.KEPT_FRAME, dtype=torch.int32)[:, None]
+    assert (panel[:, 0, 0:8] == orange).all() and (panel[:, 7, 0:8] == orange).all()  # ... inside its frame
+    assert dropped.amax() - dropped.amin() > 100  # the rest textured: stripes, not a flat grey
+    merged = figures.kept_panel(image, 2, torch.tensor([0]), scale=1, style=figures.MERGED).int()
+    assert torch.equal(merged[:, :8, :8], panel[:, :8, :8]) and not torch.equal(merged[:, 9:15, 9:15], dropped)
+    white = figures.kept_panel(torch.full((3, 16, 16), 245, dtype=torch.uint8), 2, torch.tensor([0]), scale=1).int()
+    assert white[:, 9:15, 9:15].float().mean() < 150  # on white, the rest clearly darker
+
+
+def test_targets_are_outlined_white_inside_black_just_outside_the_box():
+    image = torch.full((3, 16, 16), 128, dtype=torch.uint8)
+    panel = figures.kept_panel(image, 4, None, [(4, 4, 8, 8)], scale=2)
+    assert (panel[:, 7, 7:17] == 255).all() and (panel[:, 6, 6:18] == 0).all()
+    assert torch.equal(panel[:, 8:16, 8:16], torch.full((3, 8, 8), 128, dtype=torch.uint8))
+
+
+def test_every_figure_carries_its_legend_strip():
+    image = torch.randint(100, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    legend = [("kept", "kept"), (figures.MERGED, "merged"), (figures.DROPPED, "dropped"), ("target", "answer")]
+    title = "a title wide enough for the legend"  # a figure this wide shows the legend on one line
+    fig = figures.kept_tokens_figure([{"image": image, "kept": [torch.tensor([0])]}], 4, ["s1"], title, legend=legend)
+    strip = figures.legend_strip(legend, fig.shape[2] - 20)
+    assert torch.equal(fig[:, 28:28 + figures.LEGEND_HEIGHT, 10:fig.shape[2] - 10], strip)
+    assert fig.shape[2] - 20 >= figures.legend_width(legend)
+    swatch = figures.kept_panel(figures._SWATCH, 1, torch.tensor([0]))
+    assert torch.equal(strip[:, 4:20, 0:16], swatch)  # the kept swatch is drawn as a kept patch is
+    merged_x = 22 + figures.text_width("kept") + 16
+    assert torch.equal(strip[:, 4:20, merged_x:merged_x + 16],
+                       figures.kept_panel(figures._SWATCH, 1, torch.tensor([], dtype=torch.long), style=figures.MERGED))
+    plain = figures.kept_tokens_figure([{"image": image, "kept": [torch.tensor([0])]}], 4, ["s1"], title, legend=())
+    assert fig.shape[1] == plain.shape[1] + figures.LEGEND_HEIGHT + 6
+    rows = [{"image": image, "kept": [torch.tensor([0])]}]
+    narrow = figures.layer_kept_figure(rows, 4, ["l2"], "T", legend=legend)
+    one_line = figures.layer_kept_figure(rows, 4, ["l2"], "T", legend=legend[:1])
+    assert narrow.shape[1] >= one_line.shape[1] + figures.LEGEND_HEIGHT  # wrapped: 4 entries on 2+ lines
+    with pytest.raises(ValueError, match="entries: expected swatches"):
+        figures.legend_strip([("sparkle", "x")], 100)
+
+
 def test_layer_figure_has_a_panel_per_layer_and_a_count_panel():
     image = torch.randint(100, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     kept = [torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([1, 15])]
     fig = figures.layer_kept_figure([{"image": image, "kept": kept, "caption": "q"}], 4, ["l2", "l3", "l4"], "T",
-                                    columns=2, scale=2)
-    gap, label, head = 8, 11, 30  # the figure's layout: the 2x image, then 1x panels, two per line
+                                    columns=2, scale=2, legend=())
+    gap, label, head = 8, 11, 30  # the figure's layout without a legend: the 2x image, then 1x panels, two per line
     x0 = 2 * gap + 32
     for i, k in enumerate(kept):
         x, y = x0 + (i % 2) * (16 + gap), head + (i // 2) * (16 + label + gap) + label
-        assert torch.equal(fig[:, y:y + 16, x:x + 16], figures.kept_panel(image, 4, k, scale=1)), i
+        want = figures.kept_panel(image, 4, k, scale=1, style=figures.SKIPPED)
+        assert torch.equal(fig[:, y:y + 16, x:x + 16], want), i
     x, y = x0 + 16 + gap, head + 16 + label + gap + label  # the 4th panel: how often each patch was kept
     count = torch.zeros(16)
     for k in kept:
         count[k] += 1
-    want = figures.kept_panel(image, 4, None, scale=1, share=count / count.max())
+    want = figures.kept_panel(image, 4, None, scale=1, share=count / count.max(), style=figures.SKIPPED)
     assert torch.equal(fig[:, y:y + 16, x:x + 16], want)
-    assert torch.equal(figures.kept_panel(image, 4, None, scale=1, share=(count > 0).float()),
-                       figures.kept_panel(image, 4, torch.tensor([0, 1, 2, 15]), scale=1))
+    never = figures.kept_panel(image, 4, torch.tensor([0, 1, 2, 15]), scale=1, style=figures.SKIPPED)
+    assert torch.equal(want[:, 9:15, 1:7], never[:, 9:15, 1:7])  # patch 4, never kept: faded alike
+    assert (want[0, 1:7, 9:15].int() - image[0, 1:7, 9:15].int()).abs().sum() > 0  # patch 1, kept thrice: tinted
     with pytest.raises(ValueError, match="rows: expected at least one question"):
         figures.layer_kept_figure([], 4, [], "T")

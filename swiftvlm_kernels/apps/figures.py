@@ -1,7 +1,8 @@
 """Pictures without a plotting library: a 5 x 7 bitmap font, lines and boxes on uint8 [3, H, W]
-canvases, the accuracy-against-budget plot of the evaluation, and the kept-token panels of the demo
-(the SwiftVLM paper's Fig. 6 style; for ALVTS, whose every layer keeps its own tokens, a small panel
-per layer). Written as PNG by `swiftvlm_kernels.apps.png`."""
+canvases, the accuracy-against-budget plot of the evaluation (with error bars), and the kept-token
+panels of the demo (the SwiftVLM paper's Fig. 6 style; for ALVTS, whose every layer keeps its own
+tokens, a small panel per layer), each figure with its own legend strip. Written as PNG by
+`swiftvlm_kernels.apps.png`."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -190,50 +191,150 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
     return img
 
 
+KEPT_FRAME = (255, 150, 0)  # the outline of the kept patches: orange, a colour no synthetic object or background has
+DROPPED, MERGED, SKIPPED = "dropped", "merged", "skipped"  # what a panel's faded patches are (see kept_panel)
+
+
+def _faded(img: Tensor, style: str) -> Tensor:
+    """fp32 [3, H, W]: `img` darkened and textured so that it reads as not kept on any background (a
+    black background's kept patches are darker than a plain fade): diagonal stripes for dropped or
+    skipped patches, a dot grid for merged ones; the texture light on dark pixels, dark on light ones."""
+    dark = img.float() * 0.35 + 20
+    H, W = img.shape[1:]
+    y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    mark = (y % 4 == 1) & (x % 4 == 1) if style == MERGED else (x + y) % 6 == 0
+    ink = torch.where(dark.mean(0, keepdim=True) < 100, 170.0, 30.0).expand_as(dark)
+    return torch.where(mark[None], ink, dark)
+
+
 def kept_panel(image: Tensor, grid: int, kept: Optional[Tensor], targets: Sequence[tuple[int, int, int, int]] = (),
-               scale: int = 2, share: Optional[Tensor] = None) -> Tensor:
+               scale: int = 2, share: Optional[Tensor] = None, style: str = DROPPED) -> Tensor:
     """The image (uint8 [3, H, W]) upscaled by `scale`, with the patches of a `grid` x `grid` patch
-    grid that are NOT in `kept` (visual-token indices, row-major; None: all kept) faded to a dark
-    grey, and `targets` (pixel boxes x0, y0, x1, y1 of the unscaled image) outlined in white.
-    share: instead of kept, each patch's brightness in [0, 1] (fp32 [grid * grid]; 0 faded, 1 as is)."""
+    grid that are NOT in `kept` (visual-token indices, row-major; None: all kept) darkened and
+    textured (`style`: DROPPED or SKIPPED, stripes; MERGED, dots), the kept ones as they are inside an
+    orange frame around the kept region, and `targets` (pixel boxes x0, y0, x1, y1 of the unscaled
+    image) outlined just outside in white then black (seen on any background).
+    share: instead of kept, each patch's share in [0, 1] (fp32 [grid * grid]): 0 faded, 1 the image
+    tinted orange, in between a blend (no frame)."""
     img = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2).clone()
     H, W = img.shape[1:]
+    ph, pw = H // grid, W // grid
+    frame = kept is not None and share is None
     if kept is not None and share is None:
         share = torch.zeros(grid * grid)
         share[kept.long().cpu()] = 1.0
     if share is not None:
-        ph, pw = H // grid, W // grid
         on = share.float().view(grid, grid).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
-        faded = (img.float() * 0.2 + 40).floor()
-        img = (faded + (img.float() - faded) * on[None]).round().to(torch.uint8)
+        faded = _faded(img, style)
+        full = img.float()
+        if not frame:  # a share: tinted orange as it grows, so that it shows on a black background too
+            full = full * 0.6 + torch.tensor(KEPT_FRAME, dtype=torch.float32)[:, None, None] * 0.4
+        img = (faded + (full - faded) * on[None]).round().to(torch.uint8)
         for i in range(1, grid):  # faint patch grid
             img[:, i * ph, :] = torch.where(img[:, i * ph, :] > 60, img[:, i * ph, :] - 30, img[:, i * ph, :])
             img[:, :, i * pw] = torch.where(img[:, :, i * pw] > 60, img[:, :, i * pw] - 30, img[:, :, i * pw])
+    if frame and share is not None:  # the kept region's border, one pixel inside it
+        cells = share.view(grid, grid) > 0
+        pad = torch.nn.functional.pad(cells, (1, 1, 1, 1))
+        c = torch.tensor(KEPT_FRAME, dtype=torch.uint8)[:, None]
+        for r, col in cells.nonzero().tolist():
+            y0, x0 = r * ph, col * pw
+            if not pad[r, col + 1]:  # the neighbour above is not kept
+                img[:, y0, x0:x0 + pw] = c
+            if not pad[r + 2, col + 1]:
+                img[:, y0 + ph - 1, x0:x0 + pw] = c
+            if not pad[r + 1, col]:
+                img[:, y0:y0 + ph, x0] = c
+            if not pad[r + 1, col + 2]:
+                img[:, y0:y0 + ph, x0 + pw - 1] = c
     for x0, y0, x1, y1 in targets:
+        rect(img, x0 * scale - 2, y0 * scale - 2, x1 * scale + 2, y1 * scale + 2, BLACK, fill=False, width=1)
         rect(img, x0 * scale - 1, y0 * scale - 1, x1 * scale + 1, y1 * scale + 1, WHITE, fill=False, width=1)
     return img
 
 
+LEGEND_HEIGHT = 24  # a legend strip's height in pixels
+_SWATCH = torch.tensor((40, 80, 220), dtype=torch.uint8)[:, None, None].expand(3, 8, 8)  # a blue patch
+
+
+def legend_strip(entries: Sequence[tuple[str, str]], width: int) -> Tensor:
+    """uint8 [3, LEGEND_HEIGHT, width]: each entry (swatch, text) as a 16 x 16 swatch drawn the way the
+    panels draw it, then its text, left to right (wrapping is the caller's: entries past `width` are
+    clipped). Swatches: "kept" (a framed patch), DROPPED / SKIPPED (striped), MERGED (dotted),
+    "target" (the outline of the answer's patches), "share" (a patch faded half-way)."""
+    img = canvas(LEGEND_HEIGHT, width)
+    x = 0
+    for swatch, label in entries:
+        if swatch == "kept":
+            patch = kept_panel(_SWATCH, 1, torch.tensor([0]))
+        elif swatch in (DROPPED, SKIPPED, MERGED):
+            patch = kept_panel(_SWATCH, 1, torch.tensor([], dtype=torch.long), style=swatch)
+        elif swatch == "share":
+            patch = kept_panel(_SWATCH, 1, None, share=torch.tensor([0.5]))
+        elif swatch == "target":
+            patch = canvas(16, 16, (128, 128, 128))
+            rect(patch, 3, 3, 13, 13, BLACK, fill=False)
+            rect(patch, 4, 4, 12, 12, WHITE, fill=False)
+        else:
+            raise ValueError(f"entries: expected swatches kept, {DROPPED}, {SKIPPED}, {MERGED}, target or share, "
+                             f"got {swatch!r}")
+        if x + 16 <= width:
+            img[:, 4:20, x:x + 16] = patch
+        text(img, x + 22, 8, label)
+        x += 22 + text_width(label) + 16
+    return img
+
+
+def legend_width(entries: Sequence[tuple[str, str]]) -> int:
+    """Pixels a legend strip of `entries` needs to show them all."""
+    return sum(22 + text_width(label) + 16 for _, label in entries) - 16
+
+
+DEFAULT_LEGEND = (("kept", "kept"), (DROPPED, "dropped"), ("target", "the answer's patches"))
+
+
+def _framed(title: str, legend: Sequence[tuple[str, str]], width: int, height: int, gap: int) -> tuple[Tensor, int]:
+    """A canvas of `width` (widened for the title and legend) and `height` plus the legend's rows,
+    the title and the legend strip drawn; returns it and the y where the rows start."""
+    room = max(width, text_width(title, 2) + 2 * gap) - 2 * gap
+    rows: list = [[]]
+    for entry in legend:  # as many entries to a line as fit the figure
+        if rows[-1] and legend_width(rows[-1] + [entry]) > room:
+            rows.append([])
+        rows[-1].append(entry)
+    width = max(width, text_width(title, 2) + 2 * gap, *(legend_width(r) + 2 * gap for r in rows))
+    lines = len([r for r in rows if r])
+    head = 30 + (lines * LEGEND_HEIGHT + 6 if lines else 0)
+    img = canvas(height + head - 30, width)
+    text(img, gap, 8, title, scale=2)
+    for i, r in enumerate(x for x in rows if x):
+        img[:, 28 + i * LEGEND_HEIGHT:28 + (i + 1) * LEGEND_HEIGHT, gap:width - gap] = legend_strip(r, width - 2 * gap)
+    return img, head
+
+
 def kept_tokens_figure(rows: Sequence[dict], grid: int, stage_labels: Sequence[str], title: str,
-                       scale: int = 2) -> Tensor:
-    """One figure: per row (a question), the image and one panel per stage showing the visual
-    tokens kept there. Each row dict: image (uint8 [3, H, W]), kept (a list, per stage, of index
-    tensors), targets (boxes, see kept_panel), caption (a line under the row)."""
+                       scale: int = 2, legend: Sequence[tuple[str, str]] = DEFAULT_LEGEND,
+                       styles: Sequence[str] = ()) -> Tensor:
+    """One figure: the title, a legend strip (`legend`, see legend_strip), then per row (a question)
+    the image and one panel per stage showing the visual tokens kept there. Each row dict: image
+    (uint8 [3, H, W]), kept (a list, per stage, of index tensors), targets (boxes, see kept_panel),
+    caption (a line under the row). styles: per stage, how its other patches are drawn (DROPPED,
+    MERGED; default DROPPED)."""
     if not rows:
         raise ValueError("rows: expected at least one question")
     H, W = rows[0]["image"].shape[1:]
     ph, pw = H * scale, W * scale
-    gap, head, foot = 10, 30, 22
+    gap, foot = 10, 22
     cols = 1 + len(stage_labels)
-    width = max(gap + cols * (pw + gap), text_width(title, 2) + 2 * gap)
-    height = head + len(rows) * (ph + 14 + foot) + gap
-    img = canvas(height, width)
-    text(img, gap, 8, title, scale=2)
+    img, head = _framed(title, legend, gap + cols * (pw + gap), 30 + len(rows) * (ph + 14 + foot) + gap, gap)
+    width = img.shape[2]
+    styles = list(styles) + [DROPPED] * (len(stage_labels) - len(styles))
     y = head
     for row in rows:
         labels = ["image"] + list(stage_labels)
         panels = [kept_panel(row["image"], grid, None, row.get("targets", ()), scale)]
-        panels += [kept_panel(row["image"], grid, k, row.get("targets", ()), scale) for k in row["kept"]]
+        panels += [kept_panel(row["image"], grid, k, row.get("targets", ()), scale, style=st)
+                   for k, st in zip(row["kept"], styles)]
         for c, (label, panel) in enumerate(zip(labels, panels)):
             x = gap + c * (pw + gap)
             text(img, x, y, label[: pw // 6])
@@ -244,22 +345,23 @@ def kept_tokens_figure(rows: Sequence[dict], grid: int, stage_labels: Sequence[s
 
 
 def layer_kept_figure(rows: Sequence[dict], grid: int, layer_labels: Sequence[str], title: str, columns: int = 6,
-                      scale: int = 2) -> Tensor:
-    """One figure for a method whose every layer keeps its own tokens (ALVTS): per row (a question),
-    the image (upscaled by `scale`), then a block of small panels (the image's own size), `columns`
-    per line: one per layer with the tokens it kept, and a last one where each patch is as bright as
-    the number of layers that kept it (the most kept: fully bright). Row dicts as for kept_tokens_figure (kept: one index
+                      scale: int = 2, legend: Sequence[tuple[str, str]] = DEFAULT_LEGEND) -> Tensor:
+    """One figure for a method whose every layer keeps its own tokens (ALVTS): the title, a legend
+    strip, then per row (a question) the image (upscaled by `scale`), then a block of small panels
+    (the image's own size), `columns` per line: one per layer with the tokens it kept (the others
+    striped: SKIPPED), and a last one where each patch is as bright as the number of layers that
+    kept it (the most kept: fully bright, tinted orange; see kept_panel's share). Row dicts as for kept_tokens_figure (kept: one index
     tensor per layer)."""
     if not rows:
         raise ValueError("rows: expected at least one question")
     H, W = rows[0]["image"].shape[1:]
-    gap, label, head, foot = 8, 11, 30, 20
+    gap, label, foot = 8, 11, 20
     panels = len(layer_labels) + 1
     lines = -(-panels // columns)
     block_h = max(H * scale + label, lines * (H + label + gap) - gap)
-    width = max(2 * gap + W * scale + gap + columns * (W + gap), text_width(title, 2) + 2 * gap)
-    img = canvas(head + len(rows) * (block_h + foot) + gap, width)
-    text(img, gap, 8, title, scale=2)
+    img, head = _framed(title, legend, 2 * gap + W * scale + gap + columns * (W + gap),
+                        30 + len(rows) * (block_h + foot) + gap, gap)
+    width = img.shape[2]
     y = head
     for row in rows:
         targets = row.get("targets", ())
@@ -269,8 +371,8 @@ def layer_kept_figure(rows: Sequence[dict], grid: int, layer_labels: Sequence[st
         for k in row["kept"]:
             share[k.long().cpu()] += 1.0
         share /= share.max().clamp_min(1.0)
-        small = [kept_panel(row["image"], grid, k, targets, 1) for k in row["kept"]]
-        small.append(kept_panel(row["image"], grid, None, targets, 1, share=share))
+        small = [kept_panel(row["image"], grid, k, targets, 1, style=SKIPPED) for k in row["kept"]]
+        small.append(kept_panel(row["image"], grid, None, targets, 1, share=share, style=SKIPPED))
         for i, (name, panel) in enumerate(zip(list(layer_labels) + ["how often kept"], small)):
             x = 2 * gap + W * scale + (i % columns) * (W + gap)
             top = y + (i // columns) * (H + label + gap)
