@@ -1,11 +1,17 @@
 """`python -m swiftvlm_kernels demo`: vanilla, SwiftVLM, FastV, PDrop and ALVTS on the embedded tiny
 LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth; nothing downloaded). For a few
-held-out questions, each method's answer against the truth at one visual-token budget, the prefill
-FLOPs against vanilla, and one PNG per method (in --out) with each image and the visual tokens kept
-at each stage: kept patches bright, the others faded, the patches the answer depends on outlined (the
-SwiftVLM paper's Fig. 6 style). ALVTS (with the model's calibrated selector) keeps its own tokens at
-every layer from 2 on: its picture has a small panel per layer, and one where each patch is as bright
-as the share of those layers that kept it.
+held-out questions, each method's answer against the truth at one visual-token budget (--budget: the
+share of the visual tokens kept per layer on average, merged ones counted, in (0, 1], as eval's
+--budgets; default a third), the prefill FLOPs against vanilla, and one PNG per method (in --out)
+with each image and the visual tokens kept at each stage (the SwiftVLM paper's Fig. 6 style). Each
+picture carries its legend: kept patches as they are inside an orange frame, the others darkened
+and striped (dropped) or dotted (SwiftVLM: merged, averaged into the "+ N merged" tokens its labels
+count, and restored at the next stage), the objects the answer is about outlined in white and black
+(a count question: the objects it counts). Each stage is labelled with the layers that run on its
+tokens, 1-indexed, as the terminal prints them. ALVTS (with the model's calibrated selector) keeps
+its own tokens at every layer from 2 on: its picture has a small panel per layer (the others skip
+that layer only), and one where each patch is the brighter and more orange the more of those layers
+kept it. The pictures' paths are printed relative to the current directory when they lie under it.
 
 --random: the former view instead, on the 16-layer tiny LLaVA with random weights: per-stage kept
 tokens, FLOPs and greedy output ids for a left-padded batch (random weights answer nothing)."""
