@@ -165,6 +165,7 @@ def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
     assert md[1].startswith("Paired differences") and len(md[2].splitlines()) == 2 + 8 + 2 * 6
     png = read_png(out / "accuracy.png")
     assert png.shape[0] == 3 and png.shape[1] > 100
+    assert read_png(out / "differences.png").shape == png.shape  # the differences against vanilla, plotted
 
 
 def test_eval_defaults_to_2000_questions_and_quick_to_200():

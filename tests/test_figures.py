@@ -147,3 +147,23 @@ def test_layer_figure_has_a_panel_per_layer_and_a_count_panel():
     assert (want[0, 1:7, 9:15].int() - image[0, 1:7, 9:15].int()).abs().sum() > 0  # patch 1, kept thrice: tinted
     with pytest.raises(ValueError, match="rows: expected at least one question"):
         figures.layer_kept_figure([], 4, [], "T")
+
+
+def test_a_plot_of_differences_has_signed_point_ticks_and_its_bars_where_its_range_puts_them():
+    assert [label for _, label in figures._ticks(-0.2, 0.05)] == ["-20", "-15", "-10", "-5", "0", "+5"]
+    assert [label for _, label in figures._ticks(0.0, 1.0)] == ["0%", "20%", "40%", "60%", "80%", "100%"]
+    w, h = 400, 300
+    img = figures.accuracy_plot([0.5], {"PDrop": [-0.1]}, ("vanilla (0)", 0.0), "t", width=w, height=h,
+                                intervals={"PDrop": [(-0.15, -0.05)]}, y_range=(-0.2, 0.05), ylabel="points")
+    top, bottom = 40, h - 56
+
+    def py(a):
+        return bottom - (a + 0.2) / 0.25 * (bottom - top)
+
+    green = torch.tensor(figures.METHOD_COLOURS["PDrop"], dtype=torch.uint8)[:, None]
+    left, right = 64, w - 170
+    x = round(left + (0.5 - 0.45) / 0.1 * (right - left))  # a lone budget: padded by 0.05 each side
+    rows = (img[:, :, x] == green).all(0).nonzero().flatten()
+    assert rows.min().item() == round(py(-0.05)) and rows.max().item() == round(py(-0.15))
+    grey = torch.tensor(figures.GREY, dtype=torch.uint8)[:, None]
+    assert (img[:, round(py(0.0)), left:left + 6] == grey).all()  # vanilla's level, dashed at 0

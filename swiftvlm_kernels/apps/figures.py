@@ -5,6 +5,7 @@ tokens, a small panel per layer), each figure with its own legend strip. Written
 `swiftvlm_kernels.apps.png`."""
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -104,17 +105,33 @@ def method_colour(name: str, i: int = 0):
     return METHOD_COLOURS.get(name, _PALETTE[i % len(_PALETTE)])
 
 
+def _ticks(low: float, high: float) -> list[tuple[float, str]]:
+    """(value, label) of the y grid: 0 to 100 % by 20 for (0, 1), else round steps of at most 8 ticks,
+    in points with a sign when the range spans 0."""
+    if (low, high) == (0.0, 1.0):
+        return [(t / 100, f"{t}%") for t in range(0, 101, 20)]
+    step = next((v for v in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5) if (high - low) / v <= 8), 1.0)
+    first = math.ceil(low / step - 1e-9)
+    values = [round(i * step, 6) for i in range(first, math.floor(high / step + 1e-9) + 1)]
+    signed = low < 0 < high
+    return [(v, f"{100 * v:+.0f}" if signed and v else f"{100 * v:.0f}") for v in values]
+
+
 def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Optional[float]]],
                   reference: Optional[tuple[str, float]] = None, title: str = "",
                   width: int = 720, height: int = 460,
                   intervals: Optional[Mapping[str, Sequence[Optional[tuple[float, float]]]]] = None,
-                  reference_interval: Optional[tuple[float, float]] = None) -> Tensor:
+                  reference_interval: Optional[tuple[float, float]] = None, y_range: tuple[float, float] = (0.0, 1.0),
+                  ylabel: str = "accuracy", interval_note: str = "95% CI (Wilson)") -> Tensor:
     """uint8 [3, height, width]: accuracy (0..1, drawn in %) against budget (fraction of the visual
     tokens per layer, drawn in %), one line with markers per method (None: a missing point, e.g.
     an infeasible budget), `reference` = (label, accuracy) as a dashed level (the unpruned model).
     intervals: per method, per budget, (low, high) drawn as an error bar with caps in the method's
     colour (None: no bar); the methods' points at one budget are set a few pixels apart so that
-    their bars do not overlap. reference_interval: the reference's, drawn as a grey band."""
+    their bars do not overlap. reference_interval: the reference's, drawn as a grey band.
+    y_range: the values at the bottom and top (default 0 to 1; another range gets round ticks, signed
+    when it spans 0: a plot of differences, in points); ylabel above the axis; interval_note: what
+    the legend calls the bars."""
     if not budgets or not curves:
         raise ValueError("curves: expected at least one method with one budget")
     img = canvas(height, width)
@@ -127,16 +144,17 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
     def px(b):
         return left + (b - lo) / (hi - lo) * (right - left)
 
+    ylo, yhi = y_range
+
     def py(a):
-        return bottom - a * (bottom - top)
+        return bottom - (a - ylo) / (yhi - ylo) * (bottom - top)
 
     if reference_interval is not None:  # the reference's interval: a light band under everything
         rect(img, left + 1, round(py(reference_interval[1])), right, round(py(reference_interval[0])) + 1,
              (236, 236, 236))
-    for tick in range(0, 101, 20):  # y grid and labels
-        y = round(py(tick / 100))
+    for tick, label in _ticks(ylo, yhi):  # y grid and labels
+        y = round(py(tick))
         rect(img, left, y, right, y + 1, (225, 225, 225))
-        label = f"{tick}%"
         text(img, left - 8 - text_width(label), y - 3, label)
     for b in budgets:  # x ticks at the budgets
         x = round(px(b))
@@ -147,7 +165,7 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
     rect(img, left, bottom, right + 1, bottom + 1, BLACK)
     xlabel = "visual tokens kept per layer (share of all)"
     text(img, (left + right - text_width(xlabel)) // 2, bottom + 26, xlabel)
-    text(img, 8, top - 16, "accuracy")
+    text(img, 8, top - 16, ylabel)
     if reference is not None:
         y = py(reference[1])
         for x in range(left, right, 12):
@@ -183,7 +201,7 @@ def accuracy_plot(budgets: Sequence[float], curves: Mapping[str, Sequence[Option
         rect(img, right + 24, legend_y - 2, right + 25, legend_y + 9, BLACK)
         rect(img, right + 21, legend_y - 2, right + 28, legend_y - 1, BLACK)
         rect(img, right + 21, legend_y + 8, right + 28, legend_y + 9, BLACK)
-        text(img, right + 40, legend_y, "95% CI (Wilson)")
+        text(img, right + 40, legend_y, interval_note)
         if reference_interval is not None:
             legend_y += 16
             rect(img, right + 16, legend_y - 1, right + 34, legend_y + 8, (236, 236, 236))

@@ -33,7 +33,9 @@ Outputs in --out: results.csv (one row per method, budget and question type: cor
 accuracy and its interval), differences.csv (one row per paired difference and question type: A,
 B, questions, A - B and its interval), results.json (the same, with the settings and each run's
 per-question outcomes), results.md (the tables in Markdown), accuracy.png (accuracy against budget
-with 95 % error bars; the unpruned model dashed, its interval a grey band). The table (the overall
+with 95 % error bars; the unpruned model dashed, its interval a grey band), differences.png (each
+pruned run's accuracy minus vanilla's, in points, with the paired 95 % error bars; when vanilla
+ran). The table (the overall
 accuracy's interval beside it) and the paired differences are printed, and the files' paths.
 
 Checkpoints: a directory with config.json and model.safetensors in the llava-hf layout. Prompts are

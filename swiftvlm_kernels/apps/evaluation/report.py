@@ -122,9 +122,10 @@ def _difference_doc(d: Difference) -> dict:
 
 
 def write_outputs(results: Sequence[Result], out: Path, settings: dict, title: str) -> dict:
-    """results.csv, differences.csv, results.json, results.md and accuracy.png under `out`; returns
-    their paths. Every accuracy carries its 95 % Wilson interval, every difference its paired 95 %
-    interval (per kind too in the CSV and JSON)."""
+    """results.csv, differences.csv, results.json, results.md, accuracy.png and (with the unpruned
+    run) differences.png under `out`; returns their paths. Every accuracy carries its 95 % Wilson
+    interval, every difference its paired 95 % interval (per kind too in the CSV and JSON): error
+    bars on the plots (differences.png: each pruned run minus vanilla on the same questions)."""
     out.mkdir(parents=True, exist_ok=True)
     diffs_md = markdown_differences(results)
     (out / "results.md").write_text(markdown_table(results) + (
@@ -181,4 +182,16 @@ def write_outputs(results: Sequence[Result], out: Path, settings: dict, title: s
                             intervals={m: [c.get(b) for b in budgets] for m, c in bars.items()},
                             reference_interval=reference_ci)
         paths["png"] = write_png(out / "accuracy.png", img)
+    against = [d for d in by_kind[OVERALL] if d.b_budget is None]  # every pruned run against vanilla
+    if against:
+        lows, highs = [min(0.0, d.low) for d in against], [max(0.0, d.high) for d in against]
+        pad = max(0.01, 0.08 * (max(highs) - min(lows)))
+        values = {m: {d.a_budget: d for d in against if d.a == m} for m in curves}
+        img = accuracy_plot(budgets, {m: [v[b].difference if b in v else None for b in budgets] for m, v in values.items()},
+                            (f"{against[0].b} (0)", 0.0), f"accuracy minus {against[0].b}'s on the same {against[0].n} questions",
+                            intervals={m: [(v[b].low, v[b].high) if b in v else None for b in budgets]
+                                       for m, v in values.items()},
+                            y_range=(min(lows) - pad, max(highs) + pad), ylabel="points",
+                            interval_note="paired 95% CI")
+        paths["differences_png"] = write_png(out / "differences.png", img)
     return paths
