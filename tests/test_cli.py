@@ -57,4 +57,4 @@ def test_ops_runs():
 def test_a_budget_no_method_can_spend_is_one_line_naming_the_option():
     code, out, err = cli("demo", "--budget", "0.05")
     assert code == 1 and not out and err.count("\n") == 1
-    assert err.startswith("python -m swiftvlm_kernels demo: error: --budget 0.05: swiftvlm cannot keep so few tokens")
+    assert err.startswith("python -m swiftvlm_kernels demo: error: --budget 0.05: SwiftVLM, FastV, PDrop, ALVTS cannot spend it")

@@ -111,9 +111,16 @@ def test_budget_is_a_share_checked_by_the_parser(value, words, capsys):
     assert e.value.code == 2 and "argument --budget: expected a share of the visual tokens" in err and words in err
 
 
-def test_a_budget_too_small_for_the_methods_is_refused_before_anything_runs(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"--budget 0.05: swiftvlm cannot keep so few tokens on this model's 12 layers"):
+def test_a_budget_the_methods_cannot_spend_is_refused_before_anything_runs(tmp_path, capsys):
+    """A floor (the layers before the first stage run every token) and a ceiling (PDrop's stages keep
+    ever fewer): the message names the option, the methods and the range they all run."""
+    with pytest.raises(ValueError, match=r"^--budget 0.05: SwiftVLM, FastV, PDrop, ALVTS cannot spend it on this "
+                                         r"model's 12 layers; every method runs from 0.1789 to 0.6875$"):
         main(["--budget", "0.05", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"^--budget 0.9: PDrop cannot spend it"):
+        main(["--budget", "0.9", "--out", str(tmp_path)])
     assert capsys.readouterr().out == "" and not any(tmp_path.iterdir())
-    with pytest.raises(ValueError, match=r"--budget 0.05: SwiftVLM cannot keep so few"):
+    for edge in ("0.1789", "0.6875"):  # the range's ends run
+        assert main(["--budget", edge, "--questions", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(ValueError, match=r"^--budget 0.05: SwiftVLM, FastV, PDrop cannot spend it on this model's 16"):
         main(["--random", "--budget", "0.05"])

@@ -2,7 +2,8 @@
 LLaVA trained on the synthetic VQA task (swiftvlm_kernels.apps.synth; nothing downloaded). For a few
 held-out questions, each method's answer against the truth at one visual-token budget (--budget: the
 share of the visual tokens kept per layer on average, merged ones counted, in (0, 1], as eval's
---budgets; default a third), the prefill FLOPs against vanilla, and one PNG per method (in --out)
+--budgets; default a third; one that a method cannot spend is refused, before anything runs, with
+the range they all can), the prefill FLOPs against vanilla, and one PNG per method (in --out)
 with each image and the visual tokens kept at each stage (the SwiftVLM paper's Fig. 6 style). Each
 picture carries its legend: kept patches as they are inside an orange frame, the others darkened
 and striped (dropped) or dotted (SwiftVLM: merged, averaged into the "+ N merged" tokens its labels
@@ -18,8 +19,11 @@ tokens, FLOPs and greedy output ids for a left-padded batch (random weights answ
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -129,16 +133,33 @@ def title(name: str, share: float, per: str) -> str:
     return f"{name}, {100 * share:.0f}% of the visual tokens per layer: kept at each {per}"
 
 
-def check_budget(model, share: float, methods, plan_of) -> None:
-    """ValueError naming --budget when a method cannot spend `share` on `model` (its first stage's
-    layers run every visual token); plan_of(key) builds the method's plan."""
-    for key in methods:
+def check_budget(model, share: float, names, build: Callable[[str, float], object]) -> None:
+    """ValueError naming --budget when a method of `names` cannot spend `share` on `model` (build(name,
+    share) makes its pruning object): the first stage's layers run every visual token, so a budget
+    has a floor, and a drop-only method whose stages keep ever fewer has a ceiling. The message gives
+    the range every one of the methods can spend (found by bisection from a third, which all can)."""
+    def fits(name, value):
         try:
-            plan_of(key)
-        except ValueError as e:
-            why = str(e).replace("budget_ratio: ", "", 1)
-            raise ValueError(f"--budget {share:g}: {key} cannot keep so few tokens on this model's "
-                             f"{model.num_layers} layers: {why}") from None
+            model.plan_for(build(name, value))
+            return True
+        except ValueError:
+            return False
+
+    failed = [n for n in names if not fits(n, share)]
+    if not failed:
+        return
+
+    def bound(name, fit, unfit):  # the edge of what `name` can spend, between a share that fits and one that does not
+        for _ in range(30):
+            mid = (fit + unfit) / 2
+            fit, unfit = (mid, unfit) if fits(name, mid) else (fit, mid)
+        return fit
+
+    low = max(bound(n, 1 / 3, 0.0) for n in names)
+    high = min(1.0 if fits(n, 1.0) else bound(n, 1 / 3, 1.0) for n in names)
+    raise ValueError(f"--budget {share:g}: {', '.join(failed)} cannot spend it on this model's {model.num_layers} "
+                     f"layers; every method runs from {math.ceil(low * 1e4) / 1e4:.4f} to "
+                     f"{math.floor(high * 1e4) / 1e4:.4f}")
 
 
 TARGET = ("target", "outlined: the answer's objects (count: those counted)")
@@ -160,7 +181,9 @@ def _run_trained(args):
     def method(key):
         return None if key == "vanilla" else evaluation.make_method(key, share, layers[key], selector)
 
-    check_budget(model, share, evaluation.METHODS, lambda key: model.plan_for(method(key)))
+    names = {evaluation.NAMES[k]: k for k in evaluation.METHODS if k != "vanilla"}
+    check_budget(model, share, list(names),
+                 lambda name, value: evaluation.make_method(names[name], value, layers[names[name]], selector))
     record = trained_record()
     grid = int(round(n_vis ** 0.5))
     chosen = _pick(args.questions)
@@ -237,7 +260,8 @@ def _run(args):
     methods = [("vanilla", None), ("SwiftVLM", SwiftVLM(budget_ratio=ratio)), ("FastV", FastV(budget_ratio=ratio)),
                ("PDrop", PDrop(layers=(4, 8, 12), budget_ratio=ratio))]
     if ratio is not None:
-        check_budget(model, ratio, [m for m, _ in methods], lambda key: model.plan_for(dict(methods)[key]))
+        check_budget(model, ratio, [name for name, p in methods if p is not None],
+                     lambda name, value: dataclasses.replace(dict(methods)[name], budget_ratio=value))
     inputs = tiny_inputs(args.batch, left_pad=2, seed=args.seed, device=args.device)
     n_vis, text = model.num_visual_tokens, model.text_config
     n_text = inputs["input_ids"].shape[1] - n_vis  # sample 0 is unpadded
