@@ -13,7 +13,8 @@ def cli(*args):
 
 @pytest.mark.parametrize("args, words", [(("--help",), "Subcommands: demo (the default), eval, calibrate, ops"),
                                          (("demo", "--help"), "--new-tokens"),
-                                         (("eval", "--help"), "--budgets"),
+                                         (("eval", "--help"), "--quick"),
+                                         (("demo", "--help"), "--budget SHARE"),
                                          (("calibrate", "--help"), "--rank"),
                                          (("ops", "--help"), "--backend")])
 def test_help(args, words):
@@ -27,7 +28,11 @@ def test_help(args, words):
                                          (("ops", "--backend", "nonsense"), "expected one of auto, torch, cpu"),
                                          (("eval", "--budgets", "0.5,2"), "argument --budgets: expected shares in (0, 1]"),
                                          (("eval", "--methods", "fastv,magic"), "argument --methods: expected names"),
-                                         (("eval", "--layers", "fastv=two"), "argument --layers: expected integer")])
+                                         (("eval", "--layers", "fastv=two"), "argument --layers: expected integer"),
+                                         (("eval", "--quick", "--n", "5"), "argument --n: not allowed with argument --quick"),
+                                         (("demo", "--budget", "48"), "argument --budget: expected a share of the visual "
+                                                                      "tokens in (0, 1] such as 0.333 (a share, not a token count)"),
+                                         (("--budget", "-1"), "argument --budget: expected a share")])
 def test_usage_errors_exit_2_with_one_line(args, words):
     code, out, err = cli(*args)
     assert code == 2 and err.count("\n") == 1 and words in err and not out
@@ -47,3 +52,9 @@ def test_debug_shows_the_traceback():
 def test_ops_runs():
     code, out, err = cli("ops", "--backend", "cpu")
     assert code == 0 and "score_select: B=2" in out and "mean offset 0.500" in out
+
+
+def test_a_budget_no_method_can_spend_is_one_line_naming_the_option():
+    code, out, err = cli("demo", "--budget", "0.05")
+    assert code == 1 and not out and err.count("\n") == 1
+    assert err.startswith("python -m swiftvlm_kernels demo: error: --budget 0.05: SwiftVLM, FastV, PDrop, ALVTS cannot spend it")

@@ -47,6 +47,75 @@ def test_eval_prompts_are_the_trainings(model, train_tiny):
         pred = train_tiny.answer_logits(model, inputs).argmax(-1)
     assert sum(res.right.values()) == int((pred == inputs["answers"]).sum())
     assert res.target_share() == 1.0  # unpruned: every answer patch reaches the last layer
+    assert res.outcomes == (pred == inputs["answers"]).int().tolist()  # each question's outcome, in order
+    assert res.question_kinds == [s.kind for s in samples]
+
+
+def test_eval_reproduces_the_recorded_slice_and_its_interval(model):
+    """The first 200 held-out questions, as the training recorded them: the same accuracy, overall and
+    per kind, now with a 95 % Wilson interval around it."""
+    record = trained_record()["slice"]
+    items = evaluation.synthetic_items(record["n"])
+    (res,) = evaluation.evaluate(model, items, evaluation.prompts_for(None, model), methods=("vanilla",),
+                                 batch_size=100)
+    assert res.accuracy() == pytest.approx(record["accuracy"], abs=1e-12)
+    assert {k: res.accuracy(k) for k in synth.KINDS} == pytest.approx(record["per_kind"], abs=1e-12)
+    lo, hi = res.interval()
+    assert (lo, hi) == evaluation.wilson(sum(res.right.values()), record["n"])
+    assert lo < record["accuracy"] < hi and 0.12 < hi - lo < 0.15  # about +- 7 points at 200 questions
+
+
+def test_wilson_interval_matches_known_values():
+    assert evaluation.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluation.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # not empty at 0 right
+    assert evaluation.wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert evaluation.wilson(1050, 2000) == pytest.approx((0.5031, 0.5468), abs=1e-4)
+    assert evaluation.wilson(0, 0) is None
+    with pytest.raises(ValueError, match="right: expected a count in"):
+        evaluation.wilson(3, 2)
+
+
+def test_paired_interval_is_the_normal_interval_of_the_mean_difference():
+    # differences 1, 0, 0, -1: mean 0, sample sd sqrt(2/3), half-width 1.96 * sqrt(2/3 / 4)
+    mean, lo, hi = evaluation.paired_interval([1, 1, 0, 0], [0, 1, 0, 1])
+    assert mean == 0 and hi == pytest.approx(evaluation.stats.Z95 * (2 / 3 / 4) ** 0.5) and lo == -hi
+    # pairing: 200 questions, a right on 20 more than b and agreeing elsewhere: a clear difference, though
+    # the two accuracies' own intervals overlap
+    a, b = [1] * 120 + [0] * 80, [1] * 100 + [0] * 100
+    mean, lo, hi = evaluation.paired_interval(a, b)
+    assert mean == pytest.approx(0.1) and 0.05 < lo < 0.1 < hi < 0.15
+    assert evaluation.wilson(120, 200)[0] < evaluation.wilson(100, 200)[1]
+    assert evaluation.paired_interval([1, 0], [1, 0]) == (0.0, 0.0, 0.0)
+    assert evaluation.paired_interval([], []) is None
+    with pytest.raises(ValueError, match="b: expected outcomes for the same 2 questions"):
+        evaluation.paired_interval([1, 0], [1])
+
+
+def test_paired_differences_pair_runs_on_the_same_questions():
+    def run(method, budget, outcomes, feasible=True):
+        kinds = ["colour", "shape"] * (len(outcomes) // 2)
+        r = evaluation.Result(method, budget, 1.0, 1.0, feasible=feasible, outcomes=list(outcomes),
+                              question_kinds=kinds if feasible else [])
+        for k, o in zip(kinds, outcomes):
+            r.right[k] = r.right.get(k, 0) + o
+            r.total[k] = r.total.get(k, 0) + 1
+        return r
+
+    results = [run("vanilla", None, [1, 1, 1, 0]), run("SwiftVLM", 0.5, [1, 1, 0, 0]), run("FastV", 0.5, [0, 1, 1, 0]),
+               run("SwiftVLM", 0.2, [1, 0, 0, 0]), run("FastV", 0.2, [], feasible=False)]
+    diffs = evaluation.paired_differences(results)
+    assert [(d.a, d.a_budget, d.b, d.b_budget) for d in diffs] == [
+        ("SwiftVLM", 0.5, "vanilla", None), ("FastV", 0.5, "vanilla", None), ("SwiftVLM", 0.2, "vanilla", None),
+        ("SwiftVLM", 0.5, "FastV", 0.5)]  # FastV at 20 % is infeasible: nothing to pair with SwiftVLM there
+    for d in diffs:
+        a = next(r for r in results if (r.method, r.budget) == (d.a, d.a_budget))
+        b = next(r for r in results if (r.method, r.budget) == (d.b, d.b_budget))
+        assert d.difference == pytest.approx(a.accuracy() - b.accuracy()) and d.low <= d.difference <= d.high
+    (shape,) = [d for d in evaluation.paired_differences(results, "shape") if d.a_budget == 0.2]
+    assert (shape.n, shape.difference) == (2, -0.5)  # questions 2 and 4 only
+    text = evaluation.table(results)
+    assert "paired differences in accuracy (points)" in text
+    assert any(line.split()[:4] == ["50%", "SwiftVLM", "FastV", "+0.0"] for line in text.splitlines())
 
 
 def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
@@ -54,8 +123,30 @@ def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
     assert cli_main(["eval", "--n", "24", "--budgets", "0.5,0.2", "--batch-size", "12", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "SwiftVLM" in text and "FastV" in text and "PDrop" in text and "ALVTS" in text and "targets kept" in text
+    assert "95% CI" in text.splitlines()[2] and "paired differences in accuracy" in text
+    assert "wrote " + str(out / "results.csv") in text and str(out / "differences.csv") in text
     doc = json.loads((out / "results.json").read_text())
     rows = list(csv.DictReader((out / "results.csv").open()))
+    diffs = list(csv.DictReader((out / "differences.csv").open()))
+    for row in rows:  # every accuracy carries its Wilson interval
+        assert (float(row["accuracy_ci_low"]), float(row["accuracy_ci_high"])) == pytest.approx(
+            evaluation.wilson(int(row["correct"]), int(row["total"])), abs=1e-4)
+        assert float(row["accuracy_ci_low"]) <= float(row["accuracy"]) <= float(row["accuracy_ci_high"])
+    kinds = {r["kind"] for r in rows}
+    # 8 pruned runs against vanilla, 6 pairs of methods at each of 2 budgets; per kind and overall
+    assert len(diffs) == (8 + 2 * 6) * len(kinds) and {d["kind"] for d in diffs} == kinds
+    assert len(doc["paired_differences"]["all"]) == 8 + 2 * 6
+    by_run = {(r["method"], r["budget"]): r for r in doc["results"]}
+    for d in doc["paired_differences"]["all"]:
+        a, b = by_run[d["a"], d["a_budget"]], by_run[d["b"], d["b_budget"]]
+        assert d["questions"] == 24 and d["difference"] == pytest.approx(a["accuracy"] - b["accuracy"], abs=1e-6)
+        assert d["ci"][0] <= d["difference"] <= d["ci"][1]
+        paired = evaluation.paired_interval([int(c) for c in a["outcomes"]], [int(c) for c in b["outcomes"]])
+        assert d["ci"] == pytest.approx(list(paired[1:]), abs=1e-6)
+    for r in doc["results"]:
+        assert len(r["outcomes"]) == 24 and r["outcomes"].count("1") == sum(r["correct"].values())
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+        assert set(r["per_kind_ci"]) == set(r["per_kind"])
     assert len(doc["results"]) == 1 + 4 * 2
     assert [r["budget"] for r in doc["results"] if r["method"] == "ALVTS"] == [0.5, 0.2]
     assert doc["settings"]["layers"]["alvts"] == list(range(2, 13))
@@ -67,10 +158,23 @@ def test_cli_writes_a_consistent_table_csv_json_and_plot(tmp_path, capsys):
         assert int(all_row["total"]) == 24 and float(all_row["accuracy"]) == pytest.approx(r["accuracy"], abs=1e-4)
         if r["budget"] is not None:  # every method spends the budget it was given
             assert r["visual_tokens_per_layer"] == pytest.approx(r["budget"] * 144, abs=1.0)
-    md = (out / "results.md").read_text().splitlines()
-    assert len(md) == 2 + len(doc["results"]) and md[2].startswith("| vanilla | 100 % | 144.0 | 100 % |")
+    md = (out / "results.md").read_text().split("\n\n")
+    lines = md[0].splitlines()
+    assert len(lines) == 2 + len(doc["results"]) and lines[2].startswith("| vanilla | 100 % | 144.0 | 100 % |")
+    assert lines[0].startswith("| method | budget | tokens / layer | prefill FLOPs | all | 95 % CI | colour |")
+    assert md[1].startswith("Paired differences") and len(md[2].splitlines()) == 2 + 8 + 2 * 6
     png = read_png(out / "accuracy.png")
     assert png.shape[0] == 3 and png.shape[1] > 100
+    assert read_png(out / "differences.png").shape == png.shape  # the differences against vanilla, plotted
+
+
+def test_eval_defaults_to_2000_questions_and_quick_to_200():
+    parser = __import__("argparse").ArgumentParser()
+    evaluation.add_arguments(parser)
+    assert (evaluation.DEFAULT_N, evaluation.QUICK_N) == (2000, 200)
+    args = parser.parse_args([])
+    assert args.n is None and not args.quick
+    assert parser.parse_args(["--quick"]).quick and parser.parse_args(["--n", "7"]).n == 7
 
 
 def test_infeasible_budget_is_reported_not_run(model):

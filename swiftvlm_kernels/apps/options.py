@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 
 def bounded_int(low: int, high: Optional[int] = None, note: str = "", name: str = "int") -> Callable[[str], int]:
@@ -56,3 +56,28 @@ def add_model_and_data(parser: argparse.ArgumentParser, data_default: str) -> No
                         help="an llava-hf checkpoint directory (default: the embedded trained tiny LLaVA)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"a dataset folder with questions.jsonl (default: {data_default})")
+
+
+def shown_path(path: Union[str, Path], cwd: Optional[Path] = None) -> str:
+    """`path` as the user can open it from where they stand: relative to the current directory
+    (`cwd`) when it lies under it, else absolute."""
+    full = Path(path).resolve()
+    here = (cwd or Path.cwd()).resolve()
+    try:
+        return str(full.relative_to(here))
+    except ValueError:
+        return str(full)
+
+
+def share(text: str) -> float:
+    """An argparse type: a share of the visual tokens in (0, 1], as eval's --budgets take them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of the visual tokens in (0, 1] such as 0.333, "
+                                         f"got {text!r}") from None
+    if not 0 < value <= 1:  # NaN too
+        hint = " (a share, not a token count)" if value > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected a share of the visual tokens in (0, 1] such as 0.333{hint}, "
+                                         f"got {text!r}")
+    return value

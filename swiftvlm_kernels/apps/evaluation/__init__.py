@@ -2,7 +2,7 @@
 visual-token budget, per question type, on the embedded trained tiny LLaVA (or any llava-hf
 checkpoint directory) and the synthetic held-out set (or a dataset folder of your own).
 
-    python -m swiftvlm_kernels eval [--n 1000] [--budgets 0.5,0.333,0.222,0.2] [--out swiftvlm-eval]
+    python -m swiftvlm_kernels eval [--n 2000 | --quick] [--budgets 0.5,0.333,0.222,0.2] [--out swiftvlm-eval]
         [--model CHECKPOINT_DIR] [--data DATASET_DIR] [--methods vanilla,swiftvlm,fastv,pdrop,alvts]
         [--selector SELECTOR_DIR|svd|svd:RANK]
 
@@ -20,9 +20,23 @@ n/a. Besides accuracy the evaluation reports, where the questions name their pat
 synthetic set; `boxes` in a dataset), the share of those patches the last stage keeps (ALVTS: the
 mean over its layers of the share each layer keeps).
 
-Outputs in --out: results.csv (one row per method, budget and question type), results.json (the
-same, with the settings), results.md (the table in Markdown), accuracy.png (accuracy against budget; the unpruned model dashed). The
-table is printed.
+How sure the numbers are. --n questions (default 2000: the first of the synthetic held-out split;
+--quick: the first 200, for a smoke test or CI). Every accuracy comes with its 95 % Wilson score
+interval. Every question's outcome is kept per method and budget, so two runs are compared on the
+same questions: the paired difference in accuracy of every pruned run against vanilla, and of every
+two methods at one budget, with the 95 % interval of the mean per-question difference (the normal
+interval: mean +- 1.96 standard deviations of the differences / sqrt(n)). Pairing removes what the
+questions share, so a difference can be clear while the two accuracies' intervals overlap. Both are
+closed-form: the same questions give the same intervals, nothing is resampled.
+
+Outputs in --out: results.csv (one row per method, budget and question type: correct, total,
+accuracy and its interval), differences.csv (one row per paired difference and question type: A,
+B, questions, A - B and its interval), results.json (the same, with the settings and each run's
+per-question outcomes), results.md (the tables in Markdown), accuracy.png (accuracy against budget
+with 95 % error bars; the unpruned model dashed, its interval a grey band), differences.png (each
+pruned run's accuracy minus vanilla's, in points, with the paired 95 % error bars; when vanilla
+ran). The table (the overall
+accuracy's interval beside it) and the paired differences are printed, and the files' paths.
 
 Checkpoints: a directory with config.json and model.safetensors in the llava-hf layout. Prompts are
 built with its vocab.json (a word vocabulary: the embedded model's; prompt.json says whether the
@@ -63,19 +77,24 @@ from typing import Optional
 
 import torch
 
-from ..options import add_model_and_data, layer_list, positive, require_backend
+from ..options import add_model_and_data, layer_list, positive, require_backend, shown_path
 from .data import (MAX_LINES, ImageFile, Item, dataset_items, json_object, resize, synthetic_item, synthetic_items,
                    target_patches)
 from .prompts import TokenizerPrompts, WordPrompts, batch_inputs, normalise, pixels, prompt_ids, prompts_for
-from .report import kinds_of, markdown_table, table, write_outputs
+from .report import kinds_of, markdown_differences, markdown_table, table, write_outputs
 from .run import (DEFAULT_BUDGETS, METHODS, NAMES, Progress, Result, check_layers, eval_layers, evaluate,
-                  make_method)
+                  make_method, paired_differences)
+from .stats import Difference, paired_interval, wilson
 
 __all__ = ["add_arguments", "run", "load_model", "load_selector", "Item", "ImageFile", "Result", "synthetic_item", "synthetic_items",
            "dataset_items", "json_object", "target_patches", "resize", "MAX_LINES", "WordPrompts", "TokenizerPrompts",
            "prompts_for", "normalise", "pixels", "prompt_ids", "batch_inputs", "DEFAULT_BUDGETS", "METHODS", "NAMES",
            "Progress", "eval_layers", "check_layers", "make_method", "evaluate", "kinds_of", "table",
-           "markdown_table", "write_outputs"]
+           "markdown_table", "markdown_differences", "write_outputs", "paired_differences", "Difference",
+           "paired_interval", "wilson", "DEFAULT_N", "QUICK_N"]
+
+DEFAULT_N = 2000  # questions by default
+QUICK_N = 200  # --quick
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -118,7 +137,11 @@ def _layers(text: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, "the synthetic held-out set")
-    parser.add_argument("--n", type=positive, default=1000, help="questions (default 1000)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--n", type=positive, default=None,
+                      help=f"questions (default {DEFAULT_N}; the first n of the held-out set or the dataset)")
+    size.add_argument("--quick", action="store_true",
+                      help=f"the first {QUICK_N} questions only: a quick check (wide intervals), e.g. for CI")
     parser.add_argument("--budgets", type=_budgets, default=DEFAULT_BUDGETS,
                         help="shares of the visual tokens per layer (default 0.5,0.333,0.222,0.2)")
     parser.add_argument("--methods", type=_methods, default=METHODS, help=f"default {','.join(METHODS)}")
@@ -189,7 +212,8 @@ def run(args) -> int:
     layers = {**eval_layers(model.num_layers), **(args.layers or {})}
     check_layers({m: layers[m] for m in args.methods if m != "vanilla"} | (args.layers or {}), model, "--layers")
     prompts = prompts_for(args.model, model)
-    items = synthetic_items(args.n) if args.data is None else dataset_items(args.data, args.n)
+    n = args.n or (QUICK_N if getattr(args, "quick", False) else DEFAULT_N)
+    items = synthetic_items(n) if args.data is None else dataset_items(args.data, n)
     selector, about_selector = load_selector(args.selector, model, args.model, layers["alvts"]) \
         if "alvts" in args.methods else (None, None)
     where = "embedded trained tiny LLaVA" if args.model is None else str(args.model)
@@ -210,5 +234,5 @@ def run(args) -> int:
                 "backend": args.backend or "auto", "device": str(device), "torch": torch.__version__}
     title = f"accuracy against visual-token budget ({len(items)} questions)"
     paths = write_outputs(results, args.out, settings, title)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("wrote " + ", ".join(shown_path(p) for p in paths.values()))
     return 0

@@ -1,5 +1,6 @@
 """The methods and the evaluation loop: every method at every budget answers the same questions
-(see the package docstring); a Result per method and budget."""
+(see the package docstring); a Result per method and budget, with every question's outcome kept
+so that two runs can be compared question by question (`paired_differences`)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import torch
 from ...pruning import ALVTS, FastV, PDrop, SwiftVLM, prefill_flops
 from .data import Item, target_patches
 from .prompts import batch_inputs, normalise, prompt_ids
+from .stats import Difference, paired_interval, wilson
 
 DEFAULT_BUDGETS = (0.5, 1 / 3, 2 / 9, 0.2)
 METHODS = ("vanilla", "swiftvlm", "fastv", "pdrop", "alvts")
@@ -21,7 +23,8 @@ NAMES = {"vanilla": "vanilla", "swiftvlm": "SwiftVLM", "fastv": "FastV", "pdrop"
 
 @dataclass
 class Result:
-    """One method at one budget: correct answers and target patches kept, per question kind."""
+    """One method at one budget: correct answers and target patches kept, per question kind, and
+    each question's outcome (1 right, 0 wrong) and kind in the order the questions were asked."""
     method: str
     budget: Optional[float]
     tokens_per_layer: float
@@ -31,6 +34,21 @@ class Result:
     target_kept: dict = field(default_factory=dict)
     target_total: dict = field(default_factory=dict)
     feasible: bool = True
+    outcomes: list = field(default_factory=list)
+    question_kinds: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The method and its budget, e.g. "SwiftVLM 33%" ("vanilla" unpruned)."""
+        return self.method if self.budget is None else f"{self.method} {100 * self.budget:.0f}%"
+
+    def interval(self, kind: Optional[str] = None) -> Optional[tuple[float, float]]:
+        """The 95 % Wilson interval of accuracy(kind); None where accuracy(kind) is None."""
+        if not self.feasible:
+            return None
+        r = sum(self.right.values()) if kind is None else self.right.get(kind, 0)
+        t = sum(self.total.values()) if kind is None else self.total.get(kind, 0)
+        return wilson(r, t)
 
     def accuracy(self, kind: Optional[str] = None) -> Optional[float]:
         if not self.feasible:
@@ -168,6 +186,8 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
                     ok = pred[b] == prompts.answer_id(it.answer)
                 else:
                     ok = normalise(pred[b]) == normalise(it.answer)
+                res.outcomes.append(int(ok))
+                res.question_kinds.append(it.kind)
                 res.right[it.kind] = res.right.get(it.kind, 0) + int(ok)
                 res.total[it.kind] = res.total.get(it.kind, 0) + 1
                 if len(targets[b]):
@@ -179,3 +199,24 @@ def evaluate(model, items: Sequence[Item], prompts, methods: Sequence[str] = MET
             if progress:
                 progress.update(1, label)
     return results
+
+
+def paired_differences(results: Sequence[Result], kind: Optional[str] = None) -> list[Difference]:
+    """Accuracy differences on the same questions (of `kind`; None: all), with their paired 95 %
+    intervals (stats.paired_interval): every pruned run against the unpruned one ("vanilla"), then,
+    at each budget, every pair of methods in the order they ran. Infeasible runs are left out."""
+    runs = [r for r in results if r.feasible and r.outcomes]
+    pairs = [(r, v) for v in runs if v.budget is None for r in runs if r.budget is not None]
+    budgets = sorted({r.budget for r in runs if r.budget is not None}, reverse=True)
+    for b in budgets:
+        same = [r for r in runs if r.budget == b]
+        pairs += [(x, y) for i, x in enumerate(same) for y in same[i + 1:]]
+    out = []
+    for x, y in pairs:
+        if x.question_kinds != y.question_kinds:
+            raise ValueError(f"{x.label} and {y.label}: expected outcomes on the same questions")
+        keep = [i for i, k in enumerate(x.question_kinds) if kind is None or k == kind]
+        got = paired_interval([x.outcomes[i] for i in keep], [y.outcomes[i] for i in keep])
+        if got is not None:
+            out.append(Difference(x.method, x.budget, y.method, y.budget, len(keep), *got))
+    return out
