@@ -233,7 +233,9 @@ def format_row(r):
             f"achieved/predicted {r['achieved_over_predicted']:.3f}")
     if "prune_share" in r:
         text += f", pruning {100 * r['prune_share']:.2f}%, {r['ops_per_stage']:.1f} ops/stage"
-    return text
+    elif "check_syncs" in r:  # bench.hf_prefill's rows
+        text += f", {r['ops_per_stage']:.1f} ops/stage, host syncs {r['host_syncs']} (input checks {r['check_syncs']})"
+    return text if "family" not in r else f"{r['family']} {text}"
 
 
 def markdown(rows):
@@ -246,14 +248,19 @@ def markdown(rows):
             continue
         share = f"{100 * r['prune_share']:.2f}%" if "prune_share" in r else "-"
         ops = f"{r['ops_per_stage']:.1f}" if "ops_per_stage" in r else "-"
-        out += (f"| {r['batch']} | {r['method']} | {r['budget'] or '-'} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
-                f"{r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['achieved_over_predicted']:.3f} | "
-                f"{share} | {ops} |\n")
+        out += f"| {r['batch']} | {timing_cells(r)} | {share} | {ops} |\n"
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n")[0])
+def timing_cells(r) -> str:
+    """A row's method, budget, median, min, speedup, FLOPs-predicted and achieved / predicted cells."""
+    return (f"{r['method']} | {r['budget'] or '-'} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['predicted_speedup']:.2f}x | {r['achieved_over_predicted']:.3f}")
+
+
+def parse_common(ap, argv=None):
+    """The options every end-to-end benchmark here shares (model, batch, budgets, rounds, threads,
+    dtype, methods, json) parsed; the CPU thread count set. Returns (args, environment())."""
     on_gpu = torch.cuda.is_available()
     ap.add_argument("--model", choices=sorted(MODELS), default="llava-1.5-7b" if on_gpu else "tinyllama-1.1b")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8] if on_gpu else [1])
@@ -261,14 +268,19 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (CPU)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--hf", action="store_true", help="also time transformers' LlavaForConditionalGeneration")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="pruning methods to time (default: all on a CPU; all but alvts on a GPU)")
     ap.add_argument("--json", help="write the rows and the environment here")
     args = ap.parse_args(argv)
     if not on_gpu:
         torch.set_num_threads(args.threads)
-    env = environment("cuda" if on_gpu else "cpu")
+    return args, environment("cuda" if on_gpu else "cpu")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n")[0])
+    ap.add_argument("--hf", action="store_true", help="also time transformers' LlavaForConditionalGeneration")
+    args, env = parse_common(ap, argv)
 
     def save(rows):  # rewritten after every row: a late failure loses nothing
         if args.json:

@@ -10,9 +10,11 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    restores the bypassed tokens and computes layer y's keys and last query on them before the layer
    runs on the kept set. An ALVTS stage computes its selector's queries and keys on layer l's normed
    input (all rows) before the layer, which runs on the kept set; the skipped tokens rejoin after it.
-   After every stage the causal mask is rebuilt with HF's `create_causal_mask` from the shorter
-   sequence's 2-D key mask (rows stay in position order, so index-causal is position-causal); the
-   input sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   After every stage the shorter sequence's mask is the corner of HF's mask of the input sequence
+   (`_corner`: rows stay in position order, so index-causal is position-causal, and left padding
+   is never pruned; no mask is built, nothing is read on the host); a ragged batch's, whose block
+   padding rows move, is rebuilt with HF's `create_causal_mask` from its 2-D key mask. The input
+   sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
    PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
    then renumbers the positions (each row's original position minus the tokens dropped before it;
    the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
@@ -27,8 +29,8 @@ too; the stages' scoring inputs are `pruning.loop.stage_inputs` / `last_query`, 
 checks `pruning.layout`. What is this path's own: the key tap, HF's masks, PDrop official's
 positions, the profiler's recording and replay, the per-layer cache tags.
 
-Host reads happen only in `_layout` (the input checks on input_ids / attention_mask of the prefill,
-as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
+Host reads happen only in `_host_ids` / `_layout` (one copy of input_ids, the input checks on them and
+on attention_mask, as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
 """
 from __future__ import annotations
 
@@ -125,13 +127,23 @@ def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_k
                        use_cache, kwargs)
     ids = state.input_ids
     past = cache.get_seq_length() if cache is not None else 0
-    if (ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2])
-            or not bool((ids == state.image_token_id).any())):
+    if ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2]):
+        ids = None
+    else:
+        ids = _host_ids(ids, state.image_token_id)
+    if ids is None:
         base = type(self)._swiftvlm_base  # the class before the patch (hf/patch.py)
         kwargs[cache_parameter(base)] = cache
         return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     return _prefill(self, state, ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
+
+
+def _host_ids(ids: Tensor, image_token_id: int) -> Optional[Tensor]:
+    """The prefill's input_ids on the host (one copy, which `_layout` checks), or None when they hold
+    no image token (the call is not a pruned prefill)."""
+    ids = ids.detach().cpu()
+    return ids if bool((ids == image_token_id).any()) else None
 
 
 def _output(h, cache):
@@ -153,8 +165,7 @@ _SPAN_ERRORS = SpanErrors(
 def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
             device) -> tuple[list, Tensor, Optional[RaggedLayout]]:
     """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None): the
-    visual spans of a prefill's input_ids, checked on the host."""
-    ids = ids.detach().cpu()
+    visual spans of a prefill's input_ids (on the host: `_host_ids`), checked there."""
     B, L = ids.shape
     if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
                                        or tuple(attention_mask.shape) != (B, L)):
@@ -167,6 +178,18 @@ def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
         return counts, torch.tensor(starts, dtype=torch.int32, device=device), None
     ragged = ragged_layout(valid, counts, starts, device)
     return counts, ragged.vis_start, ragged
+
+
+def _corner(full_mask, seq: Sequence):
+    """HF's mask of a left-padded (not ragged) sequence that a stage shortened to n rows: the full
+    sequence's mask cut to its first n rows and keys (None stays None: causal attention). The kept rows
+    stay in position order and the padding rows, the first ones, are never pruned, so kept row i sees
+    kept key j exactly when input row src_i sees input key src_j (docs/semantics.md); no mask is built
+    and nothing is read on the host."""
+    if full_mask is None or seq.src is None:
+        return full_mask
+    n = seq.h.shape[1]
+    return full_mask[..., :n] if full_mask.dim() == 2 else full_mask[..., :n, :n]
 
 
 def _plan(pruning, counts: list, num_layers: int):
@@ -251,7 +274,8 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             pos = seq.carry["pos0"] - dropped
             seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
             shift = dropped[:, -1]
-        mask = full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
+        mask = _corner(full_mask, seq) if ragged is None else \
+            full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
 
     def run_layer(seq, step: Step):
         layer = layers[step.layer - 1]
