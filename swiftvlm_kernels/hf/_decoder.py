@@ -163,8 +163,9 @@ _SPAN_ERRORS = SpanErrors(
 
 
 def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
-            device) -> tuple[list, Tensor, Optional[RaggedLayout]]:
-    """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None): the
+            device) -> tuple[list, Tensor, Optional[RaggedLayout], bool]:
+    """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None, whether
+    attention_mask marks any padding): the
     visual spans of a prefill's input_ids (on the host: `_host_ids`), checked there."""
     B, L = ids.shape
     if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
@@ -175,9 +176,9 @@ def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
     valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
     counts, starts = check_spans(ids, valid, image_token_id, _SPAN_ERRORS)
     if len(set(counts)) == 1:
-        return counts, torch.tensor(starts, dtype=torch.int32, device=device), None
+        return counts, torch.tensor(starts, dtype=torch.int32, device=device), None, not bool(valid.all())
     ragged = ragged_layout(valid, counts, starts, device)
-    return counts, ragged.vis_start, ragged
+    return counts, ragged.vis_start, ragged, True
 
 
 def _corner(full_mask, seq: Sequence):
@@ -221,7 +222,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         raise ValueError(f"{cache_parameter(type(self)._swiftvlm_base)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
-    counts, vis_start, ragged = _layout(ids, attention_mask, state.image_token_id, h.device)
+    counts, vis_start, ragged, padded = _layout(ids, attention_mask, state.image_token_id, h.device)
     prof = state.profile
     if prof is None:
         plan = _plan(state.pruning, counts, len(layers))
@@ -232,7 +233,8 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
     cos, sin = self.rotary_emb(h, rope_pos)
     cos, sin = cos.expand(B, L, -1), sin.expand(B, L, -1)
-    key_mask = None if attention_mask is None else attention_mask.to(device=h.device, dtype=torch.bool)
+    # no padding: no key mask (the stages and decoding then need none)
+    key_mask = None if attention_mask is None or not padded else attention_mask.to(device=h.device, dtype=torch.bool)
     index = torch.arange(L, device=h.device).expand(B, L)
     if ragged is None:
         seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"cos": cos, "sin": sin, "index": index},
@@ -313,6 +315,40 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     return _output(out, cache if use_cache else None)
 
 
+def _decode_masks(self, info: _CacheInfo, cache, h: Tensor, attention_mask) -> list:
+    """Each layer's attention mask for a call on a pruned cache (the layer's prefill rows, the tokens
+    generated since, this call's q).
+
+    Without padding in the prefill (every layer's prefill rows are valid keys): HF's own mask of layer 1,
+    which holds every prompt row, made once per call as the unpatched model makes it; a layer whose
+    prefill kept n_l of the L rows takes its last n_l + t + q key columns (a view: the columns cut are
+    prompt keys that every query of the call sees). With padding or a ragged batch: one mask per
+    distinct prefill key mask, from that key mask and the call's new columns."""
+    B, q = h.shape[:2]
+    lengths = info.lengths
+    if all(km is None for km in info.key_masks):
+        if attention_mask is not None and attention_mask.shape[1] != cache.layers[0].get_seq_length() + q:
+            t = cache.layers[0].get_seq_length() - lengths[0] + q
+            raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
+                             f"{info.prompt_len} and {t} new tokens), got {attention_mask.shape[1]}")
+        full = _causal_mask(self, h, attention_mask, cache, None, layer_idx=0)
+        return [None if full is None else full[..., lengths[0] - n:] for n in lengths]
+    new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
+    masks, out = {}, []
+    for l, (km, n_l) in enumerate(zip(info.key_masks, lengths)):
+        key = (id(km), n_l)
+        if key not in masks:
+            t = cache.layers[l].get_seq_length() - n_l + q  # new-token columns (earlier ones and this call's)
+            new = new_cols if new_cols is not None else torch.ones(B, t, dtype=torch.bool, device=h.device)
+            if new.shape[1] != t:
+                raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
+                                 f"{info.prompt_len} and {t} new tokens), got {info.prompt_len + new.shape[1]}")
+            old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
+            masks[key] = _causal_mask(self, h, torch.cat([old, new], 1), cache, None, layer_idx=l)
+        out.append(masks[key])
+    return out
+
+
 def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_ids, cache, h, use_cache, kwargs):
     for key in _DROPPED_KWARGS:
         kwargs.pop(key, None)
@@ -325,26 +361,11 @@ def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_i
     past = cache.get_seq_length()
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, past)
     tables = {None: self.rotary_emb(h, rope_pos)}  # per position shift (PDrop official), else one
-    new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
-    masks = {}
+    masks = _decode_masks(self, info, cache, h, attention_mask)
     for l, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-        km, n_l = info.key_masks[l], info.lengths[l]
-        key = (id(km), n_l)
-        if key not in masks:
-            if km is None and new_cols is None:
-                m2 = None
-            else:
-                t = cache.layers[l].get_seq_length() - n_l + q  # new-token columns (earlier ones and this call's)
-                new = new_cols if new_cols is not None else torch.ones(B, t, dtype=torch.bool, device=h.device)
-                if new.shape[1] != t:
-                    raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
-                                     f"{info.prompt_len} and {t} new tokens), got {info.prompt_len + new.shape[1]}")
-                old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
-                m2 = torch.cat([old, new], 1)
-            masks[key] = _causal_mask(self, h, m2, cache, None, layer_idx=l)
         shift = None if info.shifts is None else info.shifts[l]
         if id(shift) not in tables and shift is not None:
             tables[id(shift)] = self.rotary_emb(h, rope_pos - shift[:, None])
-        h = layer(h, attention_mask=masks[key], position_embeddings=tables[None if shift is None else id(shift)],
+        h = layer(h, attention_mask=masks[l], position_embeddings=tables[None if shift is None else id(shift)],
                   position_ids=layer_pos, use_cache=True, **{cache_parameter(layer): cache}, **kwargs)
     return _output(self.norm(h), cache)
