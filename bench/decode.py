@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -42,7 +43,7 @@ from bench import prefill
 from bench.host import count_ops
 from bench.timer import measure
 from swiftvlm_kernels import hf
-from swiftvlm_kernels.hf.compat import output_cache
+from swiftvlm_kernels.hf.compat import cache_parameter, output_cache
 from swiftvlm_kernels.models.generate import decode_step
 
 PATHS = ("minimal", "hf.apply")
@@ -106,8 +107,8 @@ class HFState:
     @torch.no_grad()
     def step(self):
         hf.apply(self.model, self.pruning)
-        logits = self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits
+        logits = self.model(input_ids=self.token, attention_mask=self.mask, use_cache=True, logits_to_keep=1,
+                            **{cache_parameter(self.model): self.cache}).logits
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
         return logits
@@ -158,7 +159,7 @@ def step_flops(text, rows: list) -> int:
 
 
 def run(model_name="tinyllama-1.1b", new_tokens=(64, 256), budgets=(192, 128), rounds=5, dtype=torch.bfloat16,
-        paths=PATHS, method_names=None, progress=print, on_row=None):
+        paths=PATHS, method_names=None, progress=print, on_row=None, clock=time.perf_counter):
     model = prefill.build(model_name, dtype, "cpu")
     x = prefill.inputs(model, 1, "cpu", dtype)
     x = dict(input_ids=x["input_ids"], pixel_values=x["pixel_values"], attention_mask=x["attention_mask"])
@@ -178,7 +179,7 @@ def run(model_name="tinyllama-1.1b", new_tokens=(64, 256), budgets=(192, 128), r
             fns["attention", key] = attention_of(state)
         progress(f"timing {len(fns)} variants x {rounds} interleaved rounds ({G} new tokens)")
         with torch.no_grad():
-            times = measure(fns, "cpu", rounds=rounds, sample_s=0.0)
+            times = measure(fns, "cpu", rounds=rounds, sample_s=0.0, clock=clock)
             ops = {key: count_ops(state.step) for key, state in states.items()}
         for path in paths:
             base_key = (path, "vanilla", None)
@@ -247,10 +248,10 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"environment": env, "model": args.model, "dtype": args.dtype, "n_text": prefill.N_TEXT,
-                           "rows": rows}, f, indent=1)
+                           "clock": args.clock, "rows": rows}, f, indent=1)
 
     rows = run(args.model, args.new, args.budgets, args.rounds, getattr(torch, args.dtype), args.paths,
-               args.methods, on_row=save)
+               args.methods, on_row=save, clock=prefill.CLOCKS[args.clock])
     save(rows)
     print(markdown(rows))
     return 0

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
 
 from bench import prefill
-from bench.host import OpCounter, count_ops
+from bench.host import OpCounter, count_ops, stage_ops
 from bench.timer import environment, measure
 from swiftvlm_kernels import hf
 from swiftvlm_kernels.hf import _decoder
@@ -94,13 +95,15 @@ def llava_inputs(model, batch, device, dtype):
 
 
 def build(family, model_name, dtype, device):
-    """(transformers model, inputs maker(batch), visual tokens per sample)."""
+    """(transformers model, inputs maker(batch), visual tokens per sample, the minimal forward on the same
+    weights or None)."""
     if family == "llava":
         minimal = prefill.build(model_name, dtype, device)
         model = prefill.hf_llava(minimal, dtype, device)
-        return model, (lambda batch: llava_inputs(minimal, batch, device, dtype)), minimal.num_visual_tokens
+        return model, (lambda batch: llava_inputs(minimal, batch, device, dtype)), minimal.num_visual_tokens, minimal
     model = qwen2_vl(model_name, dtype, device)
-    return model, (lambda batch: qwen_inputs(model_name, batch, device, dtype)), (12 if model_name == "smoke" else 48) ** 2 // 4
+    n_vis = (12 if model_name == "smoke" else 48) ** 2 // 4
+    return model, (lambda batch: qwen_inputs(model_name, batch, device, dtype)), n_vis, None
 
 
 class Applied:
@@ -161,10 +164,14 @@ def stage_counts(applied: Applied, inputs, methods) -> dict:
 
 
 def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5,
-        dtype=torch.bfloat16, device=None, progress=print, on_row=None, method_names=None):
+        dtype=torch.bfloat16, device=None, progress=print, on_row=None, method_names=None, minimal=True,
+        clock=time.perf_counter):
+    """Rows of path "hf.apply" (and, for LLaVA with minimal=True, of path "minimal": the minimal forward
+    on the same weights and inputs, timed in the same rounds)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress(f"building {family} ({model_name}, {dtype}, {device.type})")
-    model, make_inputs, n_vis = build(family, model_name, dtype, device)
+    model, make_inputs, n_vis, ours = build(family, model_name, dtype, device)
+    ours = ours if minimal else None
     applied = Applied(model, n_vis)
     cfg = text_config(model_name)
     shape = type("Shape", (), dict(num_layers=applied.num_layers, num_visual_tokens=n_vis))
@@ -172,37 +179,50 @@ def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192,
     for batch in batches:
         x = make_inputs(batch)
         todo = prefill.methods(shape, budgets, method_names or prefill.default_methods(device.type))
-        fns = {f"{name}/{T}": (lambda p=p: applied(**x, pruning=p)) for name, T, p in todo}
+        fns = {("hf.apply", name, T): (lambda p=p: applied(**x, pruning=p)) for name, T, p in todo}
+        methods = [(f"{n}/{T}", p) for n, T, p in todo if p is not None]
+        counts = {("hf.apply", k): v for k, v in stage_counts(applied, x, methods).items()}
+        if ours is not None:
+            fns.update({("minimal", name, T): (lambda p=p: ours(**x, pruning=p)) for name, T, p in todo})
+            for r in stage_ops(ours, x, methods):
+                counts["minimal", r["method"]] = dict(stages=r["stages"], extra_launches=r["extra_launches"],
+                                                      ops_per_stage=r["ops_per_stage"],
+                                                      host_syncs=r["syncs_beyond_vanilla"], check_syncs=None)
         progress(f"timing {len(fns)} variants x {rounds} interleaved rounds (B={batch}, {device.type})")
-        times = measure(fns, device, rounds=rounds, sample_s=0.0)
-        counts = stage_counts(applied, x, [(f"{n}/{T}", p) for n, T, p in todo if p is not None])
-        base = times["vanilla/None"]
+        with torch.no_grad():
+            times = measure(fns, device, rounds=rounds, sample_s=0.0, clock=clock)
         vanilla_flops = prefill_flops(cfg, prefill.N_TEXT, n_vis).total
-        for name, T, pruning in todo:
-            t = times[f"{name}/{T}"]
-            plan = applied.plan_for(pruning)
-            flops = prefill_flops(cfg, prefill.N_TEXT, n_vis, plan).total
-            predicted = vanilla_flops / flops
-            row = dict(family=family, method=name, budget=T, batch=batch, min_ms=t.min * 1e3, median_ms=t.median * 1e3,
-                       rounds=t.samples, speedup=base.median / t.median, flops=flops * batch,
-                       predicted_speedup=predicted, achieved_over_predicted=base.median / t.median / predicted)
-            if pruning is not None:
-                row.update(counts[f"{name}/{T}"], avg_visual_tokens=plan.average_visual_tokens())
-            rows.append(row)
-            progress(prefill.format_row(row))
-            if on_row is not None:
-                on_row(rows)
+        for path in ("hf.apply", "minimal") if ours is not None else ("hf.apply",):
+            base = times[path, "vanilla", None]
+            for name, T, pruning in todo:
+                t = times[path, name, T]
+                plan = applied.plan_for(pruning)
+                flops = prefill_flops(cfg, prefill.N_TEXT, n_vis, plan).total
+                predicted = vanilla_flops / flops
+                row = dict(family=family, path=path, method=name, budget=T, batch=batch, min_ms=t.min * 1e3,
+                           median_ms=t.median * 1e3, rounds=t.samples, speedup=base.median / t.median,
+                           speedup_of_min=base.min / t.min, flops=flops * batch, predicted_speedup=predicted,
+                           achieved_over_predicted=base.median / t.median / predicted)
+                if pruning is not None:
+                    row.update(counts[path, f"{name}/{T}"], avg_visual_tokens=plan.average_visual_tokens())
+                rows.append(row)
+                progress(f"{path}: {prefill.format_row(row)}")
+                if on_row is not None:
+                    on_row(rows)
     hf.apply(model, None)
     return rows
 
 
 def markdown(rows):
-    out = ("| model | B | method | budget | median ms | min ms | speedup | FLOPs-predicted | achieved / predicted "
-           "| ops / stage | host syncs in loop | input-check syncs |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    out = ("| model | path | B | method | budget | median ms | min ms | speedup | FLOPs-predicted | achieved / predicted "
+           "| speedup of the mins | ops / stage | host syncs beyond vanilla | input-check syncs |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-        extra = (f"{r['ops_per_stage']:.1f} | {r['host_syncs']} | {r['check_syncs']}"
+        checks = "-" if r.get("check_syncs") is None else r["check_syncs"]  # the minimal forward's run in vanilla too
+        extra = (f"{r['ops_per_stage']:.1f} | {r['host_syncs']} | {checks}"
                  if "ops_per_stage" in r else "- | - | -")
-        out += f"| {r['family']} | {r['batch']} | {prefill.timing_cells(r)} | {extra} |\n"
+        out += (f"| {r['family']} | {r['path']} | {r['batch']} | {prefill.timing_cells(r)} | {r['speedup_of_min']:.2f}x "
+                f"| {extra} |\n")
     return out
 
 
@@ -216,11 +236,12 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"environment": env, "model": args.model, "dtype": args.dtype, "n_text": prefill.N_TEXT,
+                           "clock": args.clock,
                            "rows": rows + done}, f, indent=1)
 
     for family in args.family:
         rows += run(family, args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype),
-                    on_row=save, method_names=args.methods)
+                    on_row=save, method_names=args.methods, clock=prefill.CLOCKS[args.clock])
         save([])
     print(markdown(rows))
     return 0

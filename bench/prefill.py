@@ -92,6 +92,7 @@ def pdrop_layers(num_layers, budget, n_vis):
 
 
 METHODS = ("fastv", "pdrop", "swiftvlm", "alvts")
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def default_methods(device_type: str) -> tuple[str, ...]:
@@ -176,7 +177,7 @@ def hf_llava(model, dtype, device):
 
 
 def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5, dtype=torch.bfloat16,
-        device=None, hf=False, progress=print, on_row=None, method_names=None):
+        device=None, hf=False, progress=print, on_row=None, method_names=None, clock=time.perf_counter):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(model_name, dtype, device)
     n_vis = model.num_visual_tokens
@@ -196,7 +197,7 @@ def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5,
                 fns["hf/last-logit"] = lambda: other(**args, logits_to_keep=1)
         progress(f"timing {len(fns)} variants x {rounds} interleaved rounds (B={batch}, {device.type})")
         with torch.no_grad():
-            times = measure(fns, device, rounds=rounds, sample_s=0.0)
+            times = measure(fns, device, rounds=rounds, sample_s=0.0, clock=clock)
         counts = {r["method"]: r for r in stage_ops(model, x, [(f"{n}/{T}", p) for n, T, p in todo if p])}
         base = times["vanilla/None"]
         vanilla_flops = prefill_flops(model.text_config, N_TEXT, n_vis).total
@@ -270,8 +271,13 @@ def parse_common(ap, argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="pruning methods to time (default: all on a CPU; all but alvts on a GPU)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="CPU: what a sample reads (thread: the calling thread's CPU time, which leaves out the time a "
+                         "shared machine runs other work; with --threads 1 every op runs on that thread)")
     ap.add_argument("--json", help="write the rows and the environment here")
     args = ap.parse_args(argv)
+    if args.clock == "thread" and (on_gpu or args.threads != 1):
+        ap.error("--clock thread: a CPU run on one thread only")
     if not on_gpu:
         torch.set_num_threads(args.threads)
     return args, environment("cuda" if on_gpu else "cpu")
@@ -286,10 +292,10 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"environment": env, "model": args.model, "dtype": args.dtype, "n_text": N_TEXT,
-                           "rows": rows}, f, indent=1)
+                           "clock": args.clock, "rows": rows}, f, indent=1)
 
     rows = run(args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype), hf=args.hf,
-               on_row=save, method_names=args.methods)
+               on_row=save, method_names=args.methods, clock=CLOCKS[args.clock])
     save(rows)
     print(markdown(rows))
     return 0
