@@ -50,23 +50,25 @@ PATHS = ("minimal", "hf.apply")
 
 
 class MinimalState:
-    """The minimal forward's caches after a prefill with `pruning` and G generated tokens' rows."""
+    """The minimal forward's caches after a prefill with `pruning`, then generated tokens' rows (`extend`)."""
 
     @torch.no_grad()
-    def __init__(self, model, x, pruning, new_tokens):
+    def __init__(self, model, x, pruning):
         inputs = model.check_inputs(x["input_ids"], x["pixel_values"], None, pruning is not None)
         plan = model.plan_for(pruning, inputs.counts)
         seq, self.caches = model.prefill(inputs.input_ids, inputs.pixel_values, None, plan, caching=True,
                                          selector=model.selector_for(pruning, plan))
-        self.model = model
-        B = inputs.input_ids.shape[0]
-        gen = torch.Generator().manual_seed(1)
-        for cache in self.caches:
-            shape = (B, 1, *cache.k.shape[2:])
-            for _ in range(new_tokens):
-                cache.append(*(torch.randn(shape, generator=gen).to(cache.k) for _ in range(2)))
+        self.model, self.gen = model, torch.Generator().manual_seed(1)
         self.token = model.lm_head(seq.h[:, -1]).argmax(-1)
-        self.position = torch.full((B,), inputs.input_ids.shape[1] + new_tokens, dtype=torch.long)
+        self.position = torch.full_like(self.token, inputs.input_ids.shape[1])
+
+    def extend(self, new_tokens: int) -> None:
+        """Append the rows of new_tokens generated tokens (random keys and values) to every layer."""
+        for cache in self.caches:
+            shape = (cache.k.shape[0], 1, *cache.k.shape[2:])
+            for _ in range(new_tokens):
+                cache.append(*(torch.randn(shape, generator=self.gen).to(cache.k) for _ in range(2)))
+        self.position += new_tokens
 
     @torch.no_grad()
     def step(self):
@@ -86,23 +88,24 @@ class MinimalState:
 
 
 class HFState:
-    """The transformers model's DynamicCache after a prefill through `hf.apply(model, pruning)` and G
-    generated tokens' rows."""
+    """The transformers model's DynamicCache after a prefill through `hf.apply(model, pruning)`, then
+    generated tokens' rows (`extend`)."""
 
-    def __init__(self, model, x, pruning, new_tokens):
-        self.model, self.pruning = model, pruning
+    @torch.no_grad()
+    def __init__(self, model, x, pruning):
+        self.model, self.pruning, self.gen = model, pruning, torch.Generator().manual_seed(1)
         hf.apply(model, pruning)
-        with torch.no_grad():
-            out = model(**x, use_cache=True, logits_to_keep=1)
+        out = model(**x, use_cache=True, logits_to_keep=1)
         self.cache = output_cache(out)
-        gen = torch.Generator().manual_seed(1)
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.mask = torch.ones_like(x["input_ids"][:, :1].expand(-1, x["input_ids"].shape[1] + 1))
+
+    def extend(self, new_tokens: int) -> None:
         for layer in self.cache.layers:
             B, H, _, D = layer.keys.shape
-            layer.keys, layer.values = (torch.cat([t, torch.randn(B, H, new_tokens, D, generator=gen).to(t)], 2)
+            layer.keys, layer.values = (torch.cat([t, torch.randn(B, H, new_tokens, D, generator=self.gen).to(t)], 2)
                                         for t in (layer.keys, layer.values))
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
-        B, L = x["input_ids"].shape
-        self.mask = torch.ones(B, L + new_tokens + 1, dtype=torch.long)
+        self.mask = torch.ones_like(self.mask[:, :1].expand(-1, self.mask.shape[1] + new_tokens))
 
     @torch.no_grad()
     def step(self):
@@ -165,14 +168,17 @@ def run(model_name="tinyllama-1.1b", new_tokens=(64, 256), budgets=(192, 128), r
     x = dict(input_ids=x["input_ids"], pixel_values=x["pixel_values"], attention_mask=x["attention_mask"])
     other = prefill.hf_llava(model, dtype, "cpu") if "hf.apply" in paths else None
     todo = prefill.methods(model, budgets, method_names or prefill.METHODS)
+    states = {}
+    for path in paths:
+        for name, T, p in todo:
+            progress(f"{path} {name}/{T}: prefill")
+            states[(path, name, T)] = MinimalState(model, x, p) if path == "minimal" else HFState(other, x, p)
     rows: list = []
-    for G in new_tokens:
-        states = {}
-        for path in paths:
-            for name, T, p in todo:
-                progress(f"{path} {name}/{T}: prefill, {G} new tokens' rows")
-                states[(path, name, T)] = (MinimalState(model, x, p, G) if path == "minimal"
-                                           else HFState(other, x, p, G))
+    done = 0
+    for G in sorted(new_tokens):
+        for state in states.values():
+            state.extend(G - done)
+        done = G
         fns = {}
         for key, state in states.items():
             fns["step", key] = state.step

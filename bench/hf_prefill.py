@@ -163,6 +163,23 @@ def stage_counts(applied: Applied, inputs, methods) -> dict:
     return out
 
 
+def layer_times(model, family, lengths, device, dtype, rounds, clock) -> dict:
+    """Seconds of one decoder layer of `model` (its first, no cache, causal) on n rows, per n of `lengths`
+    (interleaved rounds): what a prefill whose layers run on n_1, n_2, ... rows costs in its layers
+    alone, at this machine's own throughput for each row count."""
+    text = model.model.language_model
+    layer = text.layers[0]
+    fns = {}
+    for n in sorted(set(lengths)):
+        h = torch.randn(1, n, text.config.hidden_size, device=device, dtype=dtype, generator=None) * 0.02
+        rope_pos, _ = _decoder._positions(text, "qwen" if family.startswith("qwen") else family, h, None, 0)
+        tables = text.rotary_emb(h, rope_pos)
+        fns[n] = (lambda h=h, tables=tables: layer(h, attention_mask=None, position_embeddings=tables,
+                                                    position_ids=None, use_cache=False))
+    with torch.no_grad():
+        return {n: t.median for n, t in measure(fns, device, rounds=rounds, sample_s=0.0, clock=clock).items()}
+
+
 def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5,
         dtype=torch.bfloat16, device=None, progress=print, on_row=None, method_names=None, minimal=True,
         clock=time.perf_counter):
@@ -192,6 +209,11 @@ def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192,
         with torch.no_grad():
             times = measure(fns, device, rounds=rounds, sample_s=0.0, clock=clock)
         vanilla_flops = prefill_flops(cfg, prefill.N_TEXT, n_vis).total
+        per_layer = {(name, T): [prefill.N_TEXT + v for v in applied.plan_for(p).visual_tokens_per_layer()]
+                     if p is not None else [prefill.N_TEXT + n_vis] * applied.num_layers for name, T, p in todo}
+        progress("timing one decoder layer at each row count the plans run on")
+        t_layer = layer_times(model, family, [n for ns in per_layer.values() for n in ns], device, dtype, rounds, clock)
+        layers_s = {k: batch * sum(t_layer[n] for n in ns) for k, ns in per_layer.items()}
         for path in ("hf.apply", "minimal") if ours is not None else ("hf.apply",):
             base = times[path, "vanilla", None]
             for name, T, pruning in todo:
@@ -202,7 +224,9 @@ def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192,
                 row = dict(family=family, path=path, method=name, budget=T, batch=batch, min_ms=t.min * 1e3,
                            median_ms=t.median * 1e3, rounds=t.samples, speedup=base.median / t.median,
                            speedup_of_min=base.min / t.min, flops=flops * batch, predicted_speedup=predicted,
-                           achieved_over_predicted=base.median / t.median / predicted)
+                           achieved_over_predicted=base.median / t.median / predicted,
+                           layer_predicted_speedup=layers_s["vanilla", None] / layers_s[name, T])
+                row["achieved_over_layer_predicted"] = row["speedup"] / row["layer_predicted_speedup"]
                 if pruning is not None:
                     row.update(counts[path, f"{name}/{T}"], avg_visual_tokens=plan.average_visual_tokens())
                 rows.append(row)
@@ -215,14 +239,15 @@ def run(family="llava", model_name="tinyllama-1.1b", batches=(1,), budgets=(192,
 
 def markdown(rows):
     out = ("| model | path | B | method | budget | median ms | min ms | speedup | FLOPs-predicted | achieved / predicted "
-           "| speedup of the mins | ops / stage | host syncs beyond vanilla | input-check syncs |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+           "| speedup of the mins | layer-time-predicted | achieved / layer-time-predicted | ops / stage "
+           "| host syncs beyond vanilla | input-check syncs |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         checks = "-" if r.get("check_syncs") is None else r["check_syncs"]  # the minimal forward's run in vanilla too
         extra = (f"{r['ops_per_stage']:.1f} | {r['host_syncs']} | {checks}"
                  if "ops_per_stage" in r else "- | - | -")
         out += (f"| {r['family']} | {r['path']} | {r['batch']} | {prefill.timing_cells(r)} | {r['speedup_of_min']:.2f}x "
-                f"| {extra} |\n")
+                f"| {r['layer_predicted_speedup']:.2f}x | {r['achieved_over_layer_predicted']:.3f} | {extra} |\n")
     return out
 
 

@@ -151,15 +151,16 @@ def test_decode_harness_smoke():
     a pruned cache issues no op and no host sync beyond the unpruned decoding."""
     from bench import decode
 
-    G = 3
-    rows = decode.run("smoke", new_tokens=(G,), budgets=[12], rounds=1, dtype=torch.float32, progress=lambda *a: None)
+    rows = decode.run("smoke", new_tokens=(3, 5), budgets=[12], rounds=1, dtype=torch.float32,
+                      progress=lambda *a: None)
     model = prefill.build("smoke", torch.float32, "cpu")
     plans = {(name, T): model.plan_for(p) for name, T, p in prefill.methods(model, [12])}
-    assert [(r["path"], r["method"]) for r in rows] == [(path, m) for path in decode.PATHS for m, _ in plans]
+    assert [(r["new_tokens"], r["path"], r["method"]) for r in rows] == \
+        [(G, path, m) for G in (3, 5) for path in decode.PATHS for m, _ in plans]
     L = prefill.N_TEXT + model.num_visual_tokens
     row_bytes = 2 * model.text_config.num_key_value_heads * model.head_dim * 4  # keys and values, fp32
     for r in rows:
-        plan = plans[(r["method"], r["budget"])]
+        plan, G = plans[(r["method"], r["budget"])], r["new_tokens"]
         want = [L + G] * model.num_layers if plan is None else \
             [prefill.N_TEXT + v + G for v in plan.visual_tokens_per_layer()]
         assert r["layer_rows"] == want, r
