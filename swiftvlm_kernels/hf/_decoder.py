@@ -14,7 +14,8 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    (`_corner`: rows stay in position order, so index-causal is position-causal, and left padding
    is never pruned; no mask is built, nothing is read on the host); a ragged batch's, whose block
    padding rows move, is rebuilt with HF's `create_causal_mask` from its 2-D key mask. The input
-   sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables
+   (cos and sin stacked, [B, n, 2, D]: one gather per move) move with the tokens.
    PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
    then renumbers the positions (each row's original position minus the tokens dropped before it;
    the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
@@ -79,8 +80,15 @@ class _KeyTap:
 
 def _stage_inputs(layer, seq: Sequence) -> StageInputs:
     """Layer's last query [B, H, D] and keys of every row [B, Hkv, n, D] on seq (HF's rotary tables)."""
-    _, k, q_last = loop.stage_inputs(layer, seq.h, seq.carry["cos"], seq.carry["sin"])
+    _, k, q_last = loop.stage_inputs(layer, seq.h, *_tables(seq))
     return StageInputs(q_last, k.transpose(1, 2))
+
+
+def _tables(seq: Sequence) -> tuple[Tensor, Tensor]:
+    """The rows' RoPE tables cos, sin [B, n, D]: views of the one carried tensor [B, n, 2, D], so that
+    a stage moves them with one gather."""
+    cos, sin = seq.carry["rope"].unbind(2)
+    return cos, sin
 
 
 def _real_rows(seq: Sequence) -> Tensor:
@@ -231,13 +239,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     record = prof is not None and prof.scores_out is not None
     B, L = ids.shape
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
-    cos, sin = self.rotary_emb(h, rope_pos)
-    cos, sin = cos.expand(B, L, -1), sin.expand(B, L, -1)
+    rope = torch.stack([t.expand(B, L, -1) for t in self.rotary_emb(h, rope_pos)], 2)  # [B, L, 2, D]: cos, sin
     # no padding: no key mask (the stages and decoding then need none)
     key_mask = None if attention_mask is None or not padded else attention_mask.to(device=h.device, dtype=torch.bool)
     index = torch.arange(L, device=h.device).expand(B, L)
     if ragged is None:
-        seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"cos": cos, "sin": sin, "index": index},
+        seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"rope": rope, "index": index},
                              left_padded=True)
         mask = _causal_mask(self, h, attention_mask, cache, layer_pos)  # HF's own mask for the full sequence
     else:  # the padded ragged layout: block padding rows are zero and invalid keys
@@ -252,9 +259,9 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             return take(p.expand(B, L)[..., None])[..., 0]
 
         flat_index = torch.where(ok, src % L, -1)
-        h, cos, sin = take(h), take(cos), take(sin)
+        h, rope = take(h), take(rope)
         key_mask = ok if key_mask is None else ok & key_mask.reshape(-1)[rows].view(B, W)
-        seq = Sequence.begin(h, vis_start, ragged.width, key_mask, {"cos": cos, "sin": sin, "index": flat_index},
+        seq = Sequence.begin(h, vis_start, ragged.width, key_mask, {"rope": rope, "index": flat_index},
                              vis_counts=ragged.counts)
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
@@ -274,14 +281,14 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             real = _real_rows(seq)
             dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
             pos = seq.carry["pos0"] - dropped
-            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
+            seq.carry["rope"] = torch.stack(self.rotary_emb(seq.h, pos), 2)
             shift = dropped[:, -1]
         mask = _corner(full_mask, seq) if ragged is None else \
             full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
 
     def run_layer(seq, step: Step):
         layer = layers[step.layer - 1]
-        cos, sin = seq.carry["cos"], seq.carry["sin"]
+        cos, sin = _tables(seq)
         tapped = (step.after is not None and not official) or record
         q_last = loop.last_query(layer, layer.input_layernorm(seq.h[:, -1:]), cos, sin) if tapped else None
         tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
