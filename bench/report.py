@@ -67,7 +67,7 @@ def goals(ops_rows, prefill_rows):
         if r["method"] != "vanilla" and "prune_share" in r:
             add(f"pruning steps' share, {r['method']} budget {r['budget']} B={r['batch']}", "<= 2%",
                 f"{100 * r['prune_share']:.2f}%", r["prune_share"] <= 0.02)
-    return GOALS + "\n".join(lines) + "\n"
+    return GOALS + "\n".join(lines) + ("\n" if lines else "")
 
 
 def e2e_goals(hf_rows, decode_rows):
@@ -187,15 +187,15 @@ def plots(ops_rows, out_dir):
 def main(run_dir):
     from bench.ops import markdown
 
-    with open(os.path.join(run_dir, "ops.json")) as f:
-        all_rows = json.load(f)
+    all_rows = _load(run_dir, "ops.json") or []  # a folder of end-to-end runs alone has none
     ops_rows = [r for r in all_rows if "error" not in r]
     prefill_rows = []
     if os.path.exists(os.path.join(run_dir, "prefill.json")):
         with open(os.path.join(run_dir, "prefill.json")) as f:
             prefill_rows = json.load(f)["rows"]
     hf_meta, decode_meta = _load(run_dir, "hf_prefill.json"), _load(run_dir, "decode.json")
-    env = ops_rows[0] if ops_rows else {}
+    meta = hf_meta or decode_meta or {}
+    env = ops_rows[0] if ops_rows else dict(meta.get("environment", {}), copy_gbps=0, dtype=meta.get("dtype"))
     text = [f"# Benchmark report\n\n{env.get('device_name')} ({env.get('device')}, {env.get('threads')} threads) — "
             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}, date {env.get('date')}, "
             f"dtype {env.get('dtype')}; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n",
@@ -224,7 +224,8 @@ def main(run_dir):
                  "|---|---|---|---|---|\n" + "".join(
                      f"| {r['op']} | {r['layer_us']:.1f} | {r['op_us']:.1f} | {r['direct_us']:.1f} | {r['extra_us']:.1f} |\n"
                      for r in host["op_overhead"])]
-    text += ["## Kernels\n", markdown(all_rows)]
+    if all_rows:
+        text += ["## Kernels\n", markdown(all_rows)]
     if any(r["provider"] in ("triton", "cuda") for r in ops_rows):
         text += ["## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
     for p in plots(ops_rows, run_dir):
