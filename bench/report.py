@@ -198,7 +198,8 @@ def main(run_dir):
     env = ops_rows[0] if ops_rows else dict(meta.get("environment", {}), copy_gbps=0, dtype=meta.get("dtype"))
     text = [f"# Benchmark report\n\n{env.get('device_name')} ({env.get('device')}, {env.get('threads')} threads) — "
             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}, date {env.get('date')}, "
-            f"dtype {env.get('dtype')}; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n",
+            f"dtype {env.get('dtype')}" + (f"; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n"
+                                           if ops_rows else ".\n"),
             "## Goals\n", goals(ops_rows, prefill_rows) + e2e_goals(hf_meta["rows"] if hf_meta else [],
                                                                    decode_meta["rows"] if decode_meta else [])]
     if prefill_rows:
