@@ -20,7 +20,8 @@ Per row:
                     MLP and LM head fixed, attention 4 H D n_l per layer over its n_l cached rows) at
                     vanilla over at this method
   attn_ms           the step's attention alone: the scaled_dot_product_attention calls the step makes
-                    (recorded from one step, then replayed with the same arguments), summed over layers
+                    (recorded from one step, then replayed with the same arguments), summed over layers;
+                    interleaved rounds of their own, each sample about 20 ms of replays
   attention share   attn_ms / step_ms
   attention ratio   this method's attn_ms / vanilla's, against the cached rows' ratio (sum over layers
                     of n_l): attention should fall in proportion to the rows it reads
@@ -179,13 +180,14 @@ def run(model_name="tinyllama-1.1b", new_tokens=(64, 256), budgets=(192, 128), r
         for state in states.values():
             state.extend(G - done)
         done = G
-        fns = {}
-        for key, state in states.items():
-            fns["step", key] = state.step
-            fns["attention", key] = attention_of(state)
-        progress(f"timing {len(fns)} variants x {rounds} interleaved rounds ({G} new tokens)")
+        progress(f"timing {2 * len(states)} variants x {rounds} interleaved rounds ({G} new tokens)")
         with torch.no_grad():
-            times = measure(fns, "cpu", rounds=rounds, sample_s=0.0, clock=clock)
+            times = {("step", key): t for key, t in measure({key: state.step for key, state in states.items()}, "cpu",
+                                                            rounds=rounds, sample_s=0.0, clock=clock).items()}
+            # a step's attention lasts milliseconds: samples of several calls
+            replays = {key: attention_of(state) for key, state in states.items()}
+            times.update((("attention", key), t) for key, t in measure(replays, "cpu", rounds=rounds, sample_s=0.02,
+                                                                       clock=clock).items())
             ops = {key: count_ops(state.step) for key, state in states.items()}
         for path in paths:
             base_key = (path, "vanilla", None)
