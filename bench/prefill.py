@@ -92,6 +92,7 @@ def pdrop_layers(num_layers, budget, n_vis):
 
 
 METHODS = ("fastv", "pdrop", "swiftvlm", "alvts")
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def default_methods(device_type: str) -> tuple[str, ...]:
@@ -176,7 +177,7 @@ def hf_llava(model, dtype, device):
 
 
 def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5, dtype=torch.bfloat16,
-        device=None, hf=False, progress=print, on_row=None, method_names=None):
+        device=None, hf=False, progress=print, on_row=None, method_names=None, clock=time.perf_counter):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(model_name, dtype, device)
     n_vis = model.num_visual_tokens
@@ -196,7 +197,7 @@ def run(model_name="tinyllama-1.1b", batches=(1,), budgets=(192, 128), rounds=5,
                 fns["hf/last-logit"] = lambda: other(**args, logits_to_keep=1)
         progress(f"timing {len(fns)} variants x {rounds} interleaved rounds (B={batch}, {device.type})")
         with torch.no_grad():
-            times = measure(fns, device, rounds=rounds, sample_s=0.0)
+            times = measure(fns, device, rounds=rounds, sample_s=0.0, clock=clock)
         counts = {r["method"]: r for r in stage_ops(model, x, [(f"{n}/{T}", p) for n, T, p in todo if p])}
         base = times["vanilla/None"]
         vanilla_flops = prefill_flops(model.text_config, N_TEXT, n_vis).total
@@ -233,7 +234,9 @@ def format_row(r):
             f"achieved/predicted {r['achieved_over_predicted']:.3f}")
     if "prune_share" in r:
         text += f", pruning {100 * r['prune_share']:.2f}%, {r['ops_per_stage']:.1f} ops/stage"
-    return text
+    elif "check_syncs" in r:  # bench.hf_prefill's rows
+        text += f", {r['ops_per_stage']:.1f} ops/stage, host syncs {r['host_syncs']} (input checks {r['check_syncs']})"
+    return text if "family" not in r else f"{r['family']} {text}"
 
 
 def markdown(rows):
@@ -246,14 +249,19 @@ def markdown(rows):
             continue
         share = f"{100 * r['prune_share']:.2f}%" if "prune_share" in r else "-"
         ops = f"{r['ops_per_stage']:.1f}" if "ops_per_stage" in r else "-"
-        out += (f"| {r['batch']} | {r['method']} | {r['budget'] or '-'} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | "
-                f"{r['speedup']:.2f}x | {r['predicted_speedup']:.2f}x | {r['achieved_over_predicted']:.3f} | "
-                f"{share} | {ops} |\n")
+        out += f"| {r['batch']} | {timing_cells(r)} | {share} | {ops} |\n"
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n")[0])
+def timing_cells(r) -> str:
+    """A row's method, budget, median, min, speedup, FLOPs-predicted and achieved / predicted cells."""
+    return (f"{r['method']} | {r['budget'] or '-'} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['predicted_speedup']:.2f}x | {r['achieved_over_predicted']:.3f}")
+
+
+def parse_common(ap, argv=None):
+    """The options every end-to-end benchmark here shares (model, batch, budgets, rounds, threads,
+    dtype, methods, json) parsed; the CPU thread count set. Returns (args, environment())."""
     on_gpu = torch.cuda.is_available()
     ap.add_argument("--model", choices=sorted(MODELS), default="llava-1.5-7b" if on_gpu else "tinyllama-1.1b")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8] if on_gpu else [1])
@@ -261,23 +269,33 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (CPU)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--hf", action="store_true", help="also time transformers' LlavaForConditionalGeneration")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="pruning methods to time (default: all on a CPU; all but alvts on a GPU)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="CPU: what a sample reads (thread: the calling thread's CPU time, which leaves out the time a "
+                         "shared machine runs other work; with --threads 1 every op runs on that thread)")
     ap.add_argument("--json", help="write the rows and the environment here")
     args = ap.parse_args(argv)
+    if args.clock == "thread" and (on_gpu or args.threads != 1):
+        ap.error("--clock thread: a CPU run on one thread only")
     if not on_gpu:
         torch.set_num_threads(args.threads)
-    env = environment("cuda" if on_gpu else "cpu")
+    return args, environment("cuda" if on_gpu else "cpu")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n")[0])
+    ap.add_argument("--hf", action="store_true", help="also time transformers' LlavaForConditionalGeneration")
+    args, env = parse_common(ap, argv)
 
     def save(rows):  # rewritten after every row: a late failure loses nothing
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"environment": env, "model": args.model, "dtype": args.dtype, "n_text": N_TEXT,
-                           "rows": rows}, f, indent=1)
+                           "clock": args.clock, "rows": rows}, f, indent=1)
 
     rows = run(args.model, args.batch, args.budgets, args.rounds, getattr(torch, args.dtype), hf=args.hf,
-               on_row=save, method_names=args.methods)
+               on_row=save, method_names=args.methods, clock=CLOCKS[args.clock])
     save(rows)
     print(markdown(rows))
     return 0

@@ -1,6 +1,7 @@
 """Turn benchmark JSON rows into the markdown report, the goal check and PNG plots.
 
-python -m bench.report bench/results/<run>   (reads ops.json and, if present, prefill.json there)
+python -m bench.report bench/results/<run>   (reads ops.json and, if present, prefill.json, hf_prefill.json,
+                                              decode.json and host.json there)
 """
 import json
 import os
@@ -66,7 +67,71 @@ def goals(ops_rows, prefill_rows):
         if r["method"] != "vanilla" and "prune_share" in r:
             add(f"pruning steps' share, {r['method']} budget {r['budget']} B={r['batch']}", "<= 2%",
                 f"{100 * r['prune_share']:.2f}%", r["prune_share"] <= 0.02)
-    return GOALS + "\n".join(lines) + "\n"
+    return GOALS + "\n".join(lines) + ("\n" if lines else "")
+
+
+def e2e_goals(hf_rows, decode_rows):
+    """Goal lines of bench.hf_prefill (achieved / predicted >= 0.95, no host sync in the layer loop) and
+    bench.decode (attention in proportion to the cached rows, cache bytes down by exactly the rows
+    dropped, nothing beyond unpruned decoding per step)."""
+    lines = []
+
+    def add(goal, target, measured, met):
+        lines.append(f"| {goal} | {target} | {measured} | {'yes' if met else 'NO'} |")
+
+    for r in hf_rows:
+        if r["method"] == "vanilla":
+            continue
+        where = f"{r['method']} {r['budget']}, {r['family']} {r['path']} B={r['batch']}"
+        add(f"prefill achieved / FLOPs-predicted, {where}", ">= 0.95", f"{r['achieved_over_predicted']:.3f}",
+            r["achieved_over_predicted"] >= 0.95)
+        add(f"prefill host syncs beyond vanilla, {where}", "0", f"{r['host_syncs']}", r["host_syncs"] == 0)
+    for r in decode_rows:
+        if r["method"] == "vanilla":
+            continue
+        where = f"{r['method']} {r['budget']}, {r['path']}, {r['new_tokens']} new tokens"
+        add(f"decode attention / cached rows (against vanilla), {where}", "<= 1.05",
+            f"{r['attention_ratio']:.3f} / {r['rows_ratio']:.3f} = {r['attention_ratio'] / r['rows_ratio']:.3f}",
+            r["attention_ratio"] <= 1.05 * r["rows_ratio"])
+        exact = r["bytes_dropped"] == r["rows_dropped"] * r["row_bytes"]
+        add(f"decode cache bytes dropped = rows dropped x row bytes, {where}", "exact",
+            f"{r['bytes_dropped']} = {r['rows_dropped']} x {r['row_bytes']}", exact)
+        extra = (r["ops_per_step_beyond_vanilla"], r["host_syncs_beyond_vanilla"])
+        add(f"decode ops / host syncs per step beyond vanilla, {where}", "<= 0 / 0", f"{extra[0]} / {extra[1]}",
+            extra[0] <= 0 and extra[1] <= 0)
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _load(run_dir, name):
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def e2e_sections(hf_meta, decode_meta):
+    """The report's sections of bench.hf_prefill and bench.decode (each when its JSON exists)."""
+    text = []
+    if hf_meta:
+        from bench.hf_prefill import markdown as hf_md
+
+        e = hf_meta["environment"]
+        text += [f"## End-to-end prefill of transformers' models through hf.apply\n\n{hf_meta['model']}-shaped "
+                 f"language model, {hf_meta['dtype']}, {hf_meta['n_text']} text tokens, 576 visual; LLaVA "
+                 f"(hf.apply, and the minimal forward on the same weights in the same rounds) and Qwen2-VL; "
+                 f"{e['device_name']}, {e['threads']} thread(s), clock {hf_meta.get('clock', 'wall')}, torch "
+                 f"{e['torch']}, commit {e['commit']}.\n", hf_md(hf_meta["rows"])]
+    if decode_meta:
+        from bench.decode import markdown as decode_md
+
+        e = decode_meta["environment"]
+        text += [f"## Decoding from pruned KV caches\n\n{decode_meta['model']}-shaped language model, "
+                 f"{decode_meta['dtype']}, one decoding step after the prompt (576 visual + {decode_meta['n_text']} "
+                 f"text tokens) and the new tokens' cache rows; {e['device_name']}, {e['threads']} thread(s), clock "
+                 f"{decode_meta.get('clock', 'wall')}, torch {e['torch']}, commit {e['commit']}.\n",
+                 decode_md(decode_meta["rows"])]
+    return text
 
 
 def auto_table(ops_rows):
@@ -122,18 +187,21 @@ def plots(ops_rows, out_dir):
 def main(run_dir):
     from bench.ops import markdown
 
-    with open(os.path.join(run_dir, "ops.json")) as f:
-        all_rows = json.load(f)
+    all_rows = _load(run_dir, "ops.json") or []  # a folder of end-to-end runs alone has none
     ops_rows = [r for r in all_rows if "error" not in r]
     prefill_rows = []
     if os.path.exists(os.path.join(run_dir, "prefill.json")):
         with open(os.path.join(run_dir, "prefill.json")) as f:
             prefill_rows = json.load(f)["rows"]
-    env = ops_rows[0] if ops_rows else {}
+    hf_meta, decode_meta = _load(run_dir, "hf_prefill.json"), _load(run_dir, "decode.json")
+    meta = hf_meta or decode_meta or {}
+    env = ops_rows[0] if ops_rows else dict(meta.get("environment", {}), copy_gbps=0, dtype=meta.get("dtype"))
     text = [f"# Benchmark report\n\n{env.get('device_name')} ({env.get('device')}, {env.get('threads')} threads) — "
             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}, date {env.get('date')}, "
-            f"dtype {env.get('dtype')}; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n",
-            "## Goals\n", goals(ops_rows, prefill_rows)]
+            f"dtype {env.get('dtype')}" + (f"; measured copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s.\n"
+                                           if ops_rows else ".\n"),
+            "## Goals\n", goals(ops_rows, prefill_rows) + e2e_goals(hf_meta["rows"] if hf_meta else [],
+                                                                   decode_meta["rows"] if decode_meta else [])]
     if prefill_rows:
         from bench.prefill import markdown as prefill_md
 
@@ -143,6 +211,7 @@ def main(run_dir):
         text += [f"## End-to-end prefill\n\n{meta['model']}-shaped language model, {meta['dtype']}, "
                  f"{meta['n_text']} text tokens; {e['device_name']}, {e['threads']} thread(s), torch {e['torch']}, "
                  f"commit {e['commit']}.\n", prefill_md(prefill_rows)]
+    text += e2e_sections(hf_meta, decode_meta)
     host_path = os.path.join(run_dir, "host.json")
     if os.path.exists(host_path):
         with open(host_path) as f:
@@ -156,7 +225,8 @@ def main(run_dir):
                  "|---|---|---|---|---|\n" + "".join(
                      f"| {r['op']} | {r['layer_us']:.1f} | {r['op_us']:.1f} | {r['direct_us']:.1f} | {r['extra_us']:.1f} |\n"
                      for r in host["op_overhead"])]
-    text += ["## Kernels\n", markdown(all_rows)]
+    if all_rows:
+        text += ["## Kernels\n", markdown(all_rows)]
     if any(r["provider"] in ("triton", "cuda") for r in ops_rows):
         text += ["## Measured backend order for `auto`\n", "```python\n" + auto_table(ops_rows) + "```\n"]
     for p in plots(ops_rows, run_dir):

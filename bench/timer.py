@@ -57,9 +57,11 @@ def _calibrate(fn: Callable, target_s: float) -> int:
 
 
 def measure(fns: Mapping[str, Callable], device: torch.device | str = "cpu", *, rounds: int = 10,
-            sample_s: float = 0.002, warmup: int = 1) -> dict[str, Timing]:
+            sample_s: float = 0.002, warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Time each function of `fns` (no arguments). CPU: `rounds` interleaved rounds, each sample
-    about `sample_s` long (at least one call; 0: exactly one call). CUDA: graph replay per function."""
+    about `sample_s` long (at least one call; 0: exactly one call), read on `clock` (wall time; with
+    one torch thread, `time.thread_time` leaves out the time a shared machine runs other work instead).
+    CUDA: graph replay per function."""
     device = torch.device(device)
     if device.type == "cuda":
         return {name: _cuda_timing(fn) for name, fn in fns.items()}
@@ -71,10 +73,10 @@ def measure(fns: Mapping[str, Callable], device: torch.device | str = "cpu", *, 
     for _ in range(rounds):
         for name, fn in fns.items():
             n = inner[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / n)
+            samples[name].append((clock() - t0) / n)
     return {name: _timing(s) for name, s in samples.items()}
 
 

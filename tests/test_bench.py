@@ -117,3 +117,71 @@ def test_bench_ragged_smoke():
     rows = {r["variant"]: r for r in ragged.run(counts=(5, 9, 7), rounds=1)}
     assert rows["ragged"]["op_calls"] == 2 and rows["singles"]["op_calls"] == 6
     assert rows["ragged"]["model_bytes"] > rows["singles"]["model_bytes"]  # padded to the longest sample
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_hf_prefill_harness_smoke(family):
+    """bench.hf_prefill on the smoke model: one row per method, the plan's FLOPs below vanilla's, no host
+    sync in the layer loop (the input checks read input_ids once), the stages' ops within bounds."""
+    from bench import hf_prefill
+
+    rows = hf_prefill.run(family, "smoke", budgets=[12], rounds=1, dtype=torch.float32, device="cpu",
+                          progress=lambda *a: None)
+    methods = ["vanilla", "fastv", "pdrop", "swiftvlm", "alvts"]
+    paths = ["hf.apply", "minimal"] if family == "llava" else ["hf.apply"]  # LLaVA: the minimal forward alongside
+    assert [(r["path"], r["method"]) for r in rows] == [(p, m) for p in paths for m in methods]
+    for path in paths:
+        vanilla, *pruned = [r for r in rows if r["path"] == path]
+        assert vanilla["speedup"] == 1.0 and vanilla["predicted_speedup"] == 1.0
+        for r in pruned:
+            assert r["family"] == family and r["flops"] < vanilla["flops"]
+            assert r["host_syncs"] == 0, r  # the layer loop and its stages read nothing back
+            assert abs(r["avg_visual_tokens"] - 12) <= 0.5
+            if path == "hf.apply":
+                assert r["check_syncs"] >= 1  # ... the input checks do (the host copy of input_ids)
+                assert 0 < r["ops_per_stage"] <= 24, r  # the minimal forward's stage, the decoder's tap and mask
+            else:
+                assert 0 < r["ops_per_stage"] <= 13, r
+    assert hf_prefill.markdown(rows).count("\n") == len(rows) + 2
+
+
+def test_decode_harness_smoke():
+    """bench.decode on the smoke model: every layer's cache holds the rows its prefill kept plus the
+    generated ones, alike on both paths; the cache bytes fall by exactly the rows dropped; decoding from
+    a pruned cache issues no op and no host sync beyond the unpruned decoding."""
+    from bench import decode
+
+    rows = decode.run("smoke", new_tokens=(3, 5), budgets=[12], rounds=1, dtype=torch.float32,
+                      progress=lambda *a: None)
+    model = prefill.build("smoke", torch.float32, "cpu")
+    plans = {(name, T): model.plan_for(p) for name, T, p in prefill.methods(model, [12])}
+    assert [(r["new_tokens"], r["path"], r["method"]) for r in rows] == \
+        [(G, path, m) for G in (3, 5) for path in decode.PATHS for m, _ in plans]
+    L = prefill.N_TEXT + model.num_visual_tokens
+    row_bytes = 2 * model.text_config.num_key_value_heads * model.head_dim * 4  # keys and values, fp32
+    for r in rows:
+        plan, G = plans[(r["method"], r["budget"])], r["new_tokens"]
+        want = [L + G] * model.num_layers if plan is None else \
+            [prefill.N_TEXT + v + G for v in plan.visual_tokens_per_layer()]
+        assert r["layer_rows"] == want, r
+        assert r["cache_bytes"] == sum(want) * row_bytes and r["row_bytes"] == row_bytes
+        assert r["rows_dropped"] == (L + G) * model.num_layers - sum(want)
+        assert r["bytes_dropped"] == r["rows_dropped"] * row_bytes
+        assert r["ops_per_step_beyond_vanilla"] == 0 and r["host_syncs_beyond_vanilla"] == 0, r
+        assert 0 < r["attention_share"] < 1 and r["step_ms"] > 0
+        assert r["allocated_bytes"] >= r["cache_bytes"]
+    assert decode.markdown(rows).count("\n") == len(rows) + 2
+
+
+def test_report_e2e_goals_flag_misses():
+    from bench.report import e2e_goals
+
+    prefill_row = dict(method="swiftvlm", budget=128, family="llava", path="hf.apply", batch=1,
+                       achieved_over_predicted=0.9, host_syncs=0)
+    decode_row = dict(method="fastv", budget=192, path="minimal", new_tokens=64, attention_ratio=0.5, rows_ratio=0.4,
+                      bytes_dropped=1024, rows_dropped=1, row_bytes=1024, ops_per_step_beyond_vanilla=0,
+                      host_syncs_beyond_vanilla=1)
+    text = e2e_goals([prefill_row], [decode_row])
+    assert "hf.apply B=1 | >= 0.95 | 0.900 | NO |" in text and "host syncs beyond vanilla, swiftvlm 128" in text
+    assert "0.500 / 0.400 = 1.250 | NO |" in text and "| exact | 1024 = 1 x 1024 | yes |" in text
+    assert "| <= 0 / 0 | 0 / 1 | NO |" in text

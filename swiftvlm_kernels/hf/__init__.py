@@ -29,10 +29,15 @@ which loading re-applies.
   engine shortens the sequence. Per-token tensors (the RoPE cos / sin tables, so LLaVA's 1-D and
   Qwen2-VL's M-RoPE positions alike) ride in `Sequence.carry`; a merged token takes its target's.
   Each layer writes its (pruned) keys / values into HF's DynamicCache as usual, so after the prefill
-  the cache's layers hold different lengths. The cache is tagged with each layer's key mask, and
-  every later call on that cache (decoding, from `generate` or by hand) runs the same loop with one
-  attention mask per layer, built by HF's `create_causal_mask` sized to that layer's cache
-  (`layer_idx`) from [the layer's prefill key mask, the new tokens' columns of the 2-D mask].
+  the cache's layers hold different lengths. The cache is tagged with each layer's key mask (None
+  when the prompt has no padding), and every later call on that cache (decoding, from `generate` or
+  by hand) runs the same loop with one attention mask per layer. Without padding: HF's own mask of
+  layer 1, which holds every prompt row, made once per call as the unpatched model makes it, and
+  for each other layer a view of its last columns (the ones cut are prompt keys every new query
+  sees), so a decoding step issues no op and no host read beyond the unpatched model's. With
+  padding (or a ragged batch): one mask per distinct prefill key mask, built by HF's
+  `create_causal_mask` sized to that layer's cache (`layer_idx`) from [the layer's prefill key
+  mask, the new tokens' columns of the 2-D mask].
   Positions are HF's own: `generate` continues them from the original sequence (the attention
   mask's cumsum; Qwen2-VL adds its rope_deltas), never from a pruned length (docs/semantics.md property 5).
 

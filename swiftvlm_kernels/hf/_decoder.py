@@ -10,9 +10,12 @@ of LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). It picks one of three paths per cal
    restores the bypassed tokens and computes layer y's keys and last query on them before the layer
    runs on the kept set. An ALVTS stage computes its selector's queries and keys on layer l's normed
    input (all rows) before the layer, which runs on the kept set; the skipped tokens rejoin after it.
-   After every stage the causal mask is rebuilt with HF's `create_causal_mask` from the shorter
-   sequence's 2-D key mask (rows stay in position order, so index-causal is position-causal); the
-   input sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables (cos, sin [B, n, D]) move with the tokens.
+   After every stage the shorter sequence's mask is the corner of HF's mask of the input sequence
+   (`_corner`: rows stay in position order, so index-causal is position-causal, and left padding
+   is never pruned; no mask is built, nothing is read on the host); a ragged batch's, whose block
+   padding rows move, is rebuilt with HF's `create_causal_mask` from its 2-D key mask. The input
+   sequence, whole again after an ALVTS layer, gets the input's own mask back. Per-token RoPE tables
+   (cos and sin stacked, [B, n, 2, D]: one gather per move) move with the tokens.
    PDrop(official=True) instead scores with layer x + 1's query and keys on layer x's output and
    then renumbers the positions (each row's original position minus the tokens dropped before it;
    the RoPE tables are recomputed), recording per layer the shift decoding applies. The profiler
@@ -27,8 +30,8 @@ too; the stages' scoring inputs are `pruning.loop.stage_inputs` / `last_query`, 
 checks `pruning.layout`. What is this path's own: the key tap, HF's masks, PDrop official's
 positions, the profiler's recording and replay, the per-layer cache tags.
 
-Host reads happen only in `_layout` (the input checks on input_ids / attention_mask of the prefill,
-as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
+Host reads happen only in `_host_ids` / `_layout` (one copy of input_ids, the input checks on them and
+on attention_mask, as in the minimal LLaVA forward); the layer loop, the stages and decoding read nothing back.
 """
 from __future__ import annotations
 
@@ -77,8 +80,15 @@ class _KeyTap:
 
 def _stage_inputs(layer, seq: Sequence) -> StageInputs:
     """Layer's last query [B, H, D] and keys of every row [B, Hkv, n, D] on seq (HF's rotary tables)."""
-    _, k, q_last = loop.stage_inputs(layer, seq.h, seq.carry["cos"], seq.carry["sin"])
+    _, k, q_last = loop.stage_inputs(layer, seq.h, *_tables(seq))
     return StageInputs(q_last, k.transpose(1, 2))
+
+
+def _tables(seq: Sequence) -> tuple[Tensor, Tensor]:
+    """The rows' RoPE tables cos, sin [B, n, D]: views of the one carried tensor [B, n, 2, D], so that
+    a stage moves them with one gather."""
+    cos, sin = seq.carry["rope"].unbind(2)
+    return cos, sin
 
 
 def _real_rows(seq: Sequence) -> Tensor:
@@ -125,13 +135,23 @@ def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_k
                        use_cache, kwargs)
     ids = state.input_ids
     past = cache.get_seq_length() if cache is not None else 0
-    if (ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2])
-            or not bool((ids == state.image_token_id).any())):
+    if ids is None or inputs_embeds is None or past != 0 or tuple(ids.shape) != tuple(inputs_embeds.shape[:2]):
+        ids = None
+    else:
+        ids = _host_ids(ids, state.image_token_id)
+    if ids is None:
         base = type(self)._swiftvlm_base  # the class before the patch (hf/patch.py)
         kwargs[cache_parameter(base)] = cache
         return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     return _prefill(self, state, ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
+
+
+def _host_ids(ids: Tensor, image_token_id: int) -> Optional[Tensor]:
+    """The prefill's input_ids on the host (one copy, which `_layout` checks), or None when they hold
+    no image token (the call is not a pruned prefill)."""
+    ids = ids.detach().cpu()
+    return ids if bool((ids == image_token_id).any()) else None
 
 
 def _output(h, cache):
@@ -151,10 +171,10 @@ _SPAN_ERRORS = SpanErrors(
 
 
 def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
-            device) -> tuple[list, Tensor, Optional[RaggedLayout]]:
-    """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None): the
-    visual spans of a prefill's input_ids, checked on the host."""
-    ids = ids.detach().cpu()
+            device) -> tuple[list, Tensor, Optional[RaggedLayout], bool]:
+    """(per-sample visual counts, vis_start int32 [B], a ragged batch's padded layout or None, whether
+    attention_mask marks any padding): the
+    visual spans of a prefill's input_ids (on the host: `_host_ids`), checked there."""
     B, L = ids.shape
     if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2
                                        or tuple(attention_mask.shape) != (B, L)):
@@ -164,9 +184,21 @@ def _layout(ids: Tensor, attention_mask: Optional[Tensor], image_token_id: int,
     valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
     counts, starts = check_spans(ids, valid, image_token_id, _SPAN_ERRORS)
     if len(set(counts)) == 1:
-        return counts, torch.tensor(starts, dtype=torch.int32, device=device), None
+        return counts, torch.tensor(starts, dtype=torch.int32, device=device), None, not bool(valid.all())
     ragged = ragged_layout(valid, counts, starts, device)
-    return counts, ragged.vis_start, ragged
+    return counts, ragged.vis_start, ragged, True
+
+
+def _corner(full_mask, seq: Sequence):
+    """HF's mask of a left-padded (not ragged) sequence that a stage shortened to n rows: the full
+    sequence's mask cut to its first n rows and keys (None stays None: causal attention). The kept rows
+    stay in position order and the padding rows, the first ones, are never pruned, so kept row i sees
+    kept key j exactly when input row src_i sees input key src_j (docs/semantics.md); no mask is built
+    and nothing is read on the host."""
+    if full_mask is None or seq.src is None:
+        return full_mask
+    n = seq.h.shape[1]
+    return full_mask[..., :n] if full_mask.dim() == 2 else full_mask[..., :n, :n]
 
 
 def _plan(pruning, counts: list, num_layers: int):
@@ -198,7 +230,7 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
         raise ValueError(f"{cache_parameter(type(self)._swiftvlm_base)}: pruning keeps per-layer pruned caches in a DynamicCache, got "
                          f"{type(cache).__name__}")
     layers = self.layers[: self.config.num_hidden_layers]
-    counts, vis_start, ragged = _layout(ids, attention_mask, state.image_token_id, h.device)
+    counts, vis_start, ragged, padded = _layout(ids, attention_mask, state.image_token_id, h.device)
     prof = state.profile
     if prof is None:
         plan = _plan(state.pruning, counts, len(layers))
@@ -207,12 +239,12 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     record = prof is not None and prof.scores_out is not None
     B, L = ids.shape
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, 0)
-    cos, sin = self.rotary_emb(h, rope_pos)
-    cos, sin = cos.expand(B, L, -1), sin.expand(B, L, -1)
-    key_mask = None if attention_mask is None else attention_mask.to(device=h.device, dtype=torch.bool)
+    rope = torch.stack([t.expand(B, L, -1) for t in self.rotary_emb(h, rope_pos)], 2)  # [B, L, 2, D]: cos, sin
+    # no padding: no key mask (the stages and decoding then need none)
+    key_mask = None if attention_mask is None or not padded else attention_mask.to(device=h.device, dtype=torch.bool)
     index = torch.arange(L, device=h.device).expand(B, L)
     if ragged is None:
-        seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"cos": cos, "sin": sin, "index": index},
+        seq = Sequence.begin(h, vis_start, max(counts), key_mask, {"rope": rope, "index": index},
                              left_padded=True)
         mask = _causal_mask(self, h, attention_mask, cache, layer_pos)  # HF's own mask for the full sequence
     else:  # the padded ragged layout: block padding rows are zero and invalid keys
@@ -227,9 +259,9 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             return take(p.expand(B, L)[..., None])[..., 0]
 
         flat_index = torch.where(ok, src % L, -1)
-        h, cos, sin = take(h), take(cos), take(sin)
+        h, rope = take(h), take(rope)
         key_mask = ok if key_mask is None else ok & key_mask.reshape(-1)[rows].view(B, W)
-        seq = Sequence.begin(h, vis_start, ragged.width, key_mask, {"cos": cos, "sin": sin, "index": flat_index},
+        seq = Sequence.begin(h, vis_start, ragged.width, key_mask, {"rope": rope, "index": flat_index},
                              vis_counts=ragged.counts)
         mask = _causal_mask(self, h, key_mask)
     engine = PruningEngine(plan, layers[0].self_attn.scaling, state.backend) if plan is not None else None
@@ -249,13 +281,14 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
             real = _real_rows(seq)
             dropped = seq.carry["rank0"] - (real.cumsum(1) - real)
             pos = seq.carry["pos0"] - dropped
-            seq.carry["cos"], seq.carry["sin"] = self.rotary_emb(seq.h, pos)
+            seq.carry["rope"] = torch.stack(self.rotary_emb(seq.h, pos), 2)
             shift = dropped[:, -1]
-        mask = full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
+        mask = _corner(full_mask, seq) if ragged is None else \
+            full_mask if seq.src is None else _causal_mask(self, seq.h, seq.key_mask)
 
     def run_layer(seq, step: Step):
         layer = layers[step.layer - 1]
-        cos, sin = seq.carry["cos"], seq.carry["sin"]
+        cos, sin = _tables(seq)
         tapped = (step.after is not None and not official) or record
         q_last = loop.last_query(layer, layer.input_layernorm(seq.h[:, -1:]), cos, sin) if tapped else None
         tap = _KeyTap(cache if use_cache else None) if tapped else (cache if use_cache else None)
@@ -289,6 +322,40 @@ def _prefill(self, state, ids, attention_mask, position_ids, cache, h, use_cache
     return _output(out, cache if use_cache else None)
 
 
+def _decode_masks(self, info: _CacheInfo, cache, h: Tensor, attention_mask) -> list:
+    """Each layer's attention mask for a call on a pruned cache (the layer's prefill rows, the tokens
+    generated since, this call's q).
+
+    Without padding in the prefill (every layer's prefill rows are valid keys): HF's own mask of layer 1,
+    which holds every prompt row, made once per call as the unpatched model makes it; a layer whose
+    prefill kept n_l of the L rows takes its last n_l + t + q key columns (a view: the columns cut are
+    prompt keys that every query of the call sees). With padding or a ragged batch: one mask per
+    distinct prefill key mask, from that key mask and the call's new columns."""
+    B, q = h.shape[:2]
+    lengths = info.lengths
+    if all(km is None for km in info.key_masks):
+        if attention_mask is not None and attention_mask.shape[1] != cache.layers[0].get_seq_length() + q:
+            t = cache.layers[0].get_seq_length() - lengths[0] + q
+            raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
+                             f"{info.prompt_len} and {t} new tokens), got {attention_mask.shape[1]}")
+        full = _causal_mask(self, h, attention_mask, cache, None, layer_idx=0)
+        return [None if full is None else full[..., lengths[0] - n:] for n in lengths]
+    new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
+    masks, out = {}, []
+    for l, (km, n_l) in enumerate(zip(info.key_masks, lengths)):
+        key = (id(km), n_l)
+        if key not in masks:
+            t = cache.layers[l].get_seq_length() - n_l + q  # new-token columns (earlier ones and this call's)
+            new = new_cols if new_cols is not None else torch.ones(B, t, dtype=torch.bool, device=h.device)
+            if new.shape[1] != t:
+                raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
+                                 f"{info.prompt_len} and {t} new tokens), got {info.prompt_len + new.shape[1]}")
+            old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
+            masks[key] = _causal_mask(self, h, torch.cat([old, new], 1), cache, None, layer_idx=l)
+        out.append(masks[key])
+    return out
+
+
 def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_ids, cache, h, use_cache, kwargs):
     for key in _DROPPED_KWARGS:
         kwargs.pop(key, None)
@@ -301,26 +368,11 @@ def _decode(self, state, info: _CacheInfo, input_ids, attention_mask, position_i
     past = cache.get_seq_length()
     rope_pos, layer_pos = _positions(self, state.family, h, position_ids, past)
     tables = {None: self.rotary_emb(h, rope_pos)}  # per position shift (PDrop official), else one
-    new_cols = None if attention_mask is None else attention_mask[:, info.prompt_len:].to(h.device, torch.bool)
-    masks = {}
+    masks = _decode_masks(self, info, cache, h, attention_mask)
     for l, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-        km, n_l = info.key_masks[l], info.lengths[l]
-        key = (id(km), n_l)
-        if key not in masks:
-            if km is None and new_cols is None:
-                m2 = None
-            else:
-                t = cache.layers[l].get_seq_length() - n_l + q  # new-token columns (earlier ones and this call's)
-                new = new_cols if new_cols is not None else torch.ones(B, t, dtype=torch.bool, device=h.device)
-                if new.shape[1] != t:
-                    raise ValueError(f"attention_mask: expected {info.prompt_len + t} columns (the prompt's "
-                                     f"{info.prompt_len} and {t} new tokens), got {info.prompt_len + new.shape[1]}")
-                old = km if km is not None else torch.ones(B, n_l, dtype=torch.bool, device=h.device)
-                m2 = torch.cat([old, new], 1)
-            masks[key] = _causal_mask(self, h, m2, cache, None, layer_idx=l)
         shift = None if info.shifts is None else info.shifts[l]
         if id(shift) not in tables and shift is not None:
             tables[id(shift)] = self.rotary_emb(h, rope_pos - shift[:, None])
-        h = layer(h, attention_mask=masks[key], position_embeddings=tables[None if shift is None else id(shift)],
+        h = layer(h, attention_mask=masks[l], position_embeddings=tables[None if shift is None else id(shift)],
                   position_ids=layer_pos, use_cache=True, **{cache_parameter(layer): cache}, **kwargs)
     return _output(self.norm(h), cache)

@@ -32,15 +32,21 @@ def greedy(model, input_ids, pixel_values, attention_mask=None, pruning=None, ma
     seq, caches = model.prefill(input_ids, pixel_values, inputs.mask, plan, caching=True, layout=layout,
                                 stage_scores=model.check_stage_scores(stage_scores, plan, input_ids.shape[0]),
                                 selector=model.selector_for(pruning, plan))
-    lm = model.language_model
     token = model.lm_head(seq.h[:, -1]).argmax(-1)
     tokens = [token]
     prompt_len = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask is None else mask.sum(1)
     for t in range(max_new_tokens - 1):
-        cos, sin = model.rope_table((prompt_len + t)[:, None], seq.h.dtype).unbind(2)
-        h = lm.embed_tokens(token)[:, None]
-        for layer, cache in zip(lm.layers, caches):
-            h = layer(h, cos, sin, None, cache)[0]
-        token = model.lm_head(lm.norm(h[:, -1])).argmax(-1)
+        token = decode_step(model, caches, token, prompt_len + t).argmax(-1)
         tokens.append(token)
     return torch.stack(tokens, 1)
+
+
+def decode_step(model, caches, token: Tensor, position: Tensor) -> Tensor:
+    """One decoding step: token int64 [B] at position int64 [B] through every layer, its keys and values
+    appended to each layer's cache (`KVCache`); returns the next token's logits [B, vocab]."""
+    lm = model.language_model
+    h = lm.embed_tokens(token)[:, None]
+    cos, sin = model.rope_table(position[:, None], h.dtype).unbind(2)
+    for layer, cache in zip(lm.layers, caches):
+        h = layer(h, cos, sin, None, cache)[0]
+    return model.lm_head(lm.norm(h[:, -1]))
