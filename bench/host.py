@@ -10,7 +10,7 @@ vanilla prefill) / stages, on the same model and input; host syncs (`.item()`, `
 separately and must be zero in the pruning path. Each method runs once uncounted first (an ALVTS
 method makes its default selector, an SVD per layer, once per model). Batches: 1 sample, 2 samples
 left-padded, and a ragged batch of 4 samples with 1 to 3 images each (tiny_ragged_inputs; the ragged
-ops and the block's padding rows). Goals (issue 28, GOAL_OPS_PER_STAGE): SwiftVLM <= 10 (padded) and
+ops and the block's padding rows). The project's goals (GOAL_OPS_PER_STAGE): SwiftVLM <= 10 (padded) and
 <= 12 (ragged), FastV and PDrop <= 3.
 
 Host overhead, interleaved rounds, 1 thread, min over rounds, at two sets of shapes: tiny inputs (the
@@ -30,7 +30,7 @@ the ALVTS selector's one head of rank 128):
             a few times layer_us, which is timed warm (a 2 µs Python loop run after compact costs 20).
             The kernels run their functions below autograd (ops.py), which the direct call does not:
             at these shapes that saves more than the layer costs on some ops (extra_us < 0).
-Goal (issue 28): extra_us <= 15 for every op at LLaVA-1.5 batch 1 shapes (GOAL_EXTRA_US).
+The project's goal: extra_us <= 15 for every op at LLaVA-1.5 batch 1 shapes (GOAL_EXTRA_US).
 """
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ def stage_ops(model, inputs, methods) -> list[dict]:
     return rows
 
 
-GOAL_OPS_PER_STAGE = {"swiftvlm": (10, 12), "fastv": (3, 3), "pdrop": (3, 3)}  # (padded, ragged), issue 28
-GOAL_EXTRA_US = 15.0  # issue 28: host µs of an op call above its function, at LLaVA-1.5 batch 1
+GOAL_OPS_PER_STAGE = {"swiftvlm": (10, 12), "fastv": (3, 3), "pdrop": (3, 3)}  # (padded, ragged): the project's goals
+GOAL_EXTRA_US = 15.0  # the project's goal: host µs of an op call above its function, at LLaVA-1.5 batch 1
 SHAPES = ("tiny", "llava-1.5")
 
 
