@@ -151,6 +151,7 @@ def emu():
 
 
 @needs_gpp
+@pytest.mark.slow  # each schedule builds its own emulation (about 14 s): full tier
 @pytest.mark.parametrize("schedule", ["reverse", "random", "warps"])
 def test_cuda_emulated_kernels_under_every_schedule(emu, schedule):
     """Threads in other orders between barriers and blocks in a random order: bit-identical results (a

@@ -90,7 +90,7 @@ def test_chunked_path_past_the_real_limit():
     _check_topk(_rows(N, 2)[[1]], N // 3)
 
 
-@pytest.mark.parametrize("N", [63, 64, 65, 100, 300])
+@pytest.mark.parametrize("N", [63, 64, 65, 100, pytest.param(300, marks=pytest.mark.slow)])
 def test_forced_small_register_limit(monkeypatch, N):
     """MAX_REGISTER_N = 64 and chunks of 32: rows of 65 and more take the chunked path, over several chunks."""
     topk = _modules()[0]
