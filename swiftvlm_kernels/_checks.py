@@ -29,17 +29,7 @@ def fail(msg):
     raise ValueError(msg)
 
 
-# os.environ's own store (CPython's os._Environ, kept current by os.environ[...] = ... and by
-# monkeypatch.setenv): a dict lookup there costs a twentieth of os.environ.get, and every op call reads
-# the flag once
-_ENV_DATA = getattr(os.environ, "_data", None)
-_DEBUG_KEY = os.environ.encodekey("SWIFTVLM_DEBUG") if hasattr(os.environ, "encodekey") else None
-
-
-def _debug():
-    if isinstance(_ENV_DATA, dict) and _DEBUG_KEY is not None:
-        value = _ENV_DATA.get(_DEBUG_KEY)
-        return value is not None and os.environ.decodevalue(value) == "1"
+def _debug():  # read once per op call
     return os.environ.get("SWIFTVLM_DEBUG", "0") == "1"
 
 
